@@ -1,0 +1,412 @@
+"""The one place edge masks are applied.
+
+For every reader r and mask m in [0, 1] over the real edges:
+
+    input_r = sum_s  m[s, r] * z_s + (1 - m[s, r]) * z~_s
+            = base_b + sum_s m[s, r] * (z_s - z~_s)          (b = r's block)
+
+where z_s is what source s writes in this (circuit) run, z~_s what it writes in
+the *reference* (the corrupted run, the dataset mean, or zero) and
+base_b = sum of z~_s over the sources upstream of block b, cached once per
+batch. The second form is what runs: a reader whose live in-edges all come
+from sources with z = z~ reads base_b, and is never formed.
+
+``ComputePlan`` says which edges are *live* (may have a mask other than 0;
+every other edge is fixed ablated) and derives what must be computed:
+
+* a source *contributes* when z_s - z~_s can be non-zero: ``input`` always; a
+  head or MLP when it is *active*; under mean/zero ablation every source, since
+  a source whose readers all read base_b writes a fixed z^_s that differs from
+  the mean (z^ is precomputed in the ``Reference``).
+* a reader is *formed* when it has a live in-edge from a contributing source;
+* a source is *active* (recomputed) when one of its readers is formed.
+
+Under interchange ablation an inactive source writes exactly its corrupted
+output, so HAP's per-step cost scales with the candidate subgraph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from .errors import InvalidMaskError
+from .graph import Graph
+from .models.adapter import ModelAdapter, RunContext
+from .models.loading import Model
+
+
+class AblationKind(str, Enum):
+    """What an ablated edge carries instead of the source's output."""
+
+    INTERCHANGE = "interchange"  # the source's output on the corrupted prompt
+    MEAN = "mean"  # the source's mean output over a reference set, per position
+    ZERO = "zero"  # nothing
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One plain forward pass, cut at the sources.
+
+    ``outputs`` [S, B, T, D]: what every source wrote; ``block_inputs``
+    [n_blocks, B, T, D]: the residual each block's readers read (index 0, the
+    embedding, reads nothing and is zero); ``logits`` [B, T, V].
+    """
+
+    outputs: Tensor
+    block_inputs: Tensor
+    logits: Tensor
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What ablated edges read, precomputed once per batch.
+
+    ``outputs`` z~ [S, B|1, T, D]; ``block_inputs`` [n_blocks, B|1, T, D], the
+    sum of z~ upstream of each block; ``fixed_outputs`` z^ [S, B|1, T, D], what
+    each source writes when all its readers read ``block_inputs`` (equal to
+    ``outputs`` under interchange ablation). A leading batch size of 1
+    broadcasts over any batch; mean/zero references cover any length up to T.
+    """
+
+    kind: AblationKind
+    outputs: Tensor
+    block_inputs: Tensor
+    fixed_outputs: Tensor
+
+    def fit(self, batch: int, length: int) -> Reference:
+        """This reference cut to a batch of ``batch`` x ``length`` tokens."""
+        ref_batch, ref_length = self.outputs.shape[1], self.outputs.shape[2]
+        if ref_batch not in (1, batch):
+            raise InvalidMaskError(
+                f"the reference was built for a batch of {ref_batch} examples but the run has {batch}; "
+                "build one reference per batch (interchange needs the batch's own corrupted prompts)"
+            )
+        if length > ref_length:
+            raise InvalidMaskError(
+                f"the reference covers {ref_length} tokens but the run has {length}; build it from "
+                "prompts at least as long"
+            )
+        if length == ref_length:
+            return self
+        cut = slice(0, length)
+        return Reference(self.kind, self.outputs[:, :, cut], self.block_inputs[:, :, cut], self.fixed_outputs[:, :, cut])
+
+
+# ---------------------------------------------------------------------------
+# Plain forward pass
+# ---------------------------------------------------------------------------
+
+
+def _group_of_heads(adapter: ModelAdapter, device: torch.device) -> Tensor:
+    layout = adapter.layout
+    return torch.arange(layout.n_heads, device=device) // layout.heads_per_group
+
+
+def trace(model: Model, input_ids: Tensor) -> Trace:
+    """Run the model on token ids [B, T] through the adapter, recording every source.
+
+    All edges are on: each reader reads the full residual. The logits equal the
+    Hugging Face forward's up to float rounding (``hap verify`` checks this).
+    """
+    adapter = model.adapter
+    graph_blocks = 2 * adapter.layout.n_layers + 2
+    ctx = adapter.prepare(input_ids.to(model.device))
+    group_of_head = _group_of_heads(adapter, model.device)
+    x = adapter.embed(ctx)
+    outputs = [x[None]]
+    block_inputs = [torch.zeros_like(x)]
+    for layer in range(adapter.layout.n_layers):
+        block_inputs.append(x)
+        shared = x[None]
+        q = adapter.queries(layer, shared, ctx)
+        k = adapter.keys(layer, shared, ctx).index_select(1, group_of_head)
+        v = adapter.values(layer, shared, ctx).index_select(1, group_of_head)
+        heads = adapter.head_outputs(layer, q, k, v)
+        outputs.append(heads)
+        x = x + heads.sum(0)
+        block_inputs.append(x)
+        mlp = adapter.mlp(layer, x)
+        outputs.append(mlp[None])
+        x = x + mlp
+    block_inputs.append(x)
+    assert len(block_inputs) == graph_blocks
+    return Trace(torch.cat(outputs), torch.stack(block_inputs), adapter.unembed(x))
+
+
+# ---------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------
+
+
+def _block_sums(graph: Graph, outputs: Tensor) -> Tensor:
+    """block_inputs from per-source outputs: the sum of the sources before each block."""
+    sums = [torch.zeros_like(outputs[0])]
+    running = torch.zeros_like(outputs[0])
+    for block in range(graph.n_blocks - 1):
+        running = running + outputs[graph.sources_of_block(block)].sum(0)
+        sums.append(running)
+    return torch.stack(sums)
+
+
+def interchange_reference(model: Model, corrupted_ids: Tensor) -> Reference:
+    """Reference for interchange ablation: one plain run on the corrupted prompts [B, T]."""
+    with torch.no_grad():
+        corrupted = trace(model, corrupted_ids)
+    return Reference(AblationKind.INTERCHANGE, corrupted.outputs, corrupted.block_inputs, corrupted.outputs)
+
+
+def _with_fixed_outputs(model: Model, graph: Graph, kind: AblationKind, outputs: Tensor) -> Reference:
+    """Complete a mean/zero reference with z^: one run with every edge ablated."""
+    partial = Reference(kind, outputs, _block_sums(graph, outputs), outputs)
+    length = outputs.shape[2]
+    ids = torch.zeros(1, length, dtype=torch.long, device=model.device)
+    mask = torch.zeros(graph.real.shape, device=model.device, dtype=outputs.dtype)
+    with torch.no_grad():
+        _, fixed = _run(model, graph, ids, partial, mask, ComputePlan.build(graph, None, kind), None, record=True)
+    return Reference(kind, outputs, partial.block_inputs, fixed)
+
+
+def mean_reference(model: Model, graph: Graph, reference_ids: Tensor, lengths: Tensor | None = None,
+                   batch_size: int = 16) -> Reference:
+    """Reference for mean ablation: each source's mean output per position.
+
+    ``reference_ids`` [N, T] (right-padded); ``lengths`` [N] real tokens per
+    row (default: all T). Position t averages the rows that reach it.
+    """
+    n, length = reference_ids.shape
+    if n == 0:
+        raise InvalidMaskError("mean ablation needs at least one reference example")
+    if lengths is None:
+        lengths = torch.full((n,), length)
+    total = torch.zeros(graph.n_sources, length, model.layout.d_model, device=model.device, dtype=model.dtype)
+    count = torch.zeros(length, device=model.device, dtype=model.dtype)
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            ids = reference_ids[start : start + batch_size].to(model.device)
+            valid = (torch.arange(length)[None] < lengths[start : start + batch_size, None]).to(model.device, model.dtype)
+            total += torch.einsum("sbtd,bt->std", trace(model, ids).outputs, valid)
+            count += valid.sum(0)
+    if bool((count == 0).any()):
+        raise InvalidMaskError("mean ablation: some positions have no reference example; pass lengths or shorter T")
+    return _with_fixed_outputs(model, graph, AblationKind.MEAN, (total / count[:, None])[:, None])
+
+
+def zero_reference(model: Model, graph: Graph, length: int) -> Reference:
+    """Reference for zero ablation over sequences of up to ``length`` tokens."""
+    outputs = torch.zeros(graph.n_sources, 1, length, model.layout.d_model, device=model.device, dtype=model.dtype)
+    return _with_fixed_outputs(model, graph, AblationKind.ZERO, outputs)
+
+
+# ---------------------------------------------------------------------------
+# Compute plan
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    """Which edges are live and, derived from that, what a masked run computes.
+
+    ``live`` [S, R] bool (a subset of the real edges); ``contributing`` [S],
+    ``active`` [S] and ``formed`` [R] as defined in the module docstring.
+    """
+
+    live: Tensor
+    contributing: Tensor
+    active: Tensor
+    formed: Tensor
+
+    @classmethod
+    def build(cls, graph: Graph, live: Tensor | None, kind: AblationKind) -> ComputePlan:
+        """Derive the plan from the live edges (None: every real edge is live)."""
+        live = graph.real.clone() if live is None else (live.to("cpu", torch.bool) & graph.real)
+        contributing = torch.zeros(graph.n_sources, dtype=torch.bool)
+        active = torch.zeros(graph.n_sources, dtype=torch.bool)
+        formed = torch.zeros(graph.n_readers, dtype=torch.bool)
+        everyone_contributes = kind != AblationKind.INTERCHANGE
+        layout = graph.layout
+        for block in range(graph.n_blocks):
+            readers = graph.readers_of_block(block)
+            formed[readers] = (live[:, readers] & contributing[:, None]).any(0)
+            sources = graph.sources_of_block(block)
+            if block == 0:
+                active[sources] = True
+            elif block == graph.n_blocks - 1:
+                pass
+            elif (block - 1) % 2 == 0:  # attention: a head needs its q, or its group's k or v
+                h, g = layout.n_heads, layout.n_kv_heads
+                reader_formed = formed[readers]
+                q, k, v = reader_formed[:h], reader_formed[h : h + g], reader_formed[h + g :]
+                group = torch.arange(h) // layout.heads_per_group
+                active[sources] = q | k[group] | v[group]
+            else:
+                active[sources] = formed[readers]
+            contributing[sources] = active[sources] | everyone_contributes
+        return cls(live, contributing, active, formed)
+
+
+# ---------------------------------------------------------------------------
+# Masked forward pass
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Deltas:
+    """z - z~ of one block's contributing sources: ``values`` [n, B|1, T, D] at global ``index``."""
+
+    index: Tensor
+    values: Tensor
+
+
+def _reader_inputs(
+    base: Tensor, readers: Tensor, deltas: list[_Deltas], mask: Tensor, batch: int
+) -> Tensor:
+    """Inputs [n, B, T, D] of the given readers: base + sum over live edges of m * delta."""
+    total = None
+    for block_deltas in deltas:
+        sub = mask[..., block_deltas.index, :].index_select(-1, readers)  # [(B,) s, n]
+        pattern = "sbtd,sn->nbtd" if sub.dim() == 2 else "sbtd,bsn->nbtd"
+        values = block_deltas.values.expand(-1, batch, -1, -1)
+        part = torch.einsum(pattern, values, sub)
+        total = part if total is None else total + part
+    base = base.expand(batch, -1, -1)[None]
+    return base if total is None else base + total
+
+
+def _run(
+    model: Model,
+    graph: Graph,
+    input_ids: Tensor,
+    reference: Reference,
+    mask: Tensor,
+    plan: ComputePlan,
+    positions: Tensor | None,
+    record: bool,
+) -> tuple[Tensor, Tensor | None]:
+    adapter = model.adapter
+    device = model.device
+    batch, length = input_ids.shape
+    ref = reference.fit(batch, length)
+    ctx: RunContext = adapter.prepare(input_ids.to(device))
+    live = plan.live.to(device)
+    # Entries that are not live are fixed ablated whatever the caller's mask says.
+    mask = mask.to(device=device, dtype=model.dtype) * live.to(model.dtype)
+    h, g = model.layout.n_heads, model.layout.n_kv_heads
+    group_of_head = _group_of_heads(adapter, device)
+    recorded = ref.fixed_outputs.expand(-1, batch, -1, -1).clone() if record else None
+    deltas: list[_Deltas] = []  # only blocks with contributing sources
+
+    def upstream(readers: Tensor) -> list[_Deltas]:
+        # Keep only the sources with a live edge into one of these readers.
+        picked = []
+        for block_deltas in deltas:
+            rows = plan.live[block_deltas.index.cpu()][:, readers.cpu()].any(1).to(device)
+            if bool(rows.all()):
+                picked.append(block_deltas)
+            elif bool(rows.any()):
+                picked.append(_Deltas(block_deltas.index[rows], block_deltas.values[rows]))
+        return picked
+
+    def add_deltas(sources: slice, computed_index: Tensor, computed: Tensor | None) -> None:
+        # computed: outputs [n, B, T, D] of this block's active sources (global computed_index).
+        index = torch.arange(sources.start, sources.stop, device=device)[plan.contributing[sources].to(device)]
+        if len(index) == 0:
+            return
+        if computed is not None and record:
+            recorded[computed_index] = computed
+        if computed is not None and len(computed_index) == len(index):
+            # The usual case (always under interchange): contributing == active.
+            values = computed - ref.outputs[index]
+        else:
+            values = (ref.fixed_outputs[index] - ref.outputs[index]).expand(-1, batch, -1, -1)
+            if computed is not None:
+                rows = torch.searchsorted(index, computed_index)
+                values = values.index_put((rows,), computed - ref.outputs[computed_index])
+        deltas.append(_Deltas(index, values))
+
+    z_input = adapter.embed(ctx)
+    add_deltas(graph.sources_of_block(0), torch.zeros(1, dtype=torch.long, device=device), z_input[None])
+
+    for layer in range(model.layout.n_layers):
+        block = 2 * layer + 1
+        sources, readers = graph.sources_of_block(block), graph.readers_of_block(block)
+        heads = plan.active[sources].nonzero().flatten().to(device)
+        if len(heads):
+            groups = torch.unique(group_of_head[heads])
+            q_readers = readers.start + heads
+            k_readers = readers.start + h + groups
+            v_readers = readers.start + h + g + groups
+            wanted = torch.cat([q_readers, k_readers, v_readers])
+            x = _reader_inputs(ref.block_inputs[block], wanted, upstream(wanted), mask, batch)
+            n_heads, n_groups = len(heads), len(groups)
+            if x.shape[0] == 1:  # every wanted reader reads the same base
+                xq = xk = xv = x
+            else:
+                xq, xk, xv = x[:n_heads], x[n_heads : n_heads + n_groups], x[n_heads + n_groups :]
+            # Map each head to the row of its group among the groups computed.
+            row_of_group = torch.searchsorted(groups, group_of_head[heads])
+            q = adapter.queries(layer, xq, ctx, heads)
+            k = adapter.keys(layer, xk, ctx, groups).index_select(1, row_of_group)
+            v = adapter.values(layer, xv, ctx, groups).index_select(1, row_of_group)
+            computed = adapter.head_outputs(layer, q, k, v, heads)
+            add_deltas(sources, sources.start + heads, computed)
+        else:
+            add_deltas(sources, heads, None)
+
+        block = 2 * layer + 2
+        sources, readers = graph.sources_of_block(block), graph.readers_of_block(block)
+        if bool(plan.active[sources].any()):
+            wanted = torch.arange(readers.start, readers.stop, device=device)
+            x = _reader_inputs(ref.block_inputs[block], wanted, upstream(wanted), mask, batch)
+            add_deltas(sources, torch.tensor([sources.start], device=device), adapter.mlp(layer, x[0])[None])
+        else:
+            add_deltas(sources, torch.zeros(0, dtype=torch.long, device=device), None)
+
+    block = graph.n_blocks - 1
+    wanted = torch.arange(graph.n_readers - 1, graph.n_readers, device=device)
+    base = ref.block_inputs[block]
+    picked = upstream(wanted)
+    if positions is not None:
+        rows = torch.arange(batch, device=device)
+        positions = positions.to(device)
+        base = base.expand(batch, -1, -1)[rows, positions][:, None]  # [B, 1, D]
+        picked = [_Deltas(d.index, d.values.expand(-1, batch, -1, -1)[:, rows, positions][:, :, None]) for d in picked]
+    x = _reader_inputs(base, wanted, picked, mask, batch)[0]
+    logits = adapter.unembed(x)
+    if positions is not None:
+        logits = logits[:, 0]
+    return logits, recorded
+
+
+def run_masked(
+    model: Model,
+    graph: Graph,
+    input_ids: Tensor,
+    reference: Reference,
+    mask: Tensor,
+    plan: ComputePlan | None = None,
+    positions: Tensor | None = None,
+) -> Tensor:
+    """Forward pass in which every reader reads its masked mix of sources.
+
+    ``input_ids`` [B, T] (right-padded; pads never affect earlier positions);
+    ``reference`` built for this batch (or broadcastable, mean/zero); ``mask``
+    [S, R] or per example [B, S, R], values in [0, 1], differentiable (only
+    real edges are read; with a ``plan``, only its live edges). ``positions``
+    [B]: return logits [B, V] at one position per example instead of [B, T, V]
+    (cheaper: the unembedding runs on B vectors). Without a plan every real
+    edge is live and every source is recomputed.
+    """
+    expected = (graph.n_sources, graph.n_readers)
+    if tuple(mask.shape[-2:]) != expected or mask.dim() not in (2, 3):
+        raise InvalidMaskError(f"mask must have shape {list(expected)} or [batch, {expected[0]}, {expected[1]}], "
+                               f"got {list(mask.shape)}")
+    if mask.dim() == 3 and mask.shape[0] != input_ids.shape[0]:
+        raise InvalidMaskError(f"per-example mask has {mask.shape[0]} rows but the batch has {input_ids.shape[0]}")
+    if plan is None:
+        plan = ComputePlan.build(graph, None, reference.kind)
+    logits, _ = _run(model, graph, input_ids, reference, mask, plan, positions, record=False)
+    return logits

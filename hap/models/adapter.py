@@ -1,0 +1,158 @@
+"""The adapter contract: a Hugging Face causal LM seen as sources and readers.
+
+An adapter never copies or forks the model: it holds *views* of the module's own
+parameters and calls its own norms, MLPs and rotary embedding. What it adds is
+the split of the residual stream into per-source outputs, which is what edge
+masking needs:
+
+* sources (writers): the embedding (``input``), every attention head, every MLP;
+* readers: every head's query input, every key/value group's key and value
+  input, every MLP input, and the final ``logits``.
+
+A reader's input is a sum of source outputs; the reader applies its own norm.
+Shapes below: ``B`` batch, ``T`` tokens, ``D`` model width, ``H`` query heads,
+``G`` key/value groups, ``K`` head width, ``n`` the number of readers being
+formed (a leading ``1`` means "one residual shared by all of them").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The shape of a model as far as the edge graph is concerned."""
+
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """Views of one attention layer's parameters, laid out per head.
+
+    ``w_q``: [D, H, K]; ``w_k``/``w_v``: [D, G, K]; ``w_o``: [D, H, K] (maps a
+    head's K-dim result back to D). Biases are [H, K] / [G, K] or None;
+    ``b_o_share`` is the output bias divided by H, so that each head owns an
+    equal share of it and the heads' outputs still sum to the layer's output.
+    """
+
+    norm: Callable[[Tensor], Tensor]
+    w_q: Tensor
+    w_k: Tensor
+    w_v: Tensor
+    w_o: Tensor
+    b_q: Tensor | None
+    b_k: Tensor | None
+    b_v: Tensor | None
+    b_o_share: Tensor | None
+    scale: float
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Per-call facts every block needs: the tokens and, for RoPE, cos/sin [1, T, K]."""
+
+    input_ids: Tensor
+    rope: tuple[Tensor, Tensor] | None = None
+
+
+def _project(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor | None) -> Tensor:
+    """Project normed reader inputs x [n|1, B, T, D] onto heads -> [B, n', T, K].
+
+    With a shared input (leading 1) this is one matrix product for all selected
+    heads; with one input per head (leading n == len(index)) each head reads its
+    own row.
+    """
+    if index is not None:
+        weight = weight.index_select(1, index)
+        bias = bias.index_select(0, index) if bias is not None else None
+    if x.shape[0] == 1:
+        out = torch.einsum("btd,dhk->bhtk", x[0], weight)
+    else:
+        out = torch.einsum("hbtd,dhk->bhtk", x, weight)
+    if bias is not None:
+        out = out + bias[None, :, None, :]
+    return out
+
+
+class ModelAdapter:
+    """Base class: everything that is the same for every family lives here.
+
+    A family subclass fills ``layout``, ``attention`` (one ``AttentionWeights``
+    per layer) and implements ``prepare``, ``embed``, ``mlp`` and ``unembed``;
+    it may override ``_rope`` for rotary families.
+    """
+
+    layout: Layout
+    attention: list[AttentionWeights]
+
+    def __init__(self, hf_model: torch.nn.Module) -> None:
+        self.hf_model = hf_model
+
+    # -- family-specific blocks -------------------------------------------
+    def prepare(self, input_ids: Tensor) -> RunContext:
+        """Per-call context for token ids [B, T]."""
+        raise NotImplementedError
+
+    def embed(self, ctx: RunContext) -> Tensor:
+        """Output of the ``input`` source: [B, T, D]."""
+        raise NotImplementedError
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        """Output of source ``m{layer}`` for its un-normed reader input x [..., D]."""
+        raise NotImplementedError
+
+    def unembed(self, x: Tensor) -> Tensor:
+        """Logits [..., V] for the un-normed ``logits`` reader input x [..., D]."""
+        raise NotImplementedError
+
+    def _rope(self, x: Tensor, ctx: RunContext) -> Tensor:
+        return x
+
+    # -- attention, shared by all families ----------------------------------
+    def queries(self, layer: int, x: Tensor, ctx: RunContext, heads: Tensor | None = None) -> Tensor:
+        """Queries [B, n', T, K] of the selected heads from reader inputs x [n|1, B, T, D]."""
+        w = self.attention[layer]
+        return self._rope(_project(w.norm(x), w.w_q, w.b_q, heads), ctx)
+
+    def keys(self, layer: int, x: Tensor, ctx: RunContext, groups: Tensor | None = None) -> Tensor:
+        """Keys [B, n', T, K] of the selected key/value groups."""
+        w = self.attention[layer]
+        return self._rope(_project(w.norm(x), w.w_k, w.b_k, groups), ctx)
+
+    def values(self, layer: int, x: Tensor, ctx: RunContext, groups: Tensor | None = None) -> Tensor:
+        """Values [B, n', T, K] of the selected key/value groups."""
+        w = self.attention[layer]
+        return _project(w.norm(x), w.w_v, w.b_v, groups)
+
+    def head_outputs(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, heads: Tensor | None = None
+    ) -> Tensor:
+        """Causal attention of each selected head and its share of the output projection.
+
+        q, k, v: [B, n, T, K], already matched head by head (a group's k/v is
+        repeated for each of its heads). Returns the heads' outputs [n, B, T, D].
+        """
+        w = self.attention[layer]
+        mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=w.scale)
+        w_o = w.w_o if heads is None else w.w_o.index_select(1, heads)
+        out = torch.einsum("bhtk,dhk->hbtd", mixed, w_o)
+        if w.b_o_share is not None:
+            out = out + w.b_o_share
+        return out

@@ -1,0 +1,106 @@
+"""Llama-style adapter: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention.
+
+Covers Hugging Face ``llama`` (SmolLM2, Llama 2/3) and ``qwen2`` checkpoints.
+
+Residual decomposition
+----------------------
+* ``input`` = ``embed_tokens(ids)``; there are no learned positions, so the
+  source is the token embedding alone. RoPE is applied by the query and key
+  readers to their projected vectors, so positions never sit in the residual.
+* ``a{l}.h{h}`` = softmax(q_h k_g^T) v_g @ W_O[:, h], plus ``o_proj.bias / H``
+  when the checkpoint has one (Llama with ``attention_bias``); the heads of a
+  layer sum to the layer's attention output exactly.
+* q/k/v biases (Qwen2) stay inside the reader's projection: they are applied
+  after the reader's RMSNorm, so they belong to the reader, not to any source.
+* ``m{l}`` = ``mlp(post_attention_layernorm(x))``; SwiGLU has no bias here
+  (``mlp_bias`` checkpoints keep their down-projection bias inside the MLP
+  source's output, as the module computes it).
+* Norms: every reader applies its own block's RMSNorm to its own input sum
+  (q, k and v readers of a layer all use ``input_layernorm``; ``m{l}`` uses
+  ``post_attention_layernorm``; ``logits`` uses the final ``norm``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from ..errors import UnsupportedArchitectureError
+from .adapter import AttentionWeights, Layout, ModelAdapter, RunContext
+
+LLAMA_MODEL_TYPES = ("llama", "qwen2")
+
+
+def _bias_heads(linear: torch.nn.Linear, n: int) -> Tensor | None:
+    return None if linear.bias is None else linear.bias.view(n, -1)
+
+
+class LlamaAdapter(ModelAdapter):
+    """Adapter for ``LlamaForCausalLM``-shaped models (see the module docstring)."""
+
+    def __init__(self, hf_model: torch.nn.Module) -> None:
+        super().__init__(hf_model)
+        config = hf_model.config
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(kind != "full_attention" for kind in layer_types) or getattr(config, "use_sliding_window", False):
+            raise UnsupportedArchitectureError(
+                f"{config.model_type} checkpoint uses sliding-window attention, which the Llama "
+                "adapter does not model; use a checkpoint with full attention in every layer"
+            )
+        body = hf_model.model
+        n_heads = config.num_attention_heads
+        n_kv = config.num_key_value_heads or n_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        d_model = config.hidden_size
+        self.layout = Layout(
+            family="llama",
+            n_layers=config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            d_model=d_model,
+            head_dim=head_dim,
+            vocab_size=hf_model.lm_head.out_features,
+        )
+        self.attention = []
+        for block in body.layers:
+            attn = block.self_attn
+            self.attention.append(
+                AttentionWeights(
+                    norm=block.input_layernorm,
+                    # nn.Linear weights are [out, in]; view them as [in, heads, head_dim].
+                    w_q=attn.q_proj.weight.view(n_heads, head_dim, d_model).permute(2, 0, 1),
+                    w_k=attn.k_proj.weight.view(n_kv, head_dim, d_model).permute(2, 0, 1),
+                    w_v=attn.v_proj.weight.view(n_kv, head_dim, d_model).permute(2, 0, 1),
+                    w_o=attn.o_proj.weight.view(d_model, n_heads, head_dim),
+                    b_q=_bias_heads(attn.q_proj, n_heads),
+                    b_k=_bias_heads(attn.k_proj, n_kv),
+                    b_v=_bias_heads(attn.v_proj, n_kv),
+                    b_o_share=None if attn.o_proj.bias is None else attn.o_proj.bias / n_heads,
+                    scale=float(attn.scaling),
+                )
+            )
+        # The model's own rotate_half, so RoPE is exactly the module's.
+        self._rotate_half = importlib.import_module(type(body.layers[0].self_attn).__module__).rotate_half
+
+    def prepare(self, input_ids: Tensor) -> RunContext:
+        body = self.hf_model.model
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        probe = body.embed_tokens.weight[:1]  # dtype/device carrier for the rotary module
+        cos, sin = body.rotary_emb(probe, positions)
+        return RunContext(input_ids=input_ids, rope=(cos[:, None], sin[:, None]))
+
+    def _rope(self, x: Tensor, ctx: RunContext) -> Tensor:
+        cos, sin = ctx.rope
+        return x * cos + self._rotate_half(x) * sin
+
+    def embed(self, ctx: RunContext) -> Tensor:
+        return self.hf_model.model.embed_tokens(ctx.input_ids)
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        block = self.hf_model.model.layers[layer]
+        return block.mlp(block.post_attention_layernorm(x))
+
+    def unembed(self, x: Tensor) -> Tensor:
+        return self.hf_model.lm_head(self.hf_model.model.norm(x))

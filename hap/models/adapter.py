@@ -50,9 +50,11 @@ class AttentionWeights:
     head's K-dim result back to D). Biases are [H, K] / [G, K] or None;
     ``b_o_share`` is the output bias divided by H, so that each head owns an
     equal share of it and the heads' outputs still sum to the layer's output.
+    ``out_proj`` is the module's own output projection ([B, T, H*K] -> [B, T, D]).
     """
 
     norm: Callable[[Tensor], Tensor]
+    out_proj: Callable[[Tensor], Tensor]
     w_q: Tensor
     w_k: Tensor
     w_v: Tensor
@@ -141,18 +143,25 @@ class ModelAdapter:
         w = self.attention[layer]
         return _project(w.norm(x), w.w_v, w.b_v, groups)
 
-    def head_outputs(
-        self, layer: int, q: Tensor, k: Tensor, v: Tensor, heads: Tensor | None = None
-    ) -> Tensor:
-        """Causal attention of each selected head and its share of the output projection.
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention of each head: q, k, v [B, n, T, K] -> mixed values [B, n, T, K].
 
-        q, k, v: [B, n, T, K], already matched head by head (a group's k/v is
-        repeated for each of its heads). Returns the heads' outputs [n, B, T, D].
+        k and v are already matched head by head (a group's k/v repeated for
+        each of its heads).
         """
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.attention[layer].scale)
+
+    def head_outputs(self, layer: int, mixed: Tensor, heads: Tensor | None = None) -> Tensor:
+        """Each selected head's share of the output projection: [B, n, T, K] -> [n, B, T, D]."""
         w = self.attention[layer]
-        mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=w.scale)
         w_o = w.w_o if heads is None else w.w_o.index_select(1, heads)
         out = torch.einsum("bhtk,dhk->hbtd", mixed, w_o)
         if w.b_o_share is not None:
             out = out + w.b_o_share
         return out
+
+    def layer_output(self, layer: int, mixed: Tensor) -> Tensor:
+        """The attention layer's summed output [B, T, D] from all heads' mixed values,
+        computed by the module's own projection (bit-for-bit the Hugging Face residual update)."""
+        batch, n_heads, length, width = mixed.shape
+        return self.attention[layer].out_proj(mixed.transpose(1, 2).reshape(batch, length, n_heads * width))

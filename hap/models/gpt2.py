@@ -53,6 +53,7 @@ class GPT2Adapter(ModelAdapter):
             self.attention.append(
                 AttentionWeights(
                     norm=block.ln_1,
+                    out_proj=attn.c_proj,
                     w_q=w_qkv[:, 0],
                     w_k=w_qkv[:, 1],
                     w_v=w_qkv[:, 2],

@@ -69,6 +69,7 @@ class LlamaAdapter(ModelAdapter):
             self.attention.append(
                 AttentionWeights(
                     norm=block.input_layernorm,
+                    out_proj=attn.o_proj,
                     # nn.Linear weights are [out, in]; view them as [in, heads, head_dim].
                     w_q=attn.q_proj.weight.view(n_heads, head_dim, d_model).permute(2, 0, 1),
                     w_k=attn.k_proj.weight.view(n_kv, head_dim, d_model).permute(2, 0, 1),

@@ -38,10 +38,15 @@ the The When Then While After Afterwards Friends So But And
 
 NUMBERS = [f"{n:02d}" for n in range(100)] + [str(n) for n in range(10, 21)]
 
+# Appended after NUMBERS so the ids of all earlier tokens stay unchanged.
+TASK_WORDS = """
+working thinking about commuting
+""".split()
+
 
 def tiny_vocabulary() -> list[str]:
     """All tokens of the tiny tokenizer, specials first, no duplicates, stable order."""
     seen: dict[str, None] = {}
-    for word in SPECIAL_TOKENS + PUNCTUATION + NAMES + WORDS + NUMBERS:
+    for word in SPECIAL_TOKENS + PUNCTUATION + NAMES + WORDS + NUMBERS + TASK_WORDS:
         seen.setdefault(word, None)
     return list(seen)

@@ -1,0 +1,59 @@
+"""Tasks: clean/corrupted prompt pairs of equal token length, answer and wrong
+tokens, and each task's metric, as one ``TaskData``.
+
+``load_task`` is the single entry point: ``"ioi"`` (Wang et al. 2022),
+``"greater-than"`` (Hanna et al. 2023), or the path of a ``.jsonl`` file with
+one ``{"clean", "corrupted", "answer", "wrong"}`` object per line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import DataError
+from .base import Metric, TaskData, check_n_examples
+from .custom import custom_task
+from .greater_than import YearScheme, greater_than_task, year_tokens
+from .ioi import ioi_task
+
+BUILT_IN_TASKS = ("ioi", "greater-than")
+
+
+def load_task(name_or_path: str, tokenizer: PreTrainedTokenizerBase, n_examples: int, seed: int = 0) -> TaskData:
+    """``n_examples`` examples of a built-in task or a custom JSONL file, tokenised by ``tokenizer``.
+
+    ``seed`` makes the built-in tasks' random choices reproducible (a custom file
+    is read in order and ignores it). Raises ``DataError`` for a bad
+    ``n_examples``, an unknown name, or malformed data.
+    """
+    check_n_examples(n_examples)
+    if name_or_path == "ioi":
+        return ioi_task(tokenizer, n_examples, seed)
+    if name_or_path == "greater-than":
+        return greater_than_task(tokenizer, n_examples, seed)
+    path = Path(name_or_path)
+    if path.is_file():
+        return custom_task(path, tokenizer, n_examples)
+    if path.suffix == ".jsonl" or path.exists():
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise DataError(f"custom task file {name_or_path} {problem}; give the path of an existing .jsonl file")
+    raise DataError(
+        f"unknown task {name_or_path!r}: the built-in tasks are {', '.join(BUILT_IN_TASKS)}; "
+        "a custom task is the path to a .jsonl file with one "
+        '{"clean", "corrupted", "answer", "wrong"} object per line'
+    )
+
+
+__all__ = [
+    "BUILT_IN_TASKS",
+    "Metric",
+    "TaskData",
+    "YearScheme",
+    "custom_task",
+    "greater_than_task",
+    "ioi_task",
+    "load_task",
+    "year_tokens",
+]

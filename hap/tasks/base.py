@@ -1,0 +1,206 @@
+"""The task data every method consumes: clean and corrupted prompts of equal token
+length, the answer and wrong tokens, and the task's own metric.
+
+``TaskData`` is a frozen dataclass of right-padded tensors. Row ``i`` of
+``clean_ids`` and ``corrupted_ids`` has the same real length ``lengths[i]``; the
+answer is predicted at position ``lengths[i] - 1``. The metric is either a logit
+difference (answer minus wrong, e.g. IOI) or a probability difference over sets
+of good and bad tokens (greater-than); ``logit_diff`` computes whichever the task
+uses so callers never need to know which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import DataError
+
+
+class Metric(Enum):
+    """How a task scores the logits at its answer position (higher = more correct)."""
+
+    LOGIT_DIFF = "logit-diff"  # logit[answer] - logit[wrong]
+    PROB_DIFF = "prob-diff"  # softmax mass on good tokens - mass on bad tokens
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """N examples of one task, tokenised and right-padded, with the task's metric.
+
+    Shapes: ``clean_ids``/``corrupted_ids`` [N, T] long, ``lengths``,
+    ``answer_ids``, ``wrong_ids`` [N] long. For ``Metric.PROB_DIFF`` tasks,
+    ``candidate_ids`` [C] lists the tokens the metric looks at and
+    ``good_mask``/``bad_mask`` [N, C] bool say which of them are correct or wrong
+    for each example; they are ``None`` for ``Metric.LOGIT_DIFF`` tasks.
+    """
+
+    name: str
+    clean_prompts: list[str]
+    corrupted_prompts: list[str]
+    clean_ids: Tensor
+    corrupted_ids: Tensor
+    lengths: Tensor
+    answer_ids: Tensor
+    wrong_ids: Tensor
+    metric: Metric = Metric.LOGIT_DIFF
+    candidate_ids: Tensor | None = None
+    good_mask: Tensor | None = None
+    bad_mask: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.clean_prompts)
+        shapes_ok = (
+            len(self.corrupted_prompts) == n
+            and self.clean_ids.ndim == 2
+            and self.clean_ids.shape == self.corrupted_ids.shape
+            and self.clean_ids.shape[0] == n
+            and all(t.shape == (n,) for t in (self.lengths, self.answer_ids, self.wrong_ids))
+        )
+        if not shapes_ok:
+            raise DataError(f"task {self.name!r}: prompts, token ids, lengths and answers disagree on the number of examples")
+        if self.metric is Metric.PROB_DIFF:
+            if self.candidate_ids is None or self.good_mask is None or self.bad_mask is None:
+                raise DataError(f"task {self.name!r}: a prob-diff metric needs candidate_ids, good_mask and bad_mask")
+            c = self.candidate_ids.shape[0]
+            if self.good_mask.shape != (n, c) or self.bad_mask.shape != (n, c):
+                raise DataError(f"task {self.name!r}: good_mask and bad_mask must have shape [{n}, {c}]")
+
+    def __len__(self) -> int:
+        return len(self.clean_prompts)
+
+    def batches(self, batch_size: int) -> Iterator[TaskData]:
+        """Consecutive slices of ``batch_size`` examples (the last may be shorter),
+        each trimmed to its own longest row so no batch carries needless padding."""
+        if batch_size <= 0:
+            raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            rows = slice(start, start + batch_size)
+            width = int(self.lengths[rows].max())
+            yield replace(
+                self,
+                clean_prompts=self.clean_prompts[rows],
+                corrupted_prompts=self.corrupted_prompts[rows],
+                clean_ids=self.clean_ids[rows, :width],
+                corrupted_ids=self.corrupted_ids[rows, :width],
+                lengths=self.lengths[rows],
+                answer_ids=self.answer_ids[rows],
+                wrong_ids=self.wrong_ids[rows],
+                good_mask=None if self.good_mask is None else self.good_mask[rows],
+                bad_mask=None if self.bad_mask is None else self.bad_mask[rows],
+            )
+
+    def at_answer(self, logits: Tensor) -> Tensor:
+        """Pick the answer position of each row: logits [N, T, V] -> [N, V]."""
+        self._check_rows(logits, 3)
+        rows = torch.arange(len(self), device=logits.device)
+        return logits[rows, self.lengths.to(logits.device) - 1]
+
+    def logit_diff(self, logits: Tensor) -> Tensor:
+        """The task metric per example, higher = more correct: logits [N, V] at the
+        answer positions -> [N]. Logit difference answer - wrong for ``LOGIT_DIFF``
+        tasks; softmax mass on good minus bad tokens (float32) for ``PROB_DIFF``."""
+        self._check_rows(logits, 2)
+        if self.metric is Metric.LOGIT_DIFF:
+            answer = logits.gather(1, self.answer_ids.to(logits.device)[:, None])
+            wrong = logits.gather(1, self.wrong_ids.to(logits.device)[:, None])
+            return (answer - wrong)[:, 0]
+        assert self.candidate_ids is not None and self.good_mask is not None and self.bad_mask is not None
+        probs = logits.float().softmax(-1)[:, self.candidate_ids.to(logits.device)]  # [N, C]
+        good = (probs * self.good_mask.to(logits.device)).sum(-1)
+        bad = (probs * self.bad_mask.to(logits.device)).sum(-1)
+        return good - bad
+
+    def correct(self, logits: Tensor) -> Tensor:
+        """[N] bool: the answer beats the wrong answer (logits [N, V] at the answer
+        positions). For both metrics this is exactly ``logit_diff(logits) > 0``."""
+        return self.logit_diff(logits) > 0
+
+    def _check_rows(self, logits: Tensor, ndim: int) -> None:
+        if logits.ndim != ndim or logits.shape[0] != len(self):
+            want = "[N, T, V]" if ndim == 3 else "[N, V]"
+            raise DataError(
+                f"task {self.name!r}: expected logits of shape {want} with N={len(self)}, got {tuple(logits.shape)}"
+            )
+
+
+def check_n_examples(n_examples: int) -> None:
+    """Raise ``DataError`` unless ``n_examples`` is a positive integer."""
+    if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples <= 0:
+        raise DataError(f"n_examples must be a positive integer, got {n_examples!r}")
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (the same rule for every prompt)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int | None:
+    """The id of ``text`` if it is exactly one known token, else ``None`` (the unknown token counts as unknown)."""
+    ids = encode(tokenizer, text)
+    if len(ids) != 1 or (tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id):
+        return None
+    return ids[0]
+
+
+def single_token_words(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[str]:
+    """The words that are one known token with a leading space (``" Mary"``), in order."""
+    return [word for word in words if single_token_id(tokenizer, " " + word) is not None]
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id used for right padding: the pad token, else end-of-sequence, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def make_task_data(
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    clean_prompts: list[str],
+    corrupted_prompts: list[str],
+    answer_ids: Sequence[int],
+    wrong_ids: Sequence[int],
+    **extras: object,
+) -> TaskData:
+    """Tokenise the prompt pairs, check each pair has equal non-zero length, and pad.
+
+    ``extras`` are passed on to ``TaskData`` (``metric``, ``candidate_ids``,
+    ``good_mask``, ``bad_mask``). Raises ``DataError`` naming the example whose
+    clean and corrupted prompts differ in token length.
+    """
+    if not clean_prompts:
+        raise DataError(f"task {name!r} has no examples")
+    clean = [encode(tokenizer, text) for text in clean_prompts]
+    corrupted = [encode(tokenizer, text) for text in corrupted_prompts]
+    for i, (a, b) in enumerate(zip(clean, corrupted, strict=True)):
+        if len(a) != len(b) or not a:
+            raise DataError(
+                f"task {name!r}, example {i}: clean prompt is {len(a)} tokens and corrupted prompt is {len(b)} tokens; "
+                "they must be equal and non-zero"
+            )
+    lengths = [len(ids) for ids in clean]
+    width = max(lengths)
+    pad = pad_id(tokenizer)
+
+    def padded(rows: list[list[int]]) -> Tensor:
+        return torch.tensor([ids + [pad] * (width - len(ids)) for ids in rows], dtype=torch.long)
+
+    return TaskData(
+        name=name,
+        clean_prompts=list(clean_prompts),
+        corrupted_prompts=list(corrupted_prompts),
+        clean_ids=padded(clean),
+        corrupted_ids=padded(corrupted),
+        lengths=torch.tensor(lengths, dtype=torch.long),
+        answer_ids=torch.tensor(list(answer_ids), dtype=torch.long),
+        wrong_ids=torch.tensor(list(wrong_ids), dtype=torch.long),
+        **extras,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,128 @@
+"""A task from a JSONL file: one object per line with the string fields ``clean``,
+``corrupted``, ``answer`` and ``wrong``, e.g.
+``{"clean": "When Mary and John went out, John thanked", "corrupted": "When Anna and Kate went out, Ruth thanked", "answer": " Mary", "wrong": " John"}``.
+
+Every line is checked against the tokenizer that will run it: clean and corrupted
+must have the same (non-zero) token length and ``answer``/``wrong`` must each be
+exactly one known token. Any problem raises one ``DataError`` naming the file,
+the line, the problem and the fix. Blank lines are skipped; only the first
+``n_examples`` examples are read. The metric is the logit difference answer - wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import DataError
+from .base import TaskData, check_n_examples, encode, make_task_data
+
+FIELDS = ("clean", "corrupted", "answer", "wrong")
+EXAMPLE_LINE = '{"clean": "...", "corrupted": "...", "answer": " Mary", "wrong": " John"}'
+
+
+class _DuplicateField(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateField(key)
+        result[key] = value
+    return result
+
+
+def custom_task(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_examples: int) -> TaskData:
+    """The first ``n_examples`` examples of the JSONL file at ``path`` (all if it has fewer).
+
+    The task is named by ``str(path)``. Raises ``DataError`` for a missing,
+    unreadable or empty file and for any malformed line (see the module docstring).
+    """
+    check_n_examples(n_examples)
+    path_text = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path_text}: no such file; a custom task is a path to an existing .jsonl file") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path_text}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise DataError(f"{path_text}: cannot read the file ({error.strerror})") from None
+
+    rows: list[dict[str, str]] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if len(rows) == n_examples:
+            break
+        if not line.strip():
+            continue
+        rows.append(_parse_line(line, f"{path_text}, line {number}", tokenizer))
+    if not rows:
+        raise DataError(
+            f"{path_text} has no examples (the file is empty or only blank lines); "
+            f"write one JSON object per line, e.g. {EXAMPLE_LINE}"
+        )
+    return make_task_data(
+        path_text,
+        tokenizer,
+        [row["clean"] for row in rows],
+        [row["corrupted"] for row in rows],
+        [encode(tokenizer, row["answer"])[0] for row in rows],
+        [encode(tokenizer, row["wrong"])[0] for row in rows],
+    )
+
+
+def _parse_line(line: str, where: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """Validate one non-blank line; ``where`` is "<file>, line <n>" for the messages."""
+    try:
+        row = json.loads(line, object_pairs_hook=_reject_duplicates)
+    except _DuplicateField as duplicate:
+        raise DataError(f"{where}: field {duplicate.key!r} appears more than once in the object; keep only one") from None
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{where}: invalid JSON ({error.msg} at column {error.colno}); "
+            f"write one JSON object per line, e.g. {EXAMPLE_LINE}"
+        ) from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}; write e.g. {EXAMPLE_LINE}")
+    missing = [field for field in FIELDS if field not in row]
+    if missing:
+        raise DataError(
+            f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
+            f"every line needs the string fields {', '.join(FIELDS)}"
+        )
+    for field in FIELDS:
+        if not isinstance(row[field], str):
+            raise DataError(
+                f"{where}: field {field!r} must be a string, got {type(row[field]).__name__} ({json.dumps(row[field])}); "
+                "put the value in double quotes"
+            )
+
+    clean, corrupted = encode(tokenizer, row["clean"]), encode(tokenizer, row["corrupted"])
+    if not clean:
+        raise DataError(f"{where}: the clean prompt is empty (0 tokens); write the prompt that precedes the answer")
+    if len(clean) != len(corrupted):
+        raise DataError(
+            f"{where}: the clean prompt is {len(clean)} tokens but the corrupted prompt is {len(corrupted)} tokens; "
+            "make them the same token length (e.g. swap words for words of the same token count)"
+        )
+    for field in ("answer", "wrong"):
+        ids = encode(tokenizer, row[field])
+        if len(ids) != 1:
+            pieces = ", ".join(repr(tokenizer.decode([i])) for i in ids)
+            raise DataError(
+                f"{where}: {field} {row[field]!r} is {len(ids)} tokens ({pieces or 'none'}); it must be exactly one "
+                "token: use a single word, usually with a leading space, e.g. \" Mary\""
+            )
+        if tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id:
+            raise DataError(
+                f"{where}: {field} {row[field]!r} is the unknown token {tokenizer.unk_token!r} of this tokenizer; "
+                "use a word in its vocabulary"
+            )
+    return {field: row[field] for field in FIELDS}

@@ -1,0 +1,113 @@
+"""Indirect object identification (Wang et al. 2022): "When Mary and John went to
+the store, John gave a drink to" -> " Mary" (the indirect object) vs " John" (the
+subject).
+
+Each template names two people first ([X] and [Y]), then the subject again ([S]).
+Even rows use the ABBA order (X = IO, Y = S), odd rows BABA (X = S, Y = IO), so
+the two orders are balanced. The corrupted prompt is the "ABC" one: X, Y and S
+are replaced by three fresh, distinct names that differ from both clean names, so
+the answer is no longer determined. Names, places and objects are kept only if
+they are one known token with a leading space in the given tokenizer, which makes
+clean and corrupted prompts the same token length. The metric is the logit
+difference IO - S.
+"""
+
+from __future__ import annotations
+
+import random
+
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import DataError
+from .base import TaskData, check_n_examples, make_task_data, single_token_id, single_token_words
+
+# {X} and {Y} are the first two names, {S} the repeated subject; the prompt ends
+# right before the indirect object.
+TEMPLATES: tuple[str, ...] = (
+    "When {X} and {Y} went to the {PLACE}, {S} gave a {OBJECT} to",
+    "Then, {X} and {Y} went to the {PLACE}. {S} gave a {OBJECT} to",
+    "Then, {X} and {Y} had a lot of fun at the {PLACE}. {S} gave a {OBJECT} to",
+    "Then, {X} and {Y} were working at the {PLACE}. {S} decided to give a {OBJECT} to",
+    "Then, {X} and {Y} were thinking about going to the {PLACE}. {S} wanted to give a {OBJECT} to",
+    "Then, {X} and {Y} had a long argument, and afterwards {S} said to",
+    "After {X} and {Y} went to the {PLACE}, {S} gave a {OBJECT} to",
+    "When {X} and {Y} got a {OBJECT} at the {PLACE}, {S} decided to give it to",
+    "When {X} and {Y} got a {OBJECT} at the {PLACE}, {S} decided to give the {OBJECT} to",
+    "While {X} and {Y} were working at the {PLACE}, {S} gave a {OBJECT} to",
+    "While {X} and {Y} were commuting to the {PLACE}, {S} gave a {OBJECT} to",
+    "After the lunch, {X} and {Y} went to the {PLACE}. {S} gave a {OBJECT} to",
+    "Afterwards, {X} and {Y} went to the {PLACE}. {S} gave a {OBJECT} to",
+    "Then, {X} and {Y} had a long argument. Afterwards {S} said to",
+    "The {PLACE} {X} and {Y} went to had a {OBJECT}. {S} gave it to",
+    "Friends {X} and {Y} found a {OBJECT} at the {PLACE}. {S} gave it to",
+)
+
+NAMES: tuple[str, ...] = (
+    "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Alice", "Bob",
+    "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Jack", "Kate", "Leo", "Lucy",
+    "Mike", "Paul", "Rose", "Sam", "Sara", "Tim", "Anna", "Ben", "Chris", "Eve",
+    "Fred", "Jane", "Joe", "Kim", "Lisa", "Max", "Ray", "Ruth", "Tony", "Will",
+    "Adam", "Beth", "Carl", "Dave", "Jim", "Matt", "Pete", "Sue", "Ann", "Jeff",
+    "Mark", "Steve", "Kevin", "Laura", "Helen", "Ryan",
+)  # fmt: skip
+
+PLACES: tuple[str, ...] = (
+    "store", "shop", "school", "park", "hospital", "office", "restaurant", "station",
+    "garden", "house", "beach", "library", "museum", "market", "church", "cafe",
+)  # fmt: skip
+
+# Consonant-initial, so "a [OBJECT]" reads naturally.
+OBJECTS: tuple[str, ...] = (
+    "drink", "book", "ball", "bone", "kiss", "necklace", "ring", "snack", "gift",
+    "letter", "basket", "bag", "flower", "phone", "key", "pen", "cup", "hat", "computer",
+)  # fmt: skip
+
+MIN_NAMES = 5  # two clean names plus three fresh corrupted ones
+
+
+def ioi_task(tokenizer: PreTrainedTokenizerBase, n_examples: int, seed: int = 0) -> TaskData:
+    """``n_examples`` IOI prompts with ABC corruptions, reproducible from ``seed``.
+
+    Rows alternate ABBA / BABA. ``answer_ids`` is the indirect object (" A"),
+    ``wrong_ids`` the subject (" B"). Raises ``DataError`` if fewer than
+    ``MIN_NAMES`` names (or no place or object) are single tokens here.
+    """
+    check_n_examples(n_examples)
+    names = single_token_words(tokenizer, NAMES)
+    places = single_token_words(tokenizer, PLACES)
+    objects = single_token_words(tokenizer, OBJECTS)
+    if len(names) < MIN_NAMES:
+        raise DataError(
+            f"ioi: only {len(names)} of {len(NAMES)} names ({', '.join(names) or 'none'}) are a single known token "
+            f"with a leading space in this tokenizer; IOI needs at least {MIN_NAMES} (two clean names and three "
+            "fresh ones for the corruption). Use a tokenizer whose vocabulary has common first names as whole tokens."
+        )
+    if not places or not objects:
+        raise DataError(
+            "ioi: no place or no object word is a single known token with a leading space in this tokenizer; "
+            "use a tokenizer whose vocabulary has common English words as whole tokens."
+        )
+
+    rng = random.Random(seed)
+    clean_prompts: list[str] = []
+    corrupted_prompts: list[str] = []
+    answers: list[int] = []
+    wrongs: list[int] = []
+    for i in range(n_examples):
+        template = rng.choice(TEMPLATES)
+        place, obj = rng.choice(places), rng.choice(objects)
+        io, subject = rng.sample(names, 2)
+        fresh = rng.sample([name for name in names if name not in (io, subject)], 3)
+        first, second = (io, subject) if i % 2 == 0 else (subject, io)  # ABBA on even rows, BABA on odd
+        clean_prompts.append(template.format(X=first, Y=second, S=subject, PLACE=place, OBJECT=obj))
+        corrupted_prompts.append(template.format(X=fresh[0], Y=fresh[1], S=fresh[2], PLACE=place, OBJECT=obj))
+        answers.append(_name_id(tokenizer, io))
+        wrongs.append(_name_id(tokenizer, subject))
+    # Every substituted word is one token, so each pair has equal length; make_task_data checks it row by row.
+    return make_task_data("ioi", tokenizer, clean_prompts, corrupted_prompts, answers, wrongs)
+
+
+def _name_id(tokenizer: PreTrainedTokenizerBase, name: str) -> int:
+    token = single_token_id(tokenizer, " " + name)
+    assert token is not None, name  # names were filtered to single tokens
+    return token

@@ -63,7 +63,9 @@ class TaskData:
             and all(t.shape == (n,) for t in (self.lengths, self.answer_ids, self.wrong_ids))
         )
         if not shapes_ok:
-            raise DataError(f"task {self.name!r}: prompts, token ids, lengths and answers disagree on the number of examples")
+            raise DataError(
+                f"task {self.name!r}: prompts, token ids, lengths and answers disagree on the number of examples"
+            )
         if self.metric is Metric.PROB_DIFF:
             if self.candidate_ids is None or self.good_mask is None or self.bad_mask is None:
                 raise DataError(f"task {self.name!r}: a prob-diff metric needs candidate_ids, good_mask and bad_mask")

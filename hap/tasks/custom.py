@@ -1,6 +1,7 @@
 """A task from a JSONL file: one object per line with the string fields ``clean``,
 ``corrupted``, ``answer`` and ``wrong``, e.g.
-``{"clean": "When Mary and John went out, John thanked", "corrupted": "When Anna and Kate went out, Ruth thanked", "answer": " Mary", "wrong": " John"}``.
+``{"clean": "When Mary and John left, John thanked", "corrupted": "When Anna and Kate left,
+Ruth thanked", "answer": " Mary", "wrong": " John"}`` (on one line).
 
 Every line is checked against the tokenizer that will run it: clean and corrupted
 must have the same (non-zero) token length and ``answer``/``wrong`` must each be
@@ -52,7 +53,8 @@ def custom_task(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_examples
     except FileNotFoundError:
         raise DataError(f"{path_text}: no such file; a custom task is a path to an existing .jsonl file") from None
     except UnicodeDecodeError as error:
-        raise DataError(f"{path_text}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+        reason = f"{error.reason} at byte {error.start}"
+        raise DataError(f"{path_text}: not UTF-8 text ({reason}); save it as UTF-8") from None
     except OSError as error:
         raise DataError(f"{path_text}: cannot read the file ({error.strerror})") from None
 
@@ -83,7 +85,8 @@ def _parse_line(line: str, where: str, tokenizer: PreTrainedTokenizerBase) -> di
     try:
         row = json.loads(line, object_pairs_hook=_reject_duplicates)
     except _DuplicateField as duplicate:
-        raise DataError(f"{where}: field {duplicate.key!r} appears more than once in the object; keep only one") from None
+        message = f"field {duplicate.key!r} appears more than once in the object; keep only one"
+        raise DataError(f"{where}: {message}") from None
     except json.JSONDecodeError as error:
         raise DataError(
             f"{where}: invalid JSON ({error.msg} at column {error.colno}); "
@@ -100,8 +103,8 @@ def _parse_line(line: str, where: str, tokenizer: PreTrainedTokenizerBase) -> di
     for field in FIELDS:
         if not isinstance(row[field], str):
             raise DataError(
-                f"{where}: field {field!r} must be a string, got {type(row[field]).__name__} ({json.dumps(row[field])}); "
-                "put the value in double quotes"
+                f"{where}: field {field!r} must be a string, got {type(row[field]).__name__} "
+                f"({json.dumps(row[field])}); put the value in double quotes"
             )
 
     clean, corrupted = encode(tokenizer, row["clean"]), encode(tokenizer, row["corrupted"])

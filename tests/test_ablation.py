@@ -1,0 +1,187 @@
+"""The ablation primitive against the Hugging Face forward and against its slow twin."""
+
+import pytest
+import torch
+from naive import naive_masked_logits
+
+import hap
+from hap.ablation import AblationKind, ComputePlan, interchange_reference, mean_reference, run_masked, trace, zero_reference
+from hap.errors import InvalidMaskError
+
+
+def _batch(model: hap.Model, seed: int, batch: int = 3, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.layout.vocab_size
+    return (torch.randint(0, vocab, (batch, length), generator=generator),
+            torch.randint(0, vocab, (batch, length), generator=generator))
+
+
+def test_adapter_reproduces_hugging_face(tiny_model):
+    clean, _ = _batch(tiny_model, 0)
+    with torch.no_grad():
+        expected = tiny_model.hf_model(clean).logits
+        recorded = trace(tiny_model, clean)
+    assert torch.allclose(recorded.logits, expected, atol=1e-5)
+    # The residual entering each block is the sum of the sources before it.
+    graph = hap.Graph.from_model(tiny_model)
+    for block in range(1, graph.n_blocks):
+        upstream = recorded.outputs[graph.source_block < block].sum(0)
+        assert torch.allclose(recorded.block_inputs[block], upstream, atol=1e-5)
+
+
+def test_all_on_is_clean_and_all_off_is_corrupted(tiny_model):
+    graph = hap.Graph.from_model(tiny_model)
+    clean, corrupted = _batch(tiny_model, 1)
+    reference = interchange_reference(tiny_model, corrupted)
+    with torch.no_grad():
+        on = run_masked(tiny_model, graph, clean, reference, torch.ones(graph.real.shape))
+        off = run_masked(tiny_model, graph, clean, reference, torch.zeros(graph.real.shape))
+        assert torch.allclose(on, tiny_model.hf_model(clean).logits, atol=1e-5)
+        assert torch.allclose(off, tiny_model.hf_model(corrupted).logits, atol=1e-5)
+        assert not torch.allclose(on, off, atol=1e-3)  # the test can tell the two apart
+
+
+@pytest.mark.parametrize("kind", list(AblationKind))
+def test_fractional_mask_matches_the_slow_twin(tiny_model, kind):
+    graph = hap.Graph.from_model(tiny_model)
+    clean, corrupted = _batch(tiny_model, 2)
+    if kind is AblationKind.INTERCHANGE:
+        reference = interchange_reference(tiny_model, corrupted)
+    elif kind is AblationKind.MEAN:
+        reference = mean_reference(tiny_model, graph, torch.cat([corrupted, clean]).roll(1, 1))
+    else:
+        reference = zero_reference(tiny_model, graph, clean.shape[1])
+    mask = torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fast = run_masked(tiny_model, graph, clean, reference, mask)
+        slow = naive_masked_logits(tiny_model, graph, clean, reference.outputs, mask)
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_per_example_masks_match_the_slow_twin(tiny_model):
+    graph = hap.Graph.from_model(tiny_model)
+    clean, corrupted = _batch(tiny_model, 4)
+    reference = interchange_reference(tiny_model, corrupted)
+    masks = torch.rand((clean.shape[0], *graph.real.shape), generator=torch.Generator().manual_seed(5))
+    masks[1] = 1.0  # a row that must come out exactly clean
+    with torch.no_grad():
+        fast = run_masked(tiny_model, graph, clean, reference, masks)
+        slow = naive_masked_logits(tiny_model, graph, clean, reference.outputs, masks)
+        assert torch.allclose(fast, slow, atol=1e-5)
+        assert torch.allclose(fast[1], tiny_model.hf_model(clean[1:2]).logits[0], atol=1e-5)
+
+
+def test_one_edge_ablated_changes_only_through_that_edge(tiny_llama):
+    graph = hap.Graph.from_model(tiny_llama)
+    clean, corrupted = _batch(tiny_llama, 6)
+    reference = interchange_reference(tiny_llama, corrupted)
+    mask = torch.ones(graph.real.shape)
+    mask[graph.edge_index("input->logits")] = 0.0
+    with torch.no_grad():
+        fast = run_masked(tiny_llama, graph, clean, reference, mask)
+        clean_run = trace(tiny_llama, clean)
+        corrupted_run = trace(tiny_llama, corrupted)
+    # Only the direct path changes: logits read clean residual minus the clean embedding plus the corrupted one.
+    final = clean_run.block_inputs[-1] - clean_run.outputs[0] + corrupted_run.outputs[0]
+    assert torch.allclose(fast, tiny_llama.adapter.unembed(final), atol=1e-5)
+
+
+def test_answer_positions_give_the_same_logits(tiny_model):
+    graph = hap.Graph.from_model(tiny_model)
+    clean, corrupted = _batch(tiny_model, 7)
+    reference = interchange_reference(tiny_model, corrupted)
+    mask = torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(8))
+    positions = torch.tensor([6, 2, 0])
+    with torch.no_grad():
+        full = run_masked(tiny_model, graph, clean, reference, mask)
+        picked = run_masked(tiny_model, graph, clean, reference, mask, positions=positions)
+    assert picked.shape == (3, tiny_model.layout.vocab_size)
+    assert torch.allclose(picked, full[torch.arange(3), positions], atol=1e-6)
+
+
+def test_mask_gradient_matches_finite_differences(tiny_gpt2_64):
+    # GPT-2's LayerNorm is truly float64 (HF's Llama RMSNorm computes in float32), so a
+    # central difference is exact to ~1e-9 here; the masking code is the same for every family.
+    model = tiny_gpt2_64
+    graph = hap.Graph.from_model(model)
+    clean, corrupted = _batch(model, 9)
+    reference = interchange_reference(model, corrupted)
+    generator = torch.Generator().manual_seed(10)
+    base = (0.2 + 0.6 * torch.rand(graph.real.shape, generator=generator)).double()
+
+    def logit_diff(mask: torch.Tensor) -> torch.Tensor:
+        logits = run_masked(model, graph, clean, reference, mask, positions=torch.full((3,), 6))
+        return (logits[:, 5] - logits[:, 7]).mean()
+
+    mask = base.clone().requires_grad_(True)
+    logit_diff(mask).backward()
+    edges = ["input->logits", "a0.h1->a1.h0<q>", "a0.h3->a2.h1<k>", "m0->a1.h0<v>", "a2.h2->m2", "m1->logits"]
+    for name in edges:
+        index = graph.edge_index(name)
+        step = 1e-5
+        up, down = base.clone(), base.clone()
+        up[index] += step
+        down[index] -= step
+        with torch.no_grad():
+            numeric = (logit_diff(up) - logit_diff(down)) / (2 * step)
+        assert float(numeric) == pytest.approx(float(mask.grad[index]), rel=1e-6, abs=1e-10), name
+    assert float(mask.grad[graph.edge_index("m1->logits")]) != 0.0
+    assert float(mask.grad[~graph.real].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("kind", [AblationKind.INTERCHANGE, AblationKind.MEAN])
+def test_skipping_gives_the_same_logits_and_gradients(tiny_model, kind):
+    graph = hap.Graph.from_model(tiny_model)
+    clean, corrupted = _batch(tiny_model, 11)
+    if kind is AblationKind.INTERCHANGE:
+        reference = interchange_reference(tiny_model, corrupted)
+    else:
+        reference = mean_reference(tiny_model, graph, corrupted)
+    generator = torch.Generator().manual_seed(12)
+    live = (torch.rand(graph.real.shape, generator=generator) < 0.08) & graph.real
+    live[graph.edge_index("input->a0.h0<q>")] = True
+    live[graph.edge_index("a0.h0->logits")] = True  # a live path to the output
+    values = torch.rand(graph.real.shape, generator=generator) * live
+    plan = ComputePlan.build(graph, live, reference.kind)
+    if kind is AblationKind.INTERCHANGE:
+        assert int(plan.active.sum()) < graph.n_sources  # something really is skipped
+        assert int(plan.formed.sum()) < graph.n_readers
+
+    skipped_mask = values.clone().requires_grad_(True)
+    full_mask = values.clone().requires_grad_(True)
+    skipped = run_masked(tiny_model, graph, clean, reference, skipped_mask, plan=plan)
+    full = run_masked(tiny_model, graph, clean, reference, full_mask)
+    assert torch.allclose(skipped, full, atol=1e-5)
+    skipped.square().mean().backward()
+    full.square().mean().backward()
+    assert torch.allclose(skipped_mask.grad[live], full_mask.grad[live], atol=1e-6)
+    assert float(skipped_mask.grad[~live].abs().sum()) == 0.0
+    # The full run's gradients off the live set are not zero: the comparison is not vacuous.
+    assert float(full_mask.grad[graph.real & ~live].abs().sum()) > 0.0
+
+
+def test_plan_marks_untouched_heads_inactive(tiny_llama):
+    graph = hap.Graph.from_model(tiny_llama)
+    live = torch.zeros(graph.real.shape, dtype=torch.bool)
+    live[graph.edge_index("input->a1.h2<q>")] = True
+    live[graph.edge_index("a1.h2->logits")] = True
+    plan = ComputePlan.build(graph, live, AblationKind.INTERCHANGE)
+    active = [graph.source_names[i] for i in plan.active.nonzero().flatten().tolist()]
+    assert active == ["input", "a1.h2"]
+    formed = [graph.reader_names[i] for i in plan.formed.nonzero().flatten().tolist()]
+    assert formed == ["a1.h2<q>", "logits"]
+    # Under mean ablation every source writes something other than its mean, so more is formed.
+    mean_plan = ComputePlan.build(graph, live, AblationKind.MEAN)
+    assert bool(mean_plan.contributing.all())
+
+
+def test_bad_masks_and_references_are_refused(tiny_llama):
+    graph = hap.Graph.from_model(tiny_llama)
+    clean, corrupted = _batch(tiny_llama, 13)
+    reference = interchange_reference(tiny_llama, corrupted)
+    with pytest.raises(InvalidMaskError, match="shape"):
+        run_masked(tiny_llama, graph, clean, reference, torch.ones(3, 3))
+    with pytest.raises(InvalidMaskError, match="rows"):
+        run_masked(tiny_llama, graph, clean, reference, torch.ones(2, *graph.real.shape))
+    with pytest.raises(InvalidMaskError, match="batch"):
+        run_masked(tiny_llama, graph, clean[:2], reference, torch.ones(graph.real.shape))

@@ -1,0 +1,60 @@
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import hap
+from hap.models.gpt2 import GPT2Adapter
+from hap.models.llama import LlamaAdapter
+
+
+def _layout(model_class, adapter_class, config):
+    with torch.device("meta"):  # shapes only: no weights are materialised
+        model = model_class(config)
+    return adapter_class(model).layout
+
+
+def test_gpt2_small_shape_has_the_published_edge_count():
+    layout = _layout(GPT2LMHeadModel, GPT2Adapter, GPT2Config(n_layer=12, n_head=12, n_embd=768))
+    graph = hap.Graph.from_layout(layout)
+    assert (graph.n_sources, graph.n_readers, graph.n_edges) == (157, 445, 32491)
+
+
+def test_smollm2_shape_counts_key_value_readers_per_group():
+    config = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152)
+    graph = hap.Graph.from_layout(_layout(LlamaForCausalLM, LlamaAdapter, config))
+    # 9 q + 3 k + 3 v readers per layer, one MLP reader, plus logits.
+    assert graph.n_readers == 30 * 16 + 1
+    assert graph.n_sources == 1 + 30 * 10
+    assert graph.n_edges == 70651
+    assert "a0.g2<k>" in graph.reader_names and "a0.h2<k>" not in graph.reader_names
+    assert graph.reader_names.count("a29.g0<v>") == 1
+
+
+def test_names_and_edge_rule(tiny_gpt2):
+    graph = hap.Graph.from_model(tiny_gpt2)
+    assert graph.source_names[:2] == ["input", "a0.h0"]
+    assert graph.reader_names[-1] == "logits"
+    # A head reads only earlier layers; an MLP reads the heads of its own layer.
+    assert graph.real[graph.edge_index("a0.h1->m0")]
+    assert graph.real[graph.edge_index("m0->a1.h0<q>")]
+    with pytest.raises(KeyError):
+        graph.edge_index("a1.h0->a1.h1<q>")
+    with pytest.raises(KeyError):
+        graph.edge_index("m2->a0.h0<q>")
+    names = graph.edge_names()
+    assert len(names) == graph.n_edges == len(set(names))
+    assert "input->logits" in names
+
+
+def test_block_slices_partition_sources_and_readers(tiny_llama):
+    graph = hap.Graph.from_model(tiny_llama)
+    seen_sources, seen_readers = [], []
+    for block in range(graph.n_blocks):
+        sources, readers = graph.sources_of_block(block), graph.readers_of_block(block)
+        assert bool((graph.source_block[sources] == block).all())
+        assert bool((graph.reader_block[readers] == block).all())
+        seen_sources += range(sources.start, sources.stop)
+        seen_readers += range(readers.start, readers.stop)
+    assert seen_sources == list(range(graph.n_sources))
+    assert seen_readers == list(range(graph.n_readers))

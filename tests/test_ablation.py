@@ -185,3 +185,17 @@ def test_bad_masks_and_references_are_refused(tiny_llama):
         run_masked(tiny_llama, graph, clean, reference, torch.ones(2, *graph.real.shape))
     with pytest.raises(InvalidMaskError, match="batch"):
         run_masked(tiny_llama, graph, clean[:2], reference, torch.ones(graph.real.shape))
+
+
+def test_edges_off_the_live_set_are_ablated_whatever_the_mask_says(tiny_gpt2):
+    graph = hap.Graph.from_model(tiny_gpt2)
+    clean, corrupted = _batch(tiny_gpt2, 14)
+    reference = interchange_reference(tiny_gpt2, corrupted)
+    live = (torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(15)) < 0.3) & graph.real
+    plan = ComputePlan.build(graph, live, reference.kind)
+    with torch.no_grad():
+        ones_with_plan = run_masked(tiny_gpt2, graph, clean, reference, torch.ones(graph.real.shape), plan=plan)
+        live_as_mask = run_masked(tiny_gpt2, graph, clean, reference, live.float())
+        all_on = run_masked(tiny_gpt2, graph, clean, reference, torch.ones(graph.real.shape))
+    assert torch.allclose(ones_with_plan, live_as_mask, atol=1e-5)
+    assert not torch.allclose(ones_with_plan, all_on, atol=1e-3)

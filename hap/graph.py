@@ -148,6 +148,23 @@ class Graph:
         start = 1 + layer * (h + 1)
         return slice(start + h, start + h + 1) if is_mlp else slice(start, start + h)
 
+    def feeds(self) -> Tensor:
+        """[R, S] bool: reader r is an input of source s (q/k/v of a head, a group's k/v of
+        each head in the group, an MLP's input of that MLP). ``logits`` feeds no source."""
+        layout = self.layout
+        h, g = layout.n_heads, layout.n_kv_heads
+        feeds = torch.zeros(self.n_readers, self.n_sources, dtype=torch.bool)
+        group = torch.arange(h) // layout.heads_per_group
+        for layer in range(layout.n_layers):
+            readers, heads = self.readers_of_block(2 * layer + 1), self.sources_of_block(2 * layer + 1)
+            head_index = torch.arange(heads.start, heads.stop)
+            feeds[readers.start + torch.arange(h), head_index] = True
+            for offset in (h, h + g):  # k readers, then v readers
+                feeds[readers.start + offset + group, head_index] = True
+            mlp_reader, mlp = self.readers_of_block(2 * layer + 2), self.sources_of_block(2 * layer + 2)
+            feeds[mlp_reader, mlp] = True
+        return feeds
+
     def readers_of_block(self, block: int) -> slice:
         """Index range of the readers read by ``block`` (empty for the embedding)."""
         h, g = self.layout.n_heads, self.layout.n_kv_heads

@@ -1,0 +1,253 @@
+"""Scores and circuits: what methods produce, and the self-describing ``circuit.json``.
+
+``Scores`` holds one number per real edge. ``Circuit`` is a chosen set of edges
+(``in_graph``) with the scores that chose it, the settings, metrics and
+runtimes. Selection keeps the top edges by |score|, then drops edges that cannot
+matter: those whose source has no kept path from ``input`` or whose reader has
+no kept path to ``logits``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import HapError
+from .graph import Graph
+from .models.adapter import Layout
+
+FORMAT = "hap-circuit/1"
+
+
+class CircuitFileError(HapError):
+    """A circuit file that cannot be read as this model's circuit."""
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def prune_dangling(graph: Graph, in_graph: Tensor) -> Tensor:
+    """Keep only edges on a kept path from ``input`` to ``logits``. [S, R] bool -> [S, R] bool."""
+    kept = in_graph & graph.real
+    feeds = graph.feeds()
+    reached = torch.zeros(graph.n_sources, dtype=torch.bool)  # sources with a kept path from input
+    reached[0] = True
+    for block in range(1, graph.n_blocks - 1):
+        readers, sources = graph.readers_of_block(block), graph.sources_of_block(block)
+        fed = (kept[:, readers] & reached[:, None]).any(0)  # readers of this block that receive something
+        reached[sources] = (fed[:, None] & feeds[readers, sources]).any(0)
+    useful_reader = torch.zeros(graph.n_readers, dtype=torch.bool)  # readers with a kept path to logits
+    useful_reader[-1] = True
+    for block in range(graph.n_blocks - 2, 0, -1):
+        sources, readers = graph.sources_of_block(block), graph.readers_of_block(block)
+        useful_source = (kept[sources] & useful_reader[None]).any(1)
+        useful_reader[readers] = (feeds[readers, sources] & useful_source[None]).any(1)
+    return kept & reached[:, None] & useful_reader[None]
+
+
+def top_edges(graph: Graph, scores: Tensor, n_edges: int) -> Tensor:
+    """[S, R] bool marking the ``n_edges`` real edges of largest |score| (ties broken by index)."""
+    n_edges = max(0, min(int(n_edges), graph.n_edges))
+    flat = torch.where(graph.real, scores.abs().float(), torch.tensor(-1.0)).flatten()
+    chosen = torch.zeros(flat.shape, dtype=torch.bool)
+    chosen[torch.topk(flat, n_edges, sorted=False).indices] = True
+    return chosen.view(graph.real.shape) & graph.real
+
+
+def edges_for_sparsity(graph: Graph, sparsity: float) -> int:
+    """Number of edges kept when a fraction ``sparsity`` of the graph's edges is removed."""
+    if not 0.0 <= sparsity <= 1.0 or math.isnan(sparsity):
+        raise HapError(f"sparsity must be a fraction of edges removed, in [0, 1]; got {sparsity}")
+    return round((1.0 - sparsity) * graph.n_edges)
+
+
+@dataclass
+class Circuit:
+    """A set of kept edges of one model's graph, with what produced it.
+
+    ``scores`` [S, R] float and ``in_graph`` [S, R] bool over the graph of
+    ``layout``; ``metrics`` / ``runtime_s`` are filled by evaluation and by the
+    method that found it.
+    """
+
+    model: str
+    task: str
+    method: str
+    layout: Layout
+    scores: Tensor
+    in_graph: Tensor
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    runtime_s: dict[str, float] = field(default_factory=dict)
+
+    def graph(self) -> Graph:
+        """The model's graph with this circuit's scores and selection filled in."""
+        graph = Graph.from_layout(self.layout)
+        graph.scores = self.scores.float().cpu().clone()
+        graph.in_graph = self.in_graph.cpu() & graph.real
+        return graph
+
+    @property
+    def n_edges(self) -> int:
+        return int((self.in_graph.cpu() & Graph.from_layout(self.layout).real).sum())
+
+    def node_in_graph(self, graph: Graph | None = None) -> dict[str, bool]:
+        """Source nodes with a kept out-edge, and ``logits`` if it has a kept in-edge."""
+        graph = graph or self.graph()
+        kept = graph.in_graph
+        nodes = {name: bool(kept[i].any()) for i, name in enumerate(graph.source_names)}
+        nodes["logits"] = bool(kept[:, -1].any())
+        return nodes
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``hap-circuit/1`` document (EAP-IG / MIB names for edges and nodes)."""
+        graph = self.graph()
+        sources, readers = graph.real.nonzero(as_tuple=True)
+        scores = graph.scores[sources, readers].tolist()
+        kept = graph.in_graph[sources, readers].tolist()
+        edges = {
+            f"{graph.source_names[s]}->{graph.reader_names[r]}": {"score": score, "in_graph": keep}
+            for s, r, score, keep in zip(sources.tolist(), readers.tolist(), scores, kept)
+        }
+        layout = self.layout
+        return {
+            "format": FORMAT,
+            "model": self.model,
+            "task": self.task,
+            "method": self.method,
+            "config": self.config,
+            "graph": {
+                "family": layout.family,
+                "n_layers": layout.n_layers,
+                "n_heads": layout.n_heads,
+                "n_kv_heads": layout.n_kv_heads,
+                "d_model": layout.d_model,
+                "head_dim": layout.head_dim,
+                "vocab_size": layout.vocab_size,
+                "n_edges": graph.n_edges,
+                "n_edges_in_graph": int(graph.in_graph.sum()),
+            },
+            "edges": edges,
+            "nodes": {name: {"in_graph": keep} for name, keep in self.node_in_graph(graph).items()},
+            "metrics": self.metrics,
+            "runtime_s": self.runtime_s,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``circuit.json`` atomically; returns the path."""
+        write_atomically(path, json.dumps(self.to_dict()))
+        return Path(path)
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any], model: str | None = None, source: str = "circuit") -> Circuit:
+        """Read a ``hap-circuit/1`` document; with ``model``, refuse another model's circuit."""
+        found = document.get("format")
+        if found != FORMAT:
+            raise CircuitFileError(
+                f"{source} has format {found!r}, this hap-circuits reads {FORMAT!r}; re-run discovery "
+                "with this version or convert the file"
+            )
+        if model is not None and document.get("model") != model:
+            raise CircuitFileError(
+                f"{source} is a circuit of model {document.get('model')!r}, not {model!r}; pass the same "
+                "--model as at discovery"
+            )
+        shape = document["graph"]
+        layout = Layout(
+            family=shape.get("family", "unknown"),
+            n_layers=shape["n_layers"],
+            n_heads=shape["n_heads"],
+            n_kv_heads=shape["n_kv_heads"],
+            d_model=shape.get("d_model", 0),
+            head_dim=shape.get("head_dim", 0),
+            vocab_size=shape.get("vocab_size", 0),
+        )
+        graph = Graph.from_layout(layout)
+        if graph.n_edges != shape["n_edges"]:
+            raise CircuitFileError(f"{source}: graph shape gives {graph.n_edges} edges, file says {shape['n_edges']}")
+        scores = torch.zeros(graph.real.shape)
+        in_graph = torch.zeros(graph.real.shape, dtype=torch.bool)
+        try:
+            for name, edge in document["edges"].items():
+                s, r = graph.edge_index(name)
+                scores[s, r] = float(edge["score"])
+                in_graph[s, r] = bool(edge["in_graph"])
+        except KeyError as error:
+            raise CircuitFileError(f"{source}: {error.args[0]}") from error
+        return cls(
+            model=document["model"],
+            task=document.get("task", ""),
+            method=document.get("method", ""),
+            layout=layout,
+            scores=scores,
+            in_graph=in_graph,
+            config=document.get("config", {}),
+            metrics=document.get("metrics", {}),
+            runtime_s=document.get("runtime_s", {}),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, model: str | None = None) -> Circuit:
+        """Read ``circuit.json`` (or a run directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "circuit.json"
+        if not path.is_file():
+            raise CircuitFileError(f"no circuit file at {path}; pass a circuit.json or a run directory")
+        try:
+            document = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise CircuitFileError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from error
+        return cls.from_dict(document, model=model, source=str(path))
+
+
+@dataclass
+class Scores:
+    """One attribution score per real edge: ``values`` [S, R] (zero off the real edges)."""
+
+    model: str
+    task: str
+    method: str
+    layout: Layout
+    values: Tensor
+    config: dict[str, Any] = field(default_factory=dict)
+    runtime_s: dict[str, float] = field(default_factory=dict)
+
+    def circuit(self, n_edges: int, prune: bool = True) -> Circuit:
+        """The top ``n_edges`` by |score|, with dangling edges dropped (``config['n_pruned_dangling']``)."""
+        graph = Graph.from_layout(self.layout)
+        chosen = top_edges(graph, self.values.cpu(), n_edges)
+        kept = prune_dangling(graph, chosen) if prune else chosen
+        config = {**self.config, "n_edges_requested": int(n_edges),
+                  "n_pruned_dangling": int(chosen.sum() - kept.sum())}
+        return Circuit(self.model, self.task, self.method, self.layout, self.values.cpu().clone(), kept,
+                       config=config, runtime_s=dict(self.runtime_s))
+
+    def top(self, n_edges: int) -> Circuit:
+        """Alias of ``circuit(n_edges)``: the API's ``Scores.top(n) -> Circuit``."""
+        return self.circuit(n_edges)
+
+    def at_sparsity(self, sparsity: float) -> Circuit:
+        """The circuit that removes a fraction ``sparsity`` of the edges (before pruning)."""
+        return self.circuit(edges_for_sparsity(Graph.from_layout(self.layout), sparsity))

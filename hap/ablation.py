@@ -253,6 +253,28 @@ class ComputePlan:
 # ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Probe:
+    """Zero tensor added to some readers' inputs so that its ``.grad`` is dL/d(input).
+
+    ``readers`` [n] reader indices; ``tensor`` [n, B, T, D] (T is 1 for the
+    ``logits`` reader when the run was restricted to answer positions).
+    """
+
+    readers: Tensor
+    tensor: Tensor
+
+
+def _interpolate(reference: Tensor, computed: Tensor, scale: Tensor) -> Tensor:
+    """reference + a * (computed - reference) in value, with the gradient of ``computed``
+    (straight through), per source: reference/computed [n, B, T, D], scale [n]."""
+    a = scale.to(computed.device, computed.dtype)[:, None, None, None]
+    if bool((a == 1).all()):
+        return computed
+    mixed = reference + a * (computed - reference)
+    return computed + (mixed - computed).detach()
+
+
 @dataclass
 class _Deltas:
     """z - z~ of one block's contributing sources: ``values`` [n, B|1, T, D] at global ``index``."""
@@ -285,6 +307,8 @@ def _run(
     plan: ComputePlan,
     positions: Tensor | None,
     record: bool,
+    output_scale: Tensor | None = None,
+    probes: list[Probe] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     adapter = model.adapter
     device = model.device
@@ -316,7 +340,9 @@ def _run(
         if len(index) == 0:
             return
         if computed is not None and record:
-            recorded[computed_index] = computed
+            recorded[computed_index] = computed.detach()
+        if output_scale is not None and computed is not None:
+            computed = _interpolate(ref.outputs[computed_index], computed, output_scale[computed_index.cpu()])
         if computed is not None and len(computed_index) == len(index):
             # The usual case (always under interchange): contributing == active.
             values = computed - ref.outputs[index]
@@ -326,6 +352,14 @@ def _run(
                 rows = torch.searchsorted(index, computed_index)
                 values = values.index_put((rows,), computed - ref.outputs[computed_index])
         deltas.append(_Deltas(index, values))
+
+    def inputs(base: Tensor, readers: Tensor, picked: list[_Deltas]) -> Tensor:
+        x = _reader_inputs(base, readers, picked, mask, batch)
+        if probes is None:
+            return x
+        probe = torch.zeros((len(readers), *x.shape[1:]), device=device, dtype=x.dtype, requires_grad=True)
+        probes.append(Probe(readers, probe))
+        return x + probe
 
     z_input = adapter.embed(ctx)
     add_deltas(graph.sources_of_block(0), torch.zeros(1, dtype=torch.long, device=device), z_input[None])
@@ -340,7 +374,7 @@ def _run(
             k_readers = readers.start + h + groups
             v_readers = readers.start + h + g + groups
             wanted = torch.cat([q_readers, k_readers, v_readers])
-            x = _reader_inputs(ref.block_inputs[block], wanted, upstream(wanted), mask, batch)
+            x = inputs(ref.block_inputs[block], wanted, upstream(wanted))
             n_heads, n_groups = len(heads), len(groups)
             if x.shape[0] == 1:  # every wanted reader reads the same base
                 xq = xk = xv = x
@@ -360,7 +394,7 @@ def _run(
         sources, readers = graph.sources_of_block(block), graph.readers_of_block(block)
         if bool(plan.active[sources].any()):
             wanted = torch.arange(readers.start, readers.stop, device=device)
-            x = _reader_inputs(ref.block_inputs[block], wanted, upstream(wanted), mask, batch)
+            x = inputs(ref.block_inputs[block], wanted, upstream(wanted))
             add_deltas(sources, torch.tensor([sources.start], device=device), adapter.mlp(layer, x[0])[None])
         else:
             add_deltas(sources, torch.zeros(0, dtype=torch.long, device=device), None)
@@ -374,7 +408,7 @@ def _run(
         positions = positions.to(device)
         base = base.expand(batch, -1, -1)[rows, positions][:, None]  # [B, 1, D]
         picked = [_Deltas(d.index, d.values.expand(-1, batch, -1, -1)[:, rows, positions][:, :, None]) for d in picked]
-    x = _reader_inputs(base, wanted, picked, mask, batch)[0]
+    x = inputs(base, wanted, picked)[0]
     logits = adapter.unembed(x)
     if positions is not None:
         logits = logits[:, 0]
@@ -410,3 +444,28 @@ def run_masked(
         plan = ComputePlan.build(graph, None, reference.kind)
     logits, _ = _run(model, graph, input_ids, reference, mask, plan, positions, record=False)
     return logits
+
+
+def run_with_probes(
+    model: Model,
+    graph: Graph,
+    input_ids: Tensor,
+    reference: Reference,
+    mask: Tensor,
+    positions: Tensor | None = None,
+    output_scale: Tensor | None = None,
+    record: bool = False,
+) -> tuple[Tensor, list[Probe], Tensor | None]:
+    """``run_masked`` over every edge that also returns a probe per group of readers.
+
+    After ``loss.backward()``, ``probe.tensor.grad`` holds dL/d(input) of
+    ``probe.readers``. ``output_scale`` [S] (default all 1) interpolates each
+    source's output between the reference (a = 0) and what it computes in this
+    run (a = 1), with the gradient passing straight through as if a = 1: the
+    runs integrated gradients need. Every reader is formed. With ``record``,
+    also returns every source's output in this run [S, B, T, D].
+    """
+    probes: list[Probe] = []
+    plan = ComputePlan.build(graph, None, reference.kind)
+    logits, recorded = _run(model, graph, input_ids, reference, mask, plan, positions, record, output_scale, probes)
+    return logits, probes, recorded

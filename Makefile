@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 
-.PHONY: setup demo test test-slow test-all clean
+.PHONY: setup browser demo test test-slow test-all clean
 
 setup: $(STAMP)
 
@@ -23,10 +23,18 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/hap verify --model smollm2-135m
 
-test: setup
+# The report's browser test (slow) opens report.html in headless Chromium; only root can install it here.
+browser:
+	@if [ "$$(id -u)" = 0 ]; then \
+		command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || echo "no browser: the report browser test will be skipped"; \
+	else \
+		command -v chromium >/dev/null || echo "no browser (install the chromium package as root): the report browser test will be skipped"; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest -q
 
-test-slow: setup
+test-slow: setup browser
 	$(PY) -m pytest -q -m slow
 
 test-all: test test-slow

@@ -275,27 +275,47 @@ def _interpolate(reference: Tensor, computed: Tensor, scale: Tensor) -> Tensor:
     return computed + (mixed - computed).detach()
 
 
-@dataclass
-class _Deltas:
-    """z - z~ of one block's contributing sources: ``values`` [n, B|1, T, D] at global ``index``."""
+class _BufferedSum(torch.autograd.Function):
+    """Masked sum over a prefix of the delta buffer: out[n] = sum_s sub[s, n] * region[s].
 
-    index: Tensor
-    values: Tensor
+    ``region`` [s, B, T*D] is a view of the run's delta buffer, which holds the
+    values of ``pieces`` (the per-block delta tensors, in row order). The buffer
+    is written once per row and never rewritten, so backward can read ``region``
+    again; its gradient is split back onto ``pieces``, which is how gradients
+    reach the sources' computations. One matrix product per reader block, and no
+    copy of the deltas is kept for backward.
+    """
 
+    @staticmethod
+    def forward(ctx, sub: Tensor, region: Tensor, *pieces: Tensor) -> Tensor:
+        ctx.region = region  # deliberately not save_for_backward: later rows of the buffer are written
+        ctx.piece_shapes = [piece.shape for piece in pieces]
+        ctx.save_for_backward(sub)
+        if sub.dim() == 2:
+            return sub.transpose(0, 1) @ region.flatten(1)  # [n, B*T*D]
+        per_example = region.flatten(2).transpose(0, 1)  # [B, s, T*D]
+        return (sub.transpose(1, 2) @ per_example).transpose(0, 1).contiguous().flatten(1)
 
-def _reader_inputs(
-    base: Tensor, readers: Tensor, deltas: list[_Deltas], mask: Tensor, batch: int
-) -> Tensor:
-    """Inputs [n, B, T, D] of the given readers: base + sum over live edges of m * delta."""
-    total = None
-    for block_deltas in deltas:
-        sub = mask[..., block_deltas.index, :].index_select(-1, readers)  # [(B,) s, n]
-        pattern = "sbtd,sn->nbtd" if sub.dim() == 2 else "sbtd,bsn->nbtd"
-        values = block_deltas.values.expand(-1, batch, -1, -1)
-        part = torch.einsum(pattern, values, sub)
-        total = part if total is None else total + part
-    base = base.expand(batch, -1, -1)[None]
-    return base if total is None else base + total
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (sub,) = ctx.saved_tensors
+        region = ctx.region
+        grad_sub = None
+        if sub.dim() == 2:
+            flat = region.flatten(1)
+            if ctx.needs_input_grad[0]:
+                grad_sub = flat @ grad.transpose(0, 1)
+            grad_region = sub @ grad
+        else:
+            batch = sub.shape[0]
+            per_example = region.flatten(2).transpose(0, 1)  # [B, s, T*D]
+            g = grad.view(grad.shape[0], batch, -1).transpose(0, 1)  # [B, n, T*D]
+            if ctx.needs_input_grad[0]:
+                grad_sub = per_example @ g.transpose(1, 2)
+            grad_region = (sub @ g).transpose(0, 1).contiguous()
+        sizes = [shape[0] for shape in ctx.piece_shapes]
+        pieces = [part.view(shape) for part, shape in zip(grad_region.split(sizes), ctx.piece_shapes)]
+        return (grad_sub, None, *pieces)
 
 
 def _run(
@@ -315,27 +335,24 @@ def _run(
     batch, length = input_ids.shape
     ref = reference.fit(batch, length)
     ctx: RunContext = adapter.prepare(input_ids.to(device))
-    live = plan.live.to(device)
-    # Entries that are not live are fixed ablated whatever the caller's mask says.
-    mask = mask.to(device=device, dtype=model.dtype) * live.to(model.dtype)
     h, g = model.layout.n_heads, model.layout.n_kv_heads
     group_of_head = _group_of_heads(adapter, device)
     recorded = ref.fixed_outputs.expand(-1, batch, -1, -1).clone() if record else None
-    deltas: list[_Deltas] = []  # only blocks with contributing sources
 
-    def upstream(readers: Tensor) -> list[_Deltas]:
-        # Keep only the sources with a live edge into one of these readers.
-        picked = []
-        for block_deltas in deltas:
-            rows = plan.live[block_deltas.index.cpu()][:, readers.cpu()].any(1).to(device)
-            if bool(rows.all()):
-                picked.append(block_deltas)
-            elif bool(rows.any()):
-                picked.append(_Deltas(block_deltas.index[rows], block_deltas.values[rows]))
-        return picked
+    # Rows of the delta buffer: the contributing sources, in block order.
+    row_source = plan.contributing.nonzero().flatten()
+    row_of_source = torch.full((graph.n_sources,), -1, dtype=torch.long)
+    row_of_source[row_source] = torch.arange(len(row_source))
+    # Entries that are not live are fixed ablated whatever the caller's mask says.
+    live = plan.live.to(device=device, dtype=model.dtype)
+    mask_rows = (mask.to(device=device, dtype=model.dtype) * live).index_select(-2, row_source.to(device))
+    buffer = torch.empty(len(row_source), batch, length, model.layout.d_model, device=device, dtype=model.dtype)
+    pieces: list[Tensor] = []
+    n_rows = 0
 
     def add_deltas(sources: slice, computed_index: Tensor, computed: Tensor | None) -> None:
         # computed: outputs [n, B, T, D] of this block's active sources (global computed_index).
+        nonlocal n_rows
         index = torch.arange(sources.start, sources.stop, device=device)[plan.contributing[sources].to(device)]
         if len(index) == 0:
             return
@@ -351,10 +368,22 @@ def _run(
             if computed is not None:
                 rows = torch.searchsorted(index, computed_index)
                 values = values.index_put((rows,), computed - ref.outputs[computed_index])
-        deltas.append(_Deltas(index, values))
+        buffer[n_rows : n_rows + len(index)] = values.detach()
+        pieces.append(values)
+        n_rows += len(index)
 
-    def inputs(base: Tensor, readers: Tensor, picked: list[_Deltas]) -> Tensor:
-        x = _reader_inputs(base, readers, picked, mask, batch)
+    def inputs(block: int, readers: Tensor) -> Tensor:
+        """Inputs [n, B, T, D] of these readers of ``block``: base + masked sum of the deltas so far."""
+        base = ref.block_inputs[block].expand(batch, -1, -1)[None]
+        if n_rows == 0:
+            x = base
+        else:
+            sub = mask_rows[..., :n_rows, :].index_select(-1, readers)
+            summed = _BufferedSum.apply(sub, buffer[:n_rows], *pieces)
+            x = base + summed.view(len(readers), batch, length, -1)
+        return _probe(x, readers)
+
+    def _probe(x: Tensor, readers: Tensor) -> Tensor:
         if probes is None:
             return x
         probe = torch.zeros((len(readers), *x.shape[1:]), device=device, dtype=x.dtype, requires_grad=True)
@@ -373,8 +402,7 @@ def _run(
             q_readers = readers.start + heads
             k_readers = readers.start + h + groups
             v_readers = readers.start + h + g + groups
-            wanted = torch.cat([q_readers, k_readers, v_readers])
-            x = inputs(ref.block_inputs[block], wanted, upstream(wanted))
+            x = inputs(block, torch.cat([q_readers, k_readers, v_readers]))
             n_heads, n_groups = len(heads), len(groups)
             if x.shape[0] == 1:  # every wanted reader reads the same base
                 xq = xk = xv = x
@@ -393,22 +421,25 @@ def _run(
         block = 2 * layer + 2
         sources, readers = graph.sources_of_block(block), graph.readers_of_block(block)
         if bool(plan.active[sources].any()):
-            wanted = torch.arange(readers.start, readers.stop, device=device)
-            x = inputs(ref.block_inputs[block], wanted, upstream(wanted))
+            x = inputs(block, torch.arange(readers.start, readers.stop, device=device))
             add_deltas(sources, torch.tensor([sources.start], device=device), adapter.mlp(layer, x[0])[None])
         else:
             add_deltas(sources, torch.zeros(0, dtype=torch.long, device=device), None)
 
     block = graph.n_blocks - 1
-    wanted = torch.arange(graph.n_readers - 1, graph.n_readers, device=device)
-    base = ref.block_inputs[block]
-    picked = upstream(wanted)
-    if positions is not None:
+    logits_reader = torch.tensor([graph.n_readers - 1], device=device)
+    if positions is None:
+        x = inputs(block, logits_reader)[0]
+    else:  # the logits reader only at each example's answer position: [B, 1, D]
         rows = torch.arange(batch, device=device)
         positions = positions.to(device)
-        base = base.expand(batch, -1, -1)[rows, positions][:, None]  # [B, 1, D]
-        picked = [_Deltas(d.index, d.values.expand(-1, batch, -1, -1)[:, rows, positions][:, :, None]) for d in picked]
-    x = inputs(base, wanted, picked)[0]
+        base = ref.block_inputs[block].expand(batch, -1, -1)[rows, positions]  # [B, D]
+        if n_rows:
+            at_answer = torch.cat([piece.expand(-1, batch, -1, -1)[:, rows, positions] for piece in pieces])
+            sub = mask_rows[..., :n_rows, -1]  # [(B,) C]
+            pattern = "cbd,c->bd" if sub.dim() == 1 else "cbd,bc->bd"
+            base = base + torch.einsum(pattern, at_answer, sub)
+        x = _probe(base[None, :, None], logits_reader)[0]
     logits = adapter.unembed(x)
     if positions is not None:
         logits = logits[:, 0]

@@ -27,23 +27,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .ablation import (
-    AblationKind,
-    Reference,
-    interchange_reference,
-    mean_reference,
-    run_masked,
-    run_with_probes,
-    trace,
-    zero_reference,
-)
+from .ablation import AblationKind, run_masked, run_with_probes, trace
+from .batches import Batch, Loss, batches, loss_function
 from .circuit import Scores
 from .errors import HapError
 from .graph import Graph
@@ -58,13 +48,6 @@ class Method(str, Enum):
     EAP_IG_INPUTS = "eap-ig-inputs"
     EAP_IG_ACTIVATIONS = "eap-ig-activations"
     EXACT = "exact"
-
-
-class Loss(str, Enum):
-    """What attribution explains."""
-
-    METRIC = "logit-diff"  # the task's own metric (probability difference for greater-than)
-    KL = "kl"
 
 
 @dataclass(frozen=True)
@@ -100,51 +83,6 @@ class AttributionConfig:
             values[key] = values[key].value
         values["edges_subset"] = list(self.edges_subset) if self.edges_subset else None
         return values
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One batch of a task on the model's device, with its ablation reference."""
-
-    clean: Tensor  # [B, T]
-    positions: Tensor  # [B] answer positions
-    task: TaskData
-    reference: Reference
-    clean_logits: Tensor  # [B, V] full model at the answer positions
-
-
-def make_reference(model: Model, graph: Graph, task: TaskData, corrupted: Tensor, kind: AblationKind) -> Reference:
-    """The reference for a batch: its corrupted prompts, the task's mean, or zero."""
-    if kind is AblationKind.INTERCHANGE:
-        return interchange_reference(model, corrupted)
-    if kind is AblationKind.MEAN:
-        return mean_reference(model, graph, task.clean_ids, task.lengths)
-    return zero_reference(model, graph, task.clean_ids.shape[1])
-
-
-def batches(model: Model, graph: Graph, task: TaskData, batch_size: int, kind: AblationKind) -> Iterable[Batch]:
-    """Task batches with references built once each (mean/zero: once for all)."""
-    shared = None if kind is AblationKind.INTERCHANGE else make_reference(model, graph, task, task.corrupted_ids, kind)
-    for part in task.batches(batch_size):
-        clean = part.clean_ids.to(model.device)
-        positions = (part.lengths - 1).to(model.device)
-        reference = shared or make_reference(model, graph, part, part.corrupted_ids.to(model.device), kind)
-        with torch.no_grad():
-            logits = model.hf_model(clean).logits[torch.arange(len(part), device=model.device), positions]
-        yield Batch(clean, positions, part, reference, logits)
-
-
-def loss_function(loss: Loss, batch: Batch) -> Callable[[Tensor], Tensor]:
-    """L(logits [B, V]) -> scalar, the mean over the batch."""
-    if loss is Loss.KL:
-        clean_log_probs = F.log_softmax(batch.clean_logits.float(), dim=-1)
-
-        def kl(logits: Tensor) -> Tensor:
-            return F.kl_div(F.log_softmax(logits.float(), -1), clean_log_probs, log_target=True,
-                            reduction="batchmean")
-
-        return kl
-    return lambda logits: batch.task.logit_diff(logits).mean()
 
 
 def _probe_scores(graph: Graph, differences: Tensor, probes, positions: Tensor, scores: Tensor, weight: float) -> None:

@@ -1,14 +1,28 @@
-"""The ``hap`` command line. User mistakes end in one line on stderr and exit 2."""
+"""The ``hap`` command line. User mistakes end in one line on stderr and exit 2.
+
+Each subcommand is a small handler that turns arguments into a library call;
+the work itself lives in the library (``discovery``, ``evaluation``, ``verify``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
 
 from . import __version__
 from .errors import HapError
 from .models.loading import DEFAULT_MODEL, load_model
+from .report.commands import register as register_report_commands
+
+
+def _add_model_options(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
+    help_model = f"model name or path (default {default})" if default else "model (default: the circuit's)"
+    parser.add_argument("--model", default=default, help=help_model)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32 (default), float64, float16, bfloat16")
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -20,7 +34,68 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def _discover(args: argparse.Namespace) -> int:
+    from .discovery import DiscoverConfig, discover, format_summary
+
+    subset = tuple(name.strip() for name in args.edges_subset.split(",")) if args.edges_subset else None
+    config = DiscoverConfig(
+        out=args.out, model=args.model, task=args.task, method=args.method, edges=args.edges,
+        sparsity=args.sparsity, n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
+        ig_steps=args.ig_steps, loss=args.loss, ablation=args.ablation, edges_subset=subset, curve=args.curve,
+        device=args.device, dtype=args.dtype, force=args.force,
+    )
+    circuit = discover(config)
+    print(format_summary(circuit))
+    print(f"wrote {Path(args.out) / 'circuit.json'}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .circuit import Circuit
+    from .discovery import format_summary
+    from .evaluation import evaluate
+    from .tasks import load_task
+
+    circuit = Circuit.load(args.circuit, model=args.model)
+    model = load_model(circuit.model, device=args.device, dtype=args.dtype)
+    seed = args.seed if args.seed is not None else int(circuit.config.get("seed", 0)) + 1
+    task = load_task(args.task or circuit.task, model.tokenizer, args.n_examples, seed=seed)
+    started = time.perf_counter()
+    ablation = args.ablation or circuit.config.get("ablation", "interchange")
+    metrics = evaluate(model, circuit, task, args.batch_size, ablation, progress=not args.json).to_dict()
+    metrics["n_full_model_wrong"] = round((1.0 - metrics["full_model"]["accuracy"]) * len(task))
+    if args.json:
+        print(json.dumps({"circuit": str(args.circuit), "model": circuit.model, "task": task.name, "seed": seed,
+                          **metrics}))
+    else:
+        circuit.metrics, circuit.runtime_s = metrics, {"evaluation": time.perf_counter() - started}
+        print(format_summary(circuit))
+    return 0
+
+
+def _curve(args: argparse.Namespace) -> int:
+    from .circuit import Circuit, Scores, write_atomically
+    from .evaluation import faithfulness_curve
+    from .tasks import load_task
+
+    path = Path(args.scores)
+    path = path / "circuit.json" if path.is_dir() else path
+    circuit = Circuit.load(path, model=args.model)
+    model = load_model(circuit.model, device=args.device, dtype=args.dtype)
+    task = load_task(args.task or circuit.task, model.tokenizer, args.n_examples, seed=args.seed)
+    scores = Scores(circuit.model, circuit.task, circuit.method, circuit.layout, circuit.scores, circuit.config)
+    ablation = circuit.config.get("ablation", "interchange")
+    curve = faithfulness_curve(model, scores, task, batch_size=args.batch_size, ablation=ablation, progress=True)
+    print(json.dumps(curve.to_dict()))
+    if not args.no_write:
+        circuit.metrics = {**circuit.metrics, "curve": curve.to_dict()}
+        write_atomically(path, json.dumps(circuit.to_dict()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .discovery import ATTRIBUTION_METHODS
+
     parser = argparse.ArgumentParser(prog="hap", description="Find circuits in transformer language models.")
     parser.add_argument("--version", action="version", version=f"hap-circuits {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -31,12 +106,53 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print one JSON line of invariants; exit 0 only if every *_max_abs_diff is within tolerance "
         "(1e-4 in float32).",
     )
-    verify.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    verify.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    verify.add_argument("--dtype", default=None, help="float32 (default), float64, float16, bfloat16")
+    _add_model_options(verify)
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--random-tokens", action="store_true", help="stress test on random token ids")
     verify.set_defaults(run=_verify)
+
+    discover = commands.add_parser("discover", help="find a circuit and write <out>/circuit.json",
+                                   description="Find a circuit for a task, evaluate it, write <out>/circuit.json.")
+    _add_model_options(discover)
+    discover.add_argument("--task", default="ioi", help="ioi, greater-than, or a .jsonl file (default ioi)")
+    discover.add_argument("--method", default="eap-ig-inputs", choices=ATTRIBUTION_METHODS)
+    size = discover.add_mutually_exclusive_group()
+    size.add_argument("--edges", type=int, help="keep this many edges (top by |score|)")
+    size.add_argument("--sparsity", type=float, help="fraction of edges removed, in (0, 1)")
+    discover.add_argument("--n-examples", type=int, default=64)
+    discover.add_argument("--batch-size", type=int, default=16)
+    discover.add_argument("--seed", type=int, default=0)
+    discover.add_argument("--ig-steps", type=int, default=5, help="integrated-gradient steps (default 5)")
+    discover.add_argument("--loss", default="logit-diff", choices=("logit-diff", "kl"),
+                          help="what attribution explains (default: the task metric)")
+    discover.add_argument("--ablation", default="interchange", choices=("interchange", "mean", "zero"))
+    discover.add_argument("--edges-subset", help="exact only: comma-separated edge names, e.g. a3.h1->m5")
+    discover.add_argument("--curve", action="store_true", help="also compute the MIB faithfulness curve")
+    discover.add_argument("--out", required=True, help="run directory")
+    discover.add_argument("--force", action="store_true", help="overwrite an existing circuit.json in --out")
+    discover.set_defaults(run=_discover)
+
+    evaluate = commands.add_parser("evaluate", help="re-score a saved circuit on fresh examples")
+    evaluate.add_argument("circuit", help="circuit.json or a run directory")
+    _add_model_options(evaluate, default=None)
+    evaluate.add_argument("--task", default=None, help="default: the circuit's task")
+    evaluate.add_argument("--n-examples", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--seed", type=int, default=None, help="default: the discovery seed + 1 (fresh examples)")
+    evaluate.add_argument("--ablation", default=None, choices=("interchange", "mean", "zero"))
+    evaluate.add_argument("--json", action="store_true", help="one JSON line instead of a table")
+    evaluate.set_defaults(run=_evaluate)
+
+    curve = commands.add_parser("curve", help="MIB faithfulness curve (CPR, CMD) of a circuit file's scores")
+    curve.add_argument("scores", help="circuit.json (its edge scores are ranked) or a run directory")
+    _add_model_options(curve, default=None)
+    curve.add_argument("--task", default=None, help="default: the circuit's task")
+    curve.add_argument("--n-examples", type=int, default=64)
+    curve.add_argument("--batch-size", type=int, default=16)
+    curve.add_argument("--seed", type=int, default=1)
+    curve.add_argument("--no-write", action="store_true", help="do not store the curve in the circuit file")
+    curve.set_defaults(run=_curve)
+    register_report_commands(commands)
     return parser
 
 

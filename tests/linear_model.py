@@ -73,7 +73,7 @@ class _LinearModule(torch.nn.Module):
             setattr(self, f"w_mlp{layer}", weight(d, d))
         self.owner: hap.Model | None = None
 
-    def forward(self, input_ids: Tensor) -> SimpleNamespace:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> SimpleNamespace:
         return SimpleNamespace(logits=trace(self.owner, input_ids).logits)
 
 

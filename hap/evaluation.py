@@ -1,0 +1,194 @@
+"""Evaluation: how well a circuit reproduces the full model on a task.
+
+For a circuit C (its edges kept, every other edge ablated), at each example's
+answer position:
+
+* ``kl``: KL(full model || circuit), mean over examples;
+* ``logit_diff``: the task metric (answer minus wrong logit; probability
+  difference for greater-than), mean over examples;
+* ``accuracy``: fraction of examples where the answer beats the wrong token;
+* ``faithfulness``: (m(C) - m(empty)) / (m(full) - m(empty)), m the mean metric.
+
+The faithfulness curve (MIB) evaluates the top fraction k of edges for k in
+``MIB_FRACTIONS``: ranked by |score| for CMD (area of |1 - f|, 0 best) and by
+signed importance for CPR (area of f, higher better). Importance is the score
+with the sign that means "helps": -score for metric-loss attributions (a score
+is the change in the metric when the edge is ablated), +score for KL.
+Areas are trapezoids over the fractions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .ablation import AblationKind, ComputePlan, run_masked
+from .batches import Batch, batches
+from .circuit import Circuit, Scores
+from .graph import Graph
+from .models.loading import Model
+from .tasks import TaskData
+
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """A circuit's scores on a task, with the full model and the empty circuit for reference."""
+
+    kl: float
+    logit_diff: float
+    accuracy: float
+    faithfulness: float
+    n_examples: int
+    n_edges: int
+    full_model: dict[str, float] = field(default_factory=dict)
+    empty_circuit: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """The MIB faithfulness curve of one score ranking, with its areas."""
+
+    fractions: list[float]
+    faithfulness_signed: list[float]
+    faithfulness_abs: list[float]
+    cpr: float
+    cmd: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def trapezoid(xs: list[float], ys: list[float]) -> float:
+    """Area under the piecewise-linear curve through (xs, ys)."""
+    return float(sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:])))
+
+
+def cpr_cmd(fractions: list[float], signed: list[float], absolute: list[float]) -> tuple[float, float]:
+    """CPR = area under f (signed ranking); CMD = area under |1 - f| (absolute ranking)."""
+    return trapezoid(fractions, signed), trapezoid(fractions, [abs(1.0 - f) for f in absolute])
+
+
+def kl_divergence(reference_logits: Tensor, logits: Tensor) -> Tensor:
+    """KL(reference || logits) per example, [N, V] -> [N]."""
+    reference = F.log_softmax(reference_logits.float(), -1)
+    kl = (reference.exp() * (reference - F.log_softmax(logits.float(), -1))).sum(-1)
+    return kl.clamp_min(0.0)  # rounding can give -1e-8 for identical distributions
+
+
+@dataclass
+class _Sums:
+    kl: float = 0.0
+    metric: float = 0.0
+    correct: float = 0.0
+
+    def add(self, batch: Batch, logits: Tensor) -> None:
+        self.kl += float(kl_divergence(batch.clean_logits, logits).sum())
+        self.metric += float(batch.task.logit_diff(logits).sum())
+        self.correct += float(batch.task.correct(logits).float().sum())
+
+    def means(self, n: int) -> dict[str, float]:
+        return {"kl": self.kl / n, "logit_diff": self.metric / n, "accuracy": self.correct / n}
+
+
+def _masks(graph: Graph, kept: list[Tensor], kind: AblationKind, device, dtype) -> list[tuple[Tensor, ComputePlan]]:
+    return [(mask.to(device, dtype), ComputePlan.build(graph, mask.bool(), kind)) for mask in kept]
+
+
+def _evaluate_masks(model: Model, graph: Graph, data: list[Batch], kept: list[Tensor], kind: AblationKind,
+                    progress: bool, label: str) -> tuple[list[dict[str, float]], dict[str, float], dict[str, float]]:
+    """Metrics of several edge sets [S, R] bool on the same batches, plus the full model and the empty circuit."""
+    empty = torch.zeros(graph.real.shape, dtype=torch.bool)
+    runs = _masks(graph, [*kept, empty], kind, model.device, model.dtype)
+    sums = [_Sums() for _ in runs]
+    full = _Sums()
+    n = sum(len(batch.clean) for batch in data)
+    with torch.no_grad(), tqdm(total=n * len(runs), desc=label, unit="ex", disable=not progress) as bar:
+        for batch in data:
+            full.add(batch, batch.clean_logits)
+            for (mask, plan), total in zip(runs, sums):
+                total.add(batch, run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions))
+                bar.update(len(batch.clean))
+    return [total.means(n) for total in sums[:-1]], full.means(n), sums[-1].means(n)
+
+
+def faithfulness(value: float, full: float, empty: float) -> float:
+    """(m(C) - m(empty)) / (m(full) - m(empty)); NaN when the full model and the empty circuit tie."""
+    gap = full - empty
+    return (value - empty) / gap if gap != 0 else float("nan")
+
+
+def evaluate(
+    model: Model,
+    circuit: Circuit | Tensor,
+    task: TaskData,
+    batch_size: int = 16,
+    ablation: AblationKind | str = AblationKind.INTERCHANGE,
+    progress: bool = False,
+) -> Metrics:
+    """Score a circuit (or an edge mask [S, R] bool) on ``task``; every other edge is ablated."""
+    graph = Graph.from_model(model)
+    kept = circuit.in_graph if isinstance(circuit, Circuit) else circuit
+    kept = kept.cpu().bool() & graph.real
+    data = list(batches(model, graph, task, batch_size, AblationKind(ablation)))
+    [metrics], full, empty = _evaluate_masks(model, graph, data, [kept], AblationKind(ablation), progress, "evaluate")
+    return Metrics(
+        kl=metrics["kl"],
+        logit_diff=metrics["logit_diff"],
+        accuracy=metrics["accuracy"],
+        faithfulness=faithfulness(metrics["logit_diff"], full["logit_diff"], empty["logit_diff"]),
+        n_examples=len(task),
+        n_edges=int(kept.sum()),
+        full_model=full,
+        empty_circuit=empty,
+    )
+
+
+def signed_importance(scores: Scores) -> Tensor:
+    """Scores with the sign that means 'the edge helps' (see the module docstring)."""
+    return scores.values if scores.config.get("loss") == "kl" else -scores.values
+
+
+def faithfulness_curve(
+    model: Model,
+    scores: Scores,
+    task: TaskData,
+    fractions: tuple[float, ...] = MIB_FRACTIONS,
+    batch_size: int = 16,
+    ablation: AblationKind | str = AblationKind.INTERCHANGE,
+    progress: bool = False,
+) -> Curve:
+    """The MIB curve: faithfulness of the top fraction k of edges, by signed and by absolute score."""
+    graph = Graph.from_model(model)
+    real = graph.real
+    importance = signed_importance(scores).cpu()
+    kept = []
+    for ranking in (importance, scores.values.cpu().abs()):
+        order = torch.where(real, ranking.float(), torch.tensor(float("-inf"))).flatten().argsort(descending=True)
+        for fraction in fractions:
+            chosen = torch.zeros(real.numel(), dtype=torch.bool)
+            chosen[order[: max(1, round(fraction * graph.n_edges))]] = True
+            kept.append(chosen.view(real.shape) & real)
+    data = list(batches(model, graph, task, batch_size, AblationKind(ablation)))
+    results, full, empty = _evaluate_masks(model, graph, data, kept, AblationKind(ablation), progress, "curve")
+    values = [faithfulness(r["logit_diff"], full["logit_diff"], empty["logit_diff"]) for r in results]
+    signed, absolute = values[: len(fractions)], values[len(fractions):]
+    cpr, cmd = cpr_cmd(list(fractions), signed, absolute)
+    return Curve(list(fractions), signed, absolute, cpr, cmd)
+
+
+def timed(function, *args, **kwargs) -> tuple[Any, float]:
+    """(result, seconds) of one call."""
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - started

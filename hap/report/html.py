@@ -1,0 +1,374 @@
+"""The run report: one self-contained ``report.html`` per run directory.
+
+Everything is inside the file (the circuit drawing as inline SVG, curves as
+base64 PNG, a few lines of inline JavaScript to sort tables and highlight a
+node's edges), so it opens from disk with no network. The building blocks
+(``page``, ``table``, ``Cell``, ``fmt``, ``png_image``) are shared with the
+comparison page.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .. import __version__
+from ..circuit import Circuit, write_atomically
+from .curves import CurveSeries, faithfulness_figure, read_train_log, save_figure, training_figure
+from .svg import circuit_elements, draw_circuit
+
+TRAIN_LOG = "train_log.jsonl"
+METRIC_COLUMNS = (("logit_diff", "logit diff"), ("accuracy", "accuracy"), ("kl", "KL to full model"),
+                  ("faithfulness", "faithfulness"))
+
+CSS = """
+:root{--ink:#1d232b;--muted:#667085;--line:#d9dee5;--soft:#f5f7fa;--accent:#1f5fa8}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.5 -apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:var(--ink);background:#fff}
+main{max-width:1180px;margin:0 auto;padding:28px 32px 64px}
+h1{font-size:24px;margin:0 0 2px}
+h2{font-size:17px;margin:34px 0 10px;padding-bottom:4px;border-bottom:1px solid var(--line)}
+h3{font-size:14px;margin:18px 0 6px}
+.sub{color:var(--muted);margin:0 0 18px}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(330px,1fr));gap:8px 32px;align-items:start}
+table{border-collapse:collapse;font-size:13px;margin:4px 0 8px}
+th,td{padding:4px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
+th{background:var(--soft);font-weight:600;white-space:nowrap}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+td.name{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12px;white-space:nowrap}
+td.na{color:#98a2b3}
+tr.ref td{color:#475467;background:#fbfcfd}
+table.facts th{background:none;font-weight:500;color:var(--muted);width:1%}
+table.sortable th{cursor:pointer;user-select:none}
+table.sortable th[data-order=asc]::after{content:" \\25B2";font-size:10px}
+table.sortable th[data-order=desc]::after{content:" \\25BC";font-size:10px}
+.scroll{max-height:460px;overflow:auto;border:1px solid var(--line);display:inline-block;max-width:100%}
+.scroll table{margin:0}.scroll th{position:sticky;top:0;z-index:1}
+pre{background:var(--soft);border:1px solid var(--line);padding:10px 12px;white-space:pre-wrap;
+word-break:break-all;font-size:12.5px}
+.figure{overflow:auto;border:1px solid var(--line);padding:6px;background:#fff}
+.figure svg,.figure img{max-width:100%;height:auto;display:block}
+.note{color:var(--muted);font-size:12.5px}
+.yes{color:#1a7f37;font-weight:600}.no{color:#b42318}
+details{margin:8px 0}summary{cursor:pointer;font-weight:600}
+svg.focus .edge{opacity:.07}svg.focus .edge.on{opacity:1}
+"""
+
+SCRIPT = """
+(function(){
+  function key(row, i){
+    var cell = row.cells[i]; var v = cell.getAttribute('data-v');
+    if (v === null) v = cell.textContent.trim();
+    var n = parseFloat(v); return isNaN(n) || !/^[-+0-9.eE]+$/.test(v) ? {s: v.toLowerCase()} : {n: n};
+  }
+  function cmp(a, b){
+    if ('n' in a && 'n' in b) return a.n - b.n;
+    if ('n' in a) return -1; if ('n' in b) return 1;
+    return a.s < b.s ? -1 : a.s > b.s ? 1 : 0;
+  }
+  document.querySelectorAll('table.sortable').forEach(function(table){
+    table.querySelectorAll('thead th').forEach(function(th, i){
+      th.title = 'click to sort';
+      th.addEventListener('click', function(){
+        var asc = th.getAttribute('data-order') !== 'asc';
+        table.querySelectorAll('thead th').forEach(function(h){ h.removeAttribute('data-order'); });
+        th.setAttribute('data-order', asc ? 'asc' : 'desc');
+        var body = table.tBodies[0];
+        var rows = Array.prototype.slice.call(body.rows);
+        rows.sort(function(a, b){ var c = cmp(key(a, i), key(b, i)); return asc ? c : -c; });
+        rows.forEach(function(r){ body.appendChild(r); });
+      });
+    });
+  });
+  document.querySelectorAll('svg.hap-circuit').forEach(function(svg){
+    var edges = svg.querySelectorAll('.edge');
+    svg.querySelectorAll('.node, .kv').forEach(function(node){
+      var name = node.getAttribute('data-node');
+      node.addEventListener('mouseenter', function(){
+        svg.classList.add('focus');
+        edges.forEach(function(e){
+          var on = e.getAttribute('data-source') === name || e.getAttribute('data-target') === name;
+          e.classList.toggle('on', on);
+        });
+      });
+      node.addEventListener('mouseleave', function(){ svg.classList.remove('focus'); });
+    });
+  });
+  document.documentElement.setAttribute('data-ready', '1');
+})();
+"""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table cell: ``text`` (escaped unless ``raw``), a sort key ``value``, and a CSS class."""
+
+    text: str
+    value: float | str | None = None
+    cls: str = ""
+    raw: bool = False
+    title: str = ""
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number for a table: ``n/a`` for missing or non-finite, thousands separators for ints."""
+    if value is None or isinstance(value, bool):
+        return "n/a" if value is None else str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else "n/a"
+    return str(value)
+
+
+def number(value: Any, digits: int = 4) -> Cell:
+    """A right-aligned numeric cell (greyed ``n/a`` when missing) that sorts by value."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return Cell(fmt(value, digits), value if ok else None, "num" if ok else "num na")
+
+
+def duration(seconds: Any) -> str:
+    """Seconds as ``12.3 s``, ``4 min 05 s`` or ``2 h 03 min``; ``n/a`` when missing."""
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return "n/a"
+    if seconds < 60:
+        return f"{seconds:.3g} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def table(headers: Sequence[str | Cell], rows: Sequence[Sequence[str | Cell]], *, sortable: bool = False,
+          table_id: str = "", row_classes: Sequence[str] | None = None, scroll: bool = False,
+          cls: str = "") -> str:
+    """An HTML table (no header row when ``headers`` is empty); with ``sortable`` a click on a header sorts
+    by that column, by each cell's ``value`` where it has one."""
+    classes = " ".join(c for c in (cls, "sortable" if sortable else "") if c)
+    attrs = (f' id="{escape(table_id)}"' if table_id else "") + (f' class="{classes}"' if classes else "")
+
+    def cell(item: str | Cell, tag: str) -> str:
+        item = item if isinstance(item, Cell) else Cell(str(item))
+        extra = f' class="{item.cls}"' if item.cls else ""
+        extra += f' data-v="{escape(str(item.value))}"' if item.value is not None else ""
+        extra += f' title="{escape(item.title)}"' if item.title else ""
+        return f"<{tag}{extra}>{item.text if item.raw else escape(item.text)}</{tag}>"
+
+    head = f"<thead><tr>{''.join(cell(h, 'th') for h in headers)}</tr></thead>" if headers else ""
+    body = []
+    for i, row in enumerate(rows):
+        row_cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        body.append(f"<tr{row_cls}>" + "".join(cell(c, "td") for c in row) + "</tr>")
+    html = f"<table{attrs}>{head}<tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="scroll">{html}</div>' if scroll else html
+
+
+def png_image(data: bytes, alt: str) -> str:
+    """An ``<img>`` with the PNG embedded as a base64 data URL."""
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+
+
+def page(title: str, body: str) -> str:
+    """A complete HTML document with the shared style and script; no external resources."""
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n{body}\n</main>"
+            f"<script>{SCRIPT}</script></body></html>\n")
+
+
+def metrics_rows(metrics: dict[str, Any]) -> tuple[list[list[Cell | str]], list[str]]:
+    """Rows of the metrics table: the circuit, then the full model and the empty circuit as references."""
+    rows, classes = [], []
+    for label, values, cls in (("circuit", metrics, ""), ("full model (all edges)", metrics.get("full_model"), "ref"),
+                               ("empty circuit (no edges)", metrics.get("empty_circuit"), "ref")):
+        values = values if isinstance(values, dict) else {}
+        row: list[Cell | str] = [Cell(label)]
+        for key, _ in METRIC_COLUMNS:
+            value = values.get(key)
+            if key == "faithfulness" and value is None and cls:
+                value = 1 if label.startswith("full") else 0  # f is 1 and 0 there by definition
+            row.append(number(value))
+        rows.append(row)
+        classes.append(cls)
+    return rows, classes
+
+
+def node_totals(circuit: Circuit) -> list[dict[str, Any]]:
+    """Per head, MLP and (with GQA) key/value group that has a kept edge: kept in/out edge counts and their
+    summed |score|, largest total first.
+
+    These are the boxes of the drawing (``circuit_elements``): a GQA group's
+    key/value inputs are counted on the group, not on each of its heads.
+    """
+    kinds = {"head": "head", "mlp": "MLP", "kv": "k/v group"}
+    elements = circuit_elements(circuit)
+    rows = {node.name: {"name": node.name, "kind": kinds[node.kind], "layer": node.layer, "n_in": 0, "n_out": 0,
+                        "score_in": 0.0, "score_out": 0.0}
+            for node in elements.nodes + elements.groups if node.kind in kinds}
+    for edge in elements.edges:
+        if edge.source in rows:
+            rows[edge.source]["n_out"] += 1
+            rows[edge.source]["score_out"] += abs(edge.score)
+        if edge.target in rows:
+            rows[edge.target]["n_in"] += 1
+            rows[edge.target]["score_in"] += abs(edge.score)
+    for row in rows.values():
+        row["total"] = row["score_in"] + row["score_out"]
+    return sorted(rows.values(), key=lambda row: -row["total"])
+
+
+def _reader_kind(reader: str) -> str:
+    if reader == "logits":
+        return "logits"
+    return reader[-2] if reader.endswith(">") else "mlp"
+
+
+def _edge_table(circuit: Circuit, limit: int) -> str:
+    graph = circuit.graph()
+    sources, readers = graph.in_graph.nonzero(as_tuple=True)
+    scores = graph.scores[sources, readers]
+    order = torch.argsort(scores.abs(), descending=True, stable=True)
+    rows = []
+    for rank, i in enumerate(order[:limit].tolist(), start=1):
+        source, reader = graph.source_names[sources[i]], graph.reader_names[readers[i]]
+        score = float(scores[i])
+        rows.append([number(rank), Cell(f"{source}->{reader}", cls="name"), Cell(source, cls="name"),
+                     Cell(reader, cls="name"), Cell(_reader_kind(reader)), number(score), number(abs(score))])
+    note = "" if len(order) <= limit else \
+        f'<p class="note">The {limit:,} edges of largest |score| of {len(order):,}; all are in circuit.json.</p>'
+    return note + table(["rank", "edge", "source", "reader", "input", "score", "|score|"], rows, sortable=True,
+                        table_id="edges", scroll=True)
+
+
+def _node_table(circuit: Circuit) -> str:
+    rows = [[Cell(row["name"], cls="name"), Cell(row["kind"]), number(row["layer"]), number(row["n_in"]),
+             number(row["n_out"]), number(row["score_in"]), number(row["score_out"]), number(row["total"])]
+            for row in node_totals(circuit)]
+    return table(["node", "kind", "layer", "kept in-edges", "kept out-edges", "Σ|score| in", "Σ|score| out",
+                  "Σ|score| total"], rows, sortable=True, table_id="nodes", scroll=True)
+
+
+def _settings(config: dict[str, Any]) -> str:
+    rows = []
+    for key in sorted(config):
+        if key == "command":
+            continue
+        value = config[key]
+        text = value if isinstance(value, str) else json.dumps(value)
+        rows.append([Cell(key, cls="name"), Cell(text, cls="name")])
+    return table(["setting", "value"], rows, table_id="settings") if rows else \
+        '<p class="note">No settings were recorded.</p>'
+
+
+def _runtime(runtime: dict[str, Any]) -> str:
+    stages = {key: value for key, value in runtime.items() if isinstance(value, (int, float))}
+    if not stages:
+        return '<p class="note">No runtimes were recorded.</p>'
+    total = sum(stages.values())
+    rows = [[Cell(stage), Cell(duration(seconds), seconds, "num"),
+             number(100 * seconds / total if total else None, 3)] for stage, seconds in stages.items()]
+    rows.append([Cell("total"), Cell(duration(total), total, "num"), number(100.0 if total else None, 3)])
+    return table(["stage", "time", "share (%)"], rows, table_id="runtime")
+
+
+def _summary(circuit: Circuit, source: Path) -> str:
+    graph = circuit.graph()
+    nodes = circuit.node_in_graph(graph)
+    heads = sum(1 for name, kept in nodes.items() if kept and name.startswith("a"))
+    mlps = sum(1 for name, kept in nodes.items() if kept and name.startswith("m"))
+    kept, total = circuit.n_edges, graph.n_edges
+    layout = circuit.layout
+    curve = circuit.metrics.get("curve") if isinstance(circuit.metrics.get("curve"), dict) else {}
+    facts = [("model", circuit.model),
+             ("shape", f"{layout.family}, {layout.n_layers} layers, {layout.n_heads} heads, "
+                       f"{layout.n_kv_heads} key/value heads, d_model {layout.d_model}"),
+             ("task", circuit.task), ("method", circuit.method),
+             ("edges kept", f"{kept:,} of {total:,} (sparsity {1 - kept / total:.2%})"),
+             ("nodes kept", f"{heads} heads, {mlps} MLPs"),
+             ("examples evaluated", fmt(circuit.metrics.get("n_examples"))),
+             ("CPR (higher is better)", fmt(curve.get("cpr"))), ("CMD (0 is best)", fmt(curve.get("cmd"))),
+             ("circuit file", str(source))]
+    return table([], [[Cell(k), Cell(v)] for k, v in facts], cls="facts", table_id="summary")
+
+
+def render_report(circuit: Circuit, source: Path, svg: str, curves_png: bytes | None,
+                  training_png: bytes | None, max_table_edges: int = 2000) -> str:
+    """The report page of one run as an HTML string (see ``write_report``, which also makes the figures)."""
+    title = f"{circuit.model} · {circuit.task} · {circuit.method}"
+    command = circuit.config.get("command")
+    rows, classes = metrics_rows(circuit.metrics)
+    parts = [f"<h1>Circuit report: {escape(title)}</h1>",
+             f'<p class="sub">hap-circuits {__version__} · {circuit.n_edges:,} kept edges</p>',
+             '<div class="grid"><section><h2>Run</h2>', _summary(circuit, source), "</section>",
+             "<section><h2>Metrics</h2>",
+             table(["", *(label for _, label in METRIC_COLUMNS)], rows, table_id="metrics", row_classes=classes),
+             '<p class="note">Faithfulness f = (m(C) − m(∅)) / (m(N) − m(∅)) with m the logit difference; '
+             "the reference rows are the full model and the circuit with every edge ablated.</p>",
+             "<h2>Runtime</h2>", _runtime(circuit.runtime_s), "</section></div>",
+             "<h2>Reproduce</h2>",
+             f"<pre id=\"command\">{escape(command)}</pre>" if command else
+             '<p class="note">This run did not record its command line (config["command"]).</p>',
+             "<h2>Circuit</h2>",
+             '<p class="note">Hover a node to show only its edges; hover an edge for its name and score.</p>',
+             f'<div class="figure" id="circuit">{svg}</div>',
+             "<h2>Faithfulness curve</h2>",
+             f'<div class="figure">{png_image(curves_png, "faithfulness curve")}</div>' if curves_png else
+             '<p class="note">No faithfulness curve in circuit.json (metrics["curve"]).</p>']
+    if training_png:
+        parts += ["<h2>Training</h2>", f'<div class="figure">{png_image(training_png, "training curves")}</div>']
+    elif circuit.method in ("ep", "hap"):
+        parts += ["<h2>Training</h2>", f'<p class="note">No {TRAIN_LOG} next to the circuit.</p>']
+    parts += ["<h2>Heads and MLPs by total |score|</h2>", _node_table(circuit),
+              "<h2>Kept edges</h2>", _edge_table(circuit, max_table_edges),
+              "<h2>All settings</h2>", _settings(circuit.config)]
+    return page(f"hap report: {title}", "\n".join(parts))
+
+
+def circuit_path(run: str | Path) -> Path:
+    """The ``circuit.json`` of a run directory (or the file itself when given a file)."""
+    run = Path(run)
+    return run / "circuit.json" if run.is_dir() else run
+
+
+def faithfulness_point(circuit: Circuit) -> tuple[float, float] | None:
+    """(fraction of edges kept, faithfulness) of the circuit itself, when its faithfulness is known."""
+    value = circuit.metrics.get("faithfulness")
+    if not isinstance(value, (int, float)):
+        return None
+    return circuit.n_edges / circuit.graph().n_edges, float(value)
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, max_drawn_edges: int | None = 1000,
+                 max_table_edges: int = 2000) -> Path:
+    """Write ``report.html`` for a run, with ``circuit.svg`` and the curves as PNG + SVG beside it.
+
+    ``run_dir`` is a run directory holding ``circuit.json`` (and, for ep/hap,
+    ``train_log.jsonl``) or a ``circuit.json`` path; ``out`` defaults to
+    ``report.html`` in that directory, and the other files go next to
+    ``out``: ``circuit.svg``, ``faithfulness.{png,svg}`` when the circuit has
+    a curve, ``training.{png,svg}`` when there is a training log. The drawing
+    shows at most ``max_drawn_edges`` edges and the edge table at most
+    ``max_table_edges`` rows (the strongest). Returns the path of the report.
+    """
+    source = circuit_path(run_dir)
+    circuit = Circuit.load(source)
+    out = Path(out) if out is not None else source.parent / "report.html"
+    folder = out.parent
+    svg = draw_circuit(circuit, max_edges=max_drawn_edges)
+    write_atomically(folder / "circuit.svg", svg + "\n")
+    curves_png = training_png = None
+    curve = circuit.metrics.get("curve")
+    if isinstance(curve, dict) and curve.get("fractions"):
+        series = CurveSeries(circuit.method, curve, faithfulness_point(circuit))
+        curves_png, _, _ = save_figure(faithfulness_figure([series]), folder / "faithfulness")
+    records = read_train_log(source.parent / TRAIN_LOG)
+    if records:
+        training_png, _, _ = save_figure(training_figure(records), folder / "training")
+    write_atomically(out, render_report(circuit, source, svg, curves_png, training_png, max_table_edges))
+    return out

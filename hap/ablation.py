@@ -109,32 +109,81 @@ def _group_of_heads(adapter: ModelAdapter, device: torch.device) -> Tensor:
 def trace(model: Model, input_ids: Tensor) -> Trace:
     """Run the model on token ids [B, T] through the adapter, recording every source.
 
-    All edges are on: each reader reads the full residual. The logits equal the
-    Hugging Face forward's up to float rounding (``hap verify`` checks this).
+    All edges are on: each reader reads the full residual, which is updated in
+    the Hugging Face module's own order, so the logits equal its forward's
+    bit for bit (``hap verify`` checks this).
+    """
+    return _plain_run(model, input_ids)
+
+
+def _plain_run(
+    model: Model,
+    input_ids: Tensor,
+    graph: Graph | None = None,
+    probes: list[Probe] | None = None,
+    reference: Reference | None = None,
+    output_scale: Tensor | None = None,
+    positions: Tensor | None = None,
+) -> Trace:
+    """The all-edges-on forward pass, optionally with probes and interpolated sources.
+
+    With ``probes`` (and ``graph``), every reader reads the residual plus a zero
+    probe of its own, whose gradient is dL/d(reader input). ``output_scale`` [S]
+    interpolates sources towards ``reference`` as in ``run_with_probes``.
+    ``positions`` [B]: logits only at those positions ([B, V]).
     """
     adapter = model.adapter
-    graph_blocks = 2 * adapter.layout.n_layers + 2
-    ctx = adapter.prepare(input_ids.to(model.device))
-    group_of_head = _group_of_heads(adapter, model.device)
-    x = adapter.embed(ctx)
+    layout = adapter.layout
+    device = model.device
+    batch, length = input_ids.shape
+    ctx = adapter.prepare(input_ids.to(device))
+    group_of_head = _group_of_heads(adapter, device)
+    ref = reference.fit(batch, length) if reference is not None else None
+    per_layer = layout.n_heads + 2 * layout.n_kv_heads + 1
+
+    def read(x: Tensor, first_reader: int, n: int) -> Tensor:
+        if probes is None:
+            return x[None]
+        probe = torch.zeros((n, *x.shape), device=device, dtype=x.dtype, requires_grad=True)
+        probes.append(Probe(torch.arange(first_reader, first_reader + n, device=device), probe))
+        return x[None] + probe
+
+    def scaled(first: int, values: Tensor) -> tuple[Tensor, bool]:
+        if output_scale is None or bool((output_scale[first : first + len(values)] == 1).all()):
+            return values, False
+        index = slice(first, first + len(values))
+        return _interpolate(ref.outputs[index], values, output_scale[index]), True
+
+    x, _ = scaled(0, adapter.embed(ctx)[None])
+    x = x[0]
     outputs = [x[None]]
     block_inputs = [torch.zeros_like(x)]
-    for layer in range(adapter.layout.n_layers):
+    for layer in range(layout.n_layers):
         block_inputs.append(x)
-        shared = x[None]
-        q = adapter.queries(layer, shared, ctx)
-        k = adapter.keys(layer, shared, ctx).index_select(1, group_of_head)
-        v = adapter.values(layer, shared, ctx).index_select(1, group_of_head)
+        first_reader = layer * per_layer
+        first_head = 1 + layer * (layout.n_heads + 1)
+        xq = read(x, first_reader, layout.n_heads)
+        xk = read(x, first_reader + layout.n_heads, layout.n_kv_heads)
+        xv = read(x, first_reader + layout.n_heads + layout.n_kv_heads, layout.n_kv_heads)
+        q = adapter.queries(layer, xq, ctx)
+        k = adapter.keys(layer, xk, ctx).index_select(1, group_of_head)
+        v = adapter.values(layer, xv, ctx).index_select(1, group_of_head)
         mixed = adapter.attend(layer, q, k, v)
-        outputs.append(adapter.head_outputs(layer, mixed))
-        x = x + adapter.layer_output(layer, mixed)
+        heads, interpolated = scaled(first_head, adapter.head_outputs(layer, mixed))
+        outputs.append(heads)
+        x = x + (heads.sum(0) if interpolated else adapter.layer_output(layer, mixed))
         block_inputs.append(x)
-        mlp = adapter.mlp(layer, x)
-        outputs.append(mlp[None])
-        x = x + mlp
+        mlp, _ = scaled(first_head + layout.n_heads, adapter.mlp(layer, read(x, first_reader + per_layer - 1, 1)[0])[None])
+        outputs.append(mlp)
+        x = x + mlp[0]
     block_inputs.append(x)
-    assert len(block_inputs) == graph_blocks
-    return Trace(torch.cat(outputs), torch.stack(block_inputs), adapter.unembed(x))
+    final = x
+    if positions is not None:
+        final = x[torch.arange(batch, device=device), positions.to(device)][:, None]  # [B, 1, D]
+    logits = adapter.unembed(read(final, layout.n_layers * per_layer, 1)[0])
+    if positions is not None:
+        logits = logits[:, 0]
+    return Trace(torch.cat(outputs), torch.stack(block_inputs), logits)
 
 
 # ---------------------------------------------------------------------------
@@ -356,10 +405,10 @@ def _run(
         index = torch.arange(sources.start, sources.stop, device=device)[plan.contributing[sources].to(device)]
         if len(index) == 0:
             return
-        if computed is not None and record:
-            recorded[computed_index] = computed.detach()
         if output_scale is not None and computed is not None:
             computed = _interpolate(ref.outputs[computed_index], computed, output_scale[computed_index.cpu()])
+        if computed is not None and record:
+            recorded[computed_index] = computed.detach()
         if computed is not None and len(computed_index) == len(index):
             # The usual case (always under interchange): contributing == active.
             values = computed - ref.outputs[index]
@@ -482,21 +531,26 @@ def run_with_probes(
     graph: Graph,
     input_ids: Tensor,
     reference: Reference,
-    mask: Tensor,
+    mask: Tensor | None = None,
     positions: Tensor | None = None,
     output_scale: Tensor | None = None,
     record: bool = False,
 ) -> tuple[Tensor, list[Probe], Tensor | None]:
-    """``run_masked`` over every edge that also returns a probe per group of readers.
+    """A forward pass that also returns a probe per group of readers.
 
     After ``loss.backward()``, ``probe.tensor.grad`` holds dL/d(input) of
-    ``probe.readers``. ``output_scale`` [S] (default all 1) interpolates each
-    source's output between the reference (a = 0) and what it computes in this
-    run (a = 1), with the gradient passing straight through as if a = 1: the
-    runs integrated gradients need. Every reader is formed. With ``record``,
+    ``probe.readers``. ``mask`` None means every edge on: then each reader
+    reads the plain residual (no masked sums at all, the fast path attribution
+    uses); otherwise the run is ``run_masked``'s. ``output_scale`` [S] (default
+    all 1) interpolates each source's output between the reference (a = 0) and
+    what it computes in this run (a = 1), with the gradient passing straight
+    through as if a = 1: the runs integrated gradients need. With ``record``,
     also returns every source's output in this run [S, B, T, D].
     """
     probes: list[Probe] = []
+    if mask is None:
+        run = _plain_run(model, input_ids, graph, probes, reference, output_scale, positions)
+        return run.logits, probes, run.outputs.detach() if record else None
     plan = ComputePlan.build(graph, None, reference.kind)
     logits, recorded = _run(model, graph, input_ids, reference, mask, plan, positions, record, output_scale, probes)
     return logits, probes, recorded

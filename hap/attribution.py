@@ -94,7 +94,8 @@ def _probe_scores(graph: Graph, differences: Tensor, probes, positions: Tensor, 
         diff = differences[:upstream]
         if probe.tensor.shape[2] == 1 and differences.shape[2] != 1:  # logits read at answer positions only
             diff = diff[:, rows, positions][:, :, None]
-        part = torch.einsum("sbtd,nbtd->sn", diff, probe.tensor.grad)
+        grad = probe.tensor.grad
+        part = diff.reshape(len(diff), -1) @ grad.reshape(len(grad), -1).transpose(0, 1)  # one GEMM, no copies
         scores[:upstream, probe.readers.cpu()] += weight * part.float().cpu()
 
 
@@ -123,13 +124,12 @@ def _gradient_scores(model: Model, graph: Graph, batch: Batch, config: Attributi
                      weight: float) -> None:
     """(z~ - z) . mean gradient over the method's runs, for one batch."""
     loss_of = loss_function(config.loss, batch)
-    ones = torch.ones(graph.real.shape, device=model.device, dtype=model.dtype)
     summed: list[Tensor] | None = None
     clean_outputs = None
     points = _interpolation_points(graph, config)
     for scale in points:
         at_clean = clean_outputs is None and bool((scale == 1).all())
-        logits, probes, outputs = run_with_probes(model, graph, batch.clean, batch.reference, ones,
+        logits, probes, outputs = run_with_probes(model, graph, batch.clean, batch.reference,
                                                   positions=batch.positions, output_scale=scale, record=at_clean)
         loss_of(logits).backward()
         grads = [probe.tensor.grad for probe in probes]
@@ -189,7 +189,7 @@ def attribute(
     started = time.perf_counter()
     n_total = len(task)
     with tqdm(total=n_total, desc=f"attribution ({config.method.value})", unit="ex", disable=not progress) as bar:
-        for batch in batches(model, graph, task, config.batch_size, config.ablation):
+        for batch in batches(model, graph, task, config.batch_size, config.ablation, config.loss is Loss.KL):
             weight = len(batch.clean) / n_total
             if config.method is Method.EXACT:
                 _exact_scores(model, graph, batch, config, scores, weight, edges)

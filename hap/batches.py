@@ -32,7 +32,7 @@ class Batch:
     positions: Tensor  # [B] answer positions
     task: TaskData
     reference: Reference
-    clean_logits: Tensor  # [B, V] full model at the answer positions
+    clean_logits: Tensor | None  # [B, V] full model at the answer positions (None if not asked for)
 
 
 def make_reference(model: Model, graph: Graph, task: TaskData, corrupted: Tensor, kind: AblationKind) -> Reference:
@@ -44,17 +44,23 @@ def make_reference(model: Model, graph: Graph, task: TaskData, corrupted: Tensor
     return zero_reference(model, graph, task.clean_ids.shape[1])
 
 
-def batches(model: Model, graph: Graph, task: TaskData, batch_size: int, kind: AblationKind) -> Iterable[Batch]:
-    """Task batches with references built once each (mean/zero: once for all)."""
+def batches(model: Model, graph: Graph, task: TaskData, batch_size: int, kind: AblationKind,
+            clean_logits: bool = True) -> Iterable[Batch]:
+    """Task batches with references built once each (mean/zero: once for all).
+
+    ``clean_logits``: also run the full model once per batch (KL and evaluation need it).
+    """
     shared = None if kind is AblationKind.INTERCHANGE else make_reference(model, graph, task, task.corrupted_ids, kind)
     for part in task.batches(batch_size):
         clean = part.clean_ids.to(model.device)
         positions = (part.lengths - 1).to(model.device)
         reference = shared or make_reference(model, graph, part, part.corrupted_ids.to(model.device), kind)
-        with torch.no_grad():
-            # Right padding never reaches the answer positions; the all-ones mask only silences a warning.
-            logits = model.hf_model(clean, attention_mask=torch.ones_like(clean)).logits
-            logits = logits[torch.arange(len(part), device=model.device), positions]
+        logits = None
+        if clean_logits:
+            with torch.no_grad():
+                # Right padding never reaches the answer positions; the all-ones mask only silences a warning.
+                logits = model.hf_model(clean, attention_mask=torch.ones_like(clean)).logits
+                logits = logits[torch.arange(len(part), device=model.device), positions]
         yield Batch(clean, positions, part, reference, logits)
 
 

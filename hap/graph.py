@@ -61,6 +61,12 @@ class Graph:
     real: Tensor
     scores: Tensor = field(repr=False)
     in_graph: Tensor = field(repr=False)
+    _source_lookup: dict[str, int] = field(init=False, repr=False, compare=False)
+    _reader_lookup: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._source_lookup = {name: i for i, name in enumerate(self.source_names)}
+        self._reader_lookup = {name: i for i, name in enumerate(self.reader_names)}
 
     @classmethod
     def from_layout(cls, layout: Layout) -> Graph:
@@ -110,15 +116,15 @@ class Graph:
         return 2 * self.layout.n_layers + 2
 
     def source_index(self, name: str) -> int:
-        return self._source_lookup()[name]
+        return self._source_lookup[name]
 
     def reader_index(self, name: str) -> int:
-        return self._reader_lookup()[name]
+        return self._reader_lookup[name]
 
     def edge_index(self, name: str) -> tuple[int, int]:
         """(source, reader) indices of an edge named ``src->reader``."""
         source, _, reader = name.partition("->")
-        if reader not in self._reader_lookup() or source not in self._source_lookup():
+        if reader not in self._reader_lookup or source not in self._source_lookup:
             raise KeyError(f"no edge named '{name}' in this graph")
         s, r = self.source_index(source), self.reader_index(reader)
         if not self.real[s, r]:
@@ -129,12 +135,6 @@ class Graph:
         """Names of all real edges, in (source, reader) row-major order."""
         sources, readers = self.real.nonzero(as_tuple=True)
         return [f"{self.source_names[s]}->{self.reader_names[r]}" for s, r in zip(sources.tolist(), readers.tolist())]
-
-    def _source_lookup(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.source_names)}
-
-    def _reader_lookup(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.reader_names)}
 
     # -- block structure (used by the ablation primitive) --------------------
     def sources_of_block(self, block: int) -> slice:

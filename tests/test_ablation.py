@@ -199,3 +199,33 @@ def test_edges_off_the_live_set_are_ablated_whatever_the_mask_says(tiny_gpt2):
         all_on = run_masked(tiny_gpt2, graph, clean, reference, torch.ones(graph.real.shape))
     assert torch.allclose(ones_with_plan, live_as_mask, atol=1e-5)
     assert not torch.allclose(ones_with_plan, all_on, atol=1e-3)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_plain_probe_path_matches_the_masked_one(tiny_model, scaled):
+    """Attribution's fast path (no masked sums) gives the masked path's logits and reader gradients."""
+    from hap.ablation import run_with_probes
+
+    graph = hap.Graph.from_model(tiny_model)
+    clean, corrupted = _batch(tiny_model, 16)
+    reference = interchange_reference(tiny_model, corrupted)
+    scale = None
+    if scaled:
+        scale = torch.ones(graph.n_sources)
+        scale[graph.sources_of_block(3)] = 0.3  # layer 1's heads interpolated
+        scale[0] = 0.6  # and the embedding
+    positions = torch.tensor([6, 3, 4])
+    results = []
+    for mask in (None, torch.ones(graph.real.shape)):
+        logits, probes, outputs = run_with_probes(tiny_model, graph, clean, reference, mask, positions, scale, True)
+        logits.square().sum().backward()
+        grads = torch.zeros(graph.n_readers, *clean.shape, tiny_model.layout.d_model)
+        for probe in probes:
+            grad = probe.tensor.grad
+            grads[probe.readers] = grad if grad.shape[2] == clean.shape[1] else 0.0
+        results.append((logits.detach(), grads, outputs))
+    (plain, plain_grads, plain_out), (masked, masked_grads, masked_out) = results
+    assert torch.allclose(plain, masked, atol=1e-5)
+    assert torch.allclose(plain_grads, masked_grads, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(plain_out, masked_out, atol=1e-5)
+    assert float(plain_grads.abs().sum()) > 0

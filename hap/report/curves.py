@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,6 +17,7 @@ from typing import Any, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from ..circuit import write_atomically
 from ..errors import HapError
 
 COLOURS = ["#1f5fa8", "#c0392b", "#2e8b57", "#8e44ad", "#d4820b", "#17a2b8", "#555555", "#b5651d"]
@@ -186,27 +185,11 @@ def render(figure: Figure) -> tuple[bytes, bytes]:
     return png.getvalue(), svg.getvalue()
 
 
-def write_bytes_atomically(path: str | Path, data: bytes) -> None:
-    """Binary twin of ``hap.circuit.write_atomically``: a temporary file, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_figure(figure: Figure, stem: str | Path) -> tuple[bytes, Path, Path]:
     """Write ``stem.png`` and ``stem.svg``; returns the PNG bytes (for embedding) and both paths."""
     stem = Path(stem)
     png, svg = render(figure)
     png_path, svg_path = stem.with_suffix(".png"), stem.with_suffix(".svg")
-    write_bytes_atomically(png_path, png)
-    write_bytes_atomically(svg_path, svg)
+    write_atomically(png_path, png)
+    write_atomically(svg_path, svg)
     return png, png_path, svg_path

@@ -1,0 +1,380 @@
+"""Edge Pruning (Bhaskar et al. 2024): learn a hard-concrete mask per live edge.
+
+Loss = KL(full model || circuit) at the answer position + l1 (s - t) + l2 (s - t)^2,
+where s is the expected edge sparsity over *all* real edges (edges that are not
+live are fixed ablated and count as removed), t the target warmed up linearly
+from 0, and l1, l2 are trained by gradient ascent. Masks and lambdas use AdamW
+with the published GPT-2 settings as defaults (lr 0.8, 3000 steps, target
+warm-up 2500 steps, lr warm-up 200); shorter runs scale both warm-ups with the
+step count. The final circuit keeps the edges whose deterministic mask is above
+the threshold (found by binary search) that keeps exactly the target count.
+
+Every step runs the ablation primitive once with the sampled masks; the
+references (corrupted activations) and the full model's logits are computed
+once per batch and reused. With a ``live`` set (HAP's candidates), the compute
+plan skips every source and reader the live edges cannot change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .ablation import AblationKind, ComputePlan, run_masked
+from .batches import Batch, batches
+from .circuit import Circuit, prune_dangling, write_atomically
+from .errors import HapError
+from .evaluation import kl_divergence
+from .graph import Graph
+from .models.loading import Model
+from .tasks import TaskData
+
+STRETCH_LOW, STRETCH_HIGH = -0.1, 1.1
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Settings of an Edge Pruning run; defaults are Bhaskar et al.'s GPT-2 settings."""
+
+    target_sparsity: float = 0.95
+    steps: int = 3000
+    lr: float = 0.8
+    lambda_lr: float = 0.8
+    lr_warmup: int | None = None  # default: steps / 15 (200 of 3000)
+    sparsity_warmup: int | None = None  # default: 5/6 of the steps (2500 of 3000)
+    batch_size: int = 32
+    beta: float = 2.0 / 3.0
+    init_mean: float = 10.0
+    init_std: float = 0.01
+    node_masks: bool = False
+    node_target_sparsity: float = 0.0
+    ablation: str = "interchange"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target_sparsity < 1.0:
+            raise HapError(f"the target sparsity must be in (0, 1), got {self.target_sparsity}")
+        if self.steps <= 0:
+            raise HapError(f"--steps must be positive, got {self.steps}")
+        if self.batch_size < 1:
+            raise HapError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0.0 <= self.node_target_sparsity < 1.0:
+            raise HapError(f"--node-sparsity must be in [0, 1), got {self.node_target_sparsity}")
+
+    @property
+    def lr_warmup_steps(self) -> int:
+        return self.lr_warmup if self.lr_warmup is not None else max(1, round(self.steps / 15))
+
+    @property
+    def sparsity_warmup_steps(self) -> int:
+        return self.sparsity_warmup if self.sparsity_warmup is not None else max(1, round(self.steps * 5 / 6))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# Hard-concrete gates
+# ---------------------------------------------------------------------------
+
+
+def gate_sample(log_alpha: Tensor, beta: float, generator: torch.Generator) -> Tensor:
+    """A stretched, clamped hard-concrete sample in [0, 1] per gate."""
+    u = torch.rand(log_alpha.shape, generator=generator).clamp(1e-6, 1 - 1e-6).to(log_alpha.device)
+    s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / beta)
+    return (s * (STRETCH_HIGH - STRETCH_LOW) + STRETCH_LOW).clamp(0.0, 1.0)
+
+
+def gate_deterministic(log_alpha: Tensor) -> Tensor:
+    """The gate at evaluation: sigmoid(log alpha), stretched and clamped."""
+    return (torch.sigmoid(log_alpha) * (STRETCH_HIGH - STRETCH_LOW) + STRETCH_LOW).clamp(0.0, 1.0)
+
+
+def gate_keep_probability(log_alpha: Tensor, beta: float) -> Tensor:
+    """P(gate > 0): the expected fraction of samples in which the edge is kept."""
+    return torch.sigmoid(log_alpha - beta * math.log(-STRETCH_LOW / STRETCH_HIGH))
+
+
+def log_alpha_for_probability(p: Tensor, beta: float) -> Tensor:
+    """Invert ``gate_keep_probability``: the log alpha whose gate is non-zero with probability p."""
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return torch.log(p / (1 - p)) + beta * math.log(-STRETCH_LOW / STRETCH_HIGH)
+
+
+def binarize(values: Tensor, n_keep: int) -> Tensor:
+    """Bool mask keeping the ``n_keep`` largest values, by binary search on a threshold.
+
+    Ties at the threshold can leave the count one or more off; the search takes
+    the threshold whose count is closest to ``n_keep``.
+    """
+    if n_keep <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if n_keep >= values.numel():
+        return torch.ones_like(values, dtype=torch.bool)
+    low, high = float(values.min()) - 1.0, float(values.max())
+    for _ in range(100):  # keep(low) >= n_keep > keep(high)
+        middle = (low + high) / 2
+        if int((values > middle).sum()) >= n_keep:
+            low = middle
+        else:
+            high = middle
+        if high - low < 1e-12:
+            break
+    below, above = values > low, values > high
+    return below if abs(int(below.sum()) - n_keep) <= abs(int(above.sum()) - n_keep) else above
+
+
+# ---------------------------------------------------------------------------
+# Training state and checkpoints
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class PruningState:
+    """Everything a run needs to continue: masks, lambdas, optimisers, noise RNG, step."""
+
+    step: int
+    log_alpha: Tensor  # [E] one per live edge
+    node_log_alpha: Tensor | None  # [S] one per source, when node masks are on
+    lambdas: Tensor  # [4]: edge l1, l2, node l1, l2
+    mask_optimizer: torch.optim.Optimizer
+    lambda_optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+
+
+def _new_state(log_alpha: Tensor, node_log_alpha: Tensor | None, config: PruningConfig) -> PruningState:
+    parameters = [log_alpha] + ([node_log_alpha] if node_log_alpha is not None else [])
+    lambdas = torch.zeros(4, requires_grad=True)
+    mask_optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    lambda_optimizer = torch.optim.AdamW([lambdas], lr=config.lambda_lr, weight_decay=0.0, maximize=True)
+    generator = torch.Generator().manual_seed(config.seed)
+    return PruningState(0, log_alpha, node_log_alpha, lambdas, mask_optimizer, lambda_optimizer, generator)
+
+
+def save_checkpoint(path: Path, state: PruningState, fingerprint: dict[str, Any]) -> None:
+    """Write the state atomically (temporary file + rename)."""
+    payload = {
+        "step": state.step,
+        "log_alpha": state.log_alpha.detach().cpu(),
+        "node_log_alpha": None if state.node_log_alpha is None else state.node_log_alpha.detach().cpu(),
+        "lambdas": state.lambdas.detach().cpu(),
+        "mask_optimizer": state.mask_optimizer.state_dict(),
+        "lambda_optimizer": state.lambda_optimizer.state_dict(),
+        "generator": state.generator.get_state(),
+        "fingerprint": json.dumps(fingerprint, sort_keys=True),
+    }
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, temporary)
+    temporary.replace(path)
+
+
+def load_checkpoint(path: Path, fingerprint: dict[str, Any], config: PruningConfig, device) -> PruningState:
+    """Read a checkpoint, refusing one made for another model, task or configuration."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    saved = json.loads(payload["fingerprint"])
+    if saved != fingerprint:
+        differences = sorted(key for key in set(saved) | set(fingerprint) if saved.get(key) != fingerprint.get(key))
+        raise HapError(
+            f"{path.parent} was made with other settings ({', '.join(differences)} differ); resume with the "
+            "same model, task and settings, or start a new run in another --out"
+        )
+    log_alpha = payload["log_alpha"].to(device).requires_grad_(True)
+    node = payload["node_log_alpha"]
+    node = None if node is None else node.to(device).requires_grad_(True)
+    state = _new_state(log_alpha, node, config)
+    with torch.no_grad():
+        state.lambdas.copy_(payload["lambdas"])
+    state.mask_optimizer.load_state_dict(payload["mask_optimizer"])
+    state.lambda_optimizer.load_state_dict(payload["lambda_optimizer"])
+    state.generator.set_state(payload["generator"])
+    state.step = int(payload["step"])
+    return state
+
+
+# ---------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class PruningResult:
+    """The learned masks and the circuit read off them."""
+
+    in_graph: Tensor  # [S, R] bool, binarised at the target, dangling edges dropped
+    mask_values: Tensor  # [S, R] deterministic gate values (0 off the live edges)
+    expected_sparsity: float
+    n_pruned_dangling: int
+    steps: int
+    seconds_per_step: float
+
+
+def _expected_sparsity(state: PruningState, config: PruningConfig, n_edges: int) -> Tensor:
+    return 1.0 - gate_keep_probability(state.log_alpha, config.beta).sum() / n_edges
+
+
+def _learning_rate(config: PruningConfig, step: int) -> float:
+    return config.lr * min(1.0, (step + 1) / config.lr_warmup_steps)
+
+
+def prune(
+    model: Model,
+    task: TaskData,
+    config: PruningConfig,
+    live: Tensor | None = None,
+    init_log_alpha: Tensor | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_seconds: float = 180.0,
+    checkpoint_every: int | None = None,
+    data: list[Batch] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = False,
+) -> PruningResult:
+    """Learn edge masks over the ``live`` edges (default: every real edge) and binarise them.
+
+    ``init_log_alpha`` [S, R] (HAP's warm start) replaces the N(init_mean,
+    init_std) initialisation on the live edges. With ``run_dir``, writes
+    ``train_log.jsonl`` (one line per step) and ``checkpoint.pt`` every
+    ``checkpoint_every`` steps or ``checkpoint_seconds`` of work (and on an
+    interrupt); ``resume`` continues from it. ``data`` reuses prepared batches.
+    """
+    graph = Graph.from_model(model)
+    device = model.device
+    live = graph.real.clone() if live is None else live.cpu().bool() & graph.real
+    n_keep = round((1.0 - config.target_sparsity) * graph.n_edges)
+    if int(live.sum()) < n_keep:
+        raise HapError(
+            f"only {int(live.sum())} candidate edges, fewer than the {n_keep} the target sparsity "
+            f"{config.target_sparsity} keeps; raise --candidates or the target sparsity"
+        )
+    sources, readers = live.nonzero(as_tuple=True)
+    plan = ComputePlan.build(graph, live, AblationKind(config.ablation))
+    fingerprint = {"model": model.name, "task": task.name, "n_examples": len(task), "n_live": int(live.sum()),
+                   **config.to_dict()}
+
+    run_path = Path(run_dir) if run_dir is not None else None
+    checkpoint = run_path / "checkpoint.pt" if run_path is not None else None
+    if resume:
+        if checkpoint is None or not checkpoint.is_file():
+            raise HapError(f"nothing to resume in {run_dir}: it has no checkpoint.pt")
+        state = load_checkpoint(checkpoint, fingerprint, config, device)
+    else:
+        generator = torch.Generator().manual_seed(config.seed)
+        if init_log_alpha is not None:
+            log_alpha = init_log_alpha.cpu()[sources, readers].float().clone()
+        else:
+            log_alpha = config.init_mean + config.init_std * torch.randn(len(sources), generator=generator)
+        node = None
+        if config.node_masks:
+            node = config.init_mean + config.init_std * torch.randn(graph.n_sources, generator=generator)
+            node = node.to(device).requires_grad_(True)
+        state = _new_state(log_alpha.to(device).requires_grad_(True), node, config)
+    if run_path is not None:
+        run_path.mkdir(parents=True, exist_ok=True)
+        _truncate_log(run_path / "train_log.jsonl", state.step)
+
+    if data is None:
+        data = list(batches(model, graph, task, config.batch_size, AblationKind(config.ablation)))
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
+    index = (sources.to(device), readers.to(device))
+    last_save = time.perf_counter()
+    started, first_step = time.perf_counter(), state.step
+    bar = tqdm(total=config.steps, initial=state.step, desc="pruning", unit="step", disable=not progress)
+    try:
+        while state.step < config.steps:
+            step = state.step
+            batch = data[int(order[step % len(data)])]
+            gates = gate_sample(state.log_alpha, config.beta, state.generator)
+            mask = torch.zeros(graph.real.shape, device=device, dtype=model.dtype).index_put(index, gates.to(model.dtype))
+            if state.node_log_alpha is not None:
+                node_gates = gate_sample(state.node_log_alpha, config.beta, state.generator)
+                mask = mask * node_gates.to(model.dtype)[:, None]
+            logits = run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions)
+            kl = kl_divergence(batch.clean_logits, logits).mean()
+            target = config.target_sparsity * min(1.0, step / config.sparsity_warmup_steps)
+            expected = _expected_sparsity(state, config, graph.n_edges)
+            gap = expected - target
+            loss = kl + state.lambdas[0] * gap + state.lambdas[1] * gap**2
+            node_expected = None
+            if state.node_log_alpha is not None:
+                node_target = config.node_target_sparsity * min(1.0, step / config.sparsity_warmup_steps)
+                node_expected = 1.0 - gate_keep_probability(state.node_log_alpha, config.beta).mean()
+                node_gap = node_expected - node_target
+                loss = loss + state.lambdas[2] * node_gap + state.lambdas[3] * node_gap**2
+            for group in state.mask_optimizer.param_groups:
+                group["lr"] = _learning_rate(config, step)
+            state.mask_optimizer.zero_grad()
+            state.lambda_optimizer.zero_grad()
+            loss.backward()
+            state.mask_optimizer.step()
+            state.lambda_optimizer.step()
+            state.step += 1
+            if run_path is not None:
+                line = {"step": state.step, "loss": loss.item(), "kl": kl.item(), "expected_sparsity": expected.item(),
+                        "target_sparsity": target, "lambda1": state.lambdas[0].item(),
+                        "lambda2": state.lambdas[1].item(), "lr": _learning_rate(config, step)}
+                if node_expected is not None:
+                    line["expected_node_sparsity"] = node_expected.item()
+                with open(run_path / "train_log.jsonl", "a") as log:
+                    log.write(json.dumps(line) + "\n")
+                due = (checkpoint_every is not None and state.step % checkpoint_every == 0) or (
+                    checkpoint_every is None and time.perf_counter() - last_save > checkpoint_seconds)
+                if due:
+                    save_checkpoint(checkpoint, state, fingerprint)
+                    last_save = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(kl=f"{kl.item():.3f}", sparsity=f"{expected.item():.3f}")
+            if on_step is not None:
+                on_step(state.step)
+    except KeyboardInterrupt:
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, state, fingerprint)
+        raise
+    finally:
+        bar.close()
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, state, fingerprint)
+    steps_done = state.step - first_step
+    seconds_per_step = (time.perf_counter() - started) / steps_done if steps_done else float("nan")
+    return _read_off(graph, live, state, config, n_keep, seconds_per_step)
+
+
+def _read_off(graph: Graph, live: Tensor, state: PruningState, config: PruningConfig, n_keep: int,
+              seconds_per_step: float) -> PruningResult:
+    """Deterministic masks -> the binarised circuit at the target count."""
+    with torch.no_grad():
+        values = gate_deterministic(state.log_alpha.detach().cpu().float())
+        if state.node_log_alpha is not None:
+            node = gate_deterministic(state.node_log_alpha.detach().cpu().float())
+            values = values * node[live.nonzero(as_tuple=True)[0]]
+        dense = torch.zeros(graph.real.shape)
+        dense[live] = values
+        chosen = torch.zeros(graph.real.shape, dtype=torch.bool)
+        chosen[live] = binarize(values, n_keep)
+        kept = prune_dangling(graph, chosen)
+        expected = _expected_sparsity(state, config, graph.n_edges).item()
+    return PruningResult(kept, dense, expected, int(chosen.sum() - kept.sum()), state.step, seconds_per_step)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of the steps a resumed run has already done (atomically)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    write_atomically(path, "".join(line + "\n" for line in lines))
+
+
+def pruned_circuit(model: Model, task: TaskData, method: str, result: PruningResult, config: dict) -> Circuit:
+    """The ``Circuit`` of a pruning result (scores are the deterministic gate values)."""
+    return Circuit(model.name, task.name, method, model.layout, result.mask_values, result.in_graph,
+                   config={**config, "n_pruned_dangling": result.n_pruned_dangling,
+                           "final_expected_sparsity": result.expected_sparsity, "steps_done": result.steps,
+                           "seconds_per_step": result.seconds_per_step})

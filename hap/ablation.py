@@ -324,6 +324,11 @@ def _interpolate(reference: Tensor, computed: Tensor, scale: Tensor) -> Tensor:
     return computed + (mixed - computed).detach()
 
 
+# Layers whose reader inputs share one product over the rows written before them: fewer
+# passes over the delta buffer (memory-bound) at the cost of [16 * CHUNK_LAYERS, B, T, D] sums.
+CHUNK_LAYERS = 4
+
+
 class _BufferedSum(torch.autograd.Function):
     """Masked sum over a prefix of the delta buffer: out[n] = sum_s sub[s, n] * region[s].
 
@@ -421,15 +426,52 @@ def _run(
         pieces.append(values)
         n_rows += len(index)
 
-    def inputs(block: int, readers: Tensor) -> Tensor:
-        """Inputs [n, B, T, D] of these readers of ``block``: base + masked sum of the deltas so far."""
-        base = ref.block_inputs[block].expand(batch, -1, -1)[None]
-        if n_rows == 0:
-            x = base
-        else:
+    # Wanted readers of every block, known up front from the plan: the chunked sums need them.
+    wanted: dict[int, Tensor] = {}
+    for layer in range(model.layout.n_layers):
+        block = 2 * layer + 1
+        sources, readers = graph.sources_of_block(block), graph.readers_of_block(block)
+        heads = plan.active[sources].nonzero().flatten().to(device)
+        if len(heads):
+            groups = torch.unique(group_of_head[heads])
+            wanted[block] = torch.cat([readers.start + heads, readers.start + h + groups, readers.start + h + g + groups])
+        if bool(plan.active[graph.sources_of_block(block + 1)].any()):
+            start = graph.readers_of_block(block + 1).start
+            wanted[block + 1] = torch.tensor([start], device=device)
+    chunk = {"id": None, "rows": 0, "pieces": 0, "sums": None, "blocks": set()}
+
+    def chunk_of(block: int) -> int:
+        return (block - 1) // (2 * CHUNK_LAYERS) if block < graph.n_blocks - 1 else -1
+
+    def start_chunk(block: int) -> None:
+        # One product for the contributions of every row written so far to every reader of the chunk.
+        blocks = [b for b in sorted(wanted) if chunk_of(b) == chunk_of(block)]
+        sums = None
+        if n_rows and blocks:
+            readers = torch.cat([wanted[b] for b in blocks])
             sub = mask_rows[..., :n_rows, :].index_select(-1, readers)
-            summed = _BufferedSum.apply(sub, buffer[:n_rows], *pieces)
-            x = base + summed.view(len(readers), batch, length, -1)
+            summed = _BufferedSum.apply(sub, buffer[:n_rows], *pieces).view(len(readers), batch, length, -1)
+            # One split (its backward is one concatenation), not a slice per block (each would zero-fill).
+            sums = dict(zip(blocks, summed.split([len(wanted[b]) for b in blocks])))
+        chunk.update(id=chunk_of(block), rows=n_rows, pieces=len(pieces), sums=sums, blocks=set(blocks))
+
+    def inputs(block: int, readers: Tensor) -> Tensor:
+        """Inputs [n, B, T, D] of these readers of ``block``: base + masked sum of the deltas so far.
+
+        Rows written before the block's chunk of layers come from the chunk's one
+        big product; rows written inside the chunk are summed here.
+        """
+        if chunk_of(block) != chunk["id"] or block not in chunk["blocks"]:
+            wanted.setdefault(block, readers)
+            start_chunk(block)
+        x = ref.block_inputs[block].expand(batch, -1, -1)[None]
+        if chunk["sums"] is not None:
+            x = x + chunk["sums"][block]
+        first = chunk["rows"]
+        if n_rows > first:
+            sub = mask_rows[..., first:n_rows, :].index_select(-1, readers)
+            local = _BufferedSum.apply(sub, buffer[first:n_rows], *pieces[chunk["pieces"]:])
+            x = x + local.view(len(readers), batch, length, -1)
         return _probe(x, readers)
 
     def _probe(x: Tensor, readers: Tensor) -> Tensor:

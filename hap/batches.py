@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -75,3 +76,26 @@ def loss_function(loss: Loss, batch: Batch) -> Callable[[Tensor], Tensor]:
 
         return kl
     return lambda logits: batch.task.logit_diff(logits).mean()
+
+
+def offload(batch: Batch, path: Path) -> Batch:
+    """The batch with its reference and logits kept in a file and memory-mapped back.
+
+    For ``--cache-dir``: the operating system pages the corrupted activations in
+    as steps need them, so a run is not limited by memory.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reference = batch.reference
+    tensors = {"outputs": reference.outputs, "block_inputs": reference.block_inputs,
+               "fixed_outputs": reference.fixed_outputs}
+    if batch.clean_logits is not None:
+        tensors["clean_logits"] = batch.clean_logits
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save({name: value.cpu().contiguous() for name, value in tensors.items()}, temporary)
+    temporary.replace(path)
+    loaded = torch.load(path, mmap=True, weights_only=True)
+    device = batch.clean.device
+    mapped = Reference(reference.kind, loaded["outputs"].to(device), loaded["block_inputs"].to(device),
+                       loaded["fixed_outputs"].to(device))
+    logits = loaded["clean_logits"].to(device) if "clean_logits" in loaded else None
+    return Batch(batch.clean, batch.positions, batch.task, mapped, logits)

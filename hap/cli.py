@@ -37,16 +37,28 @@ def _verify(args: argparse.Namespace) -> int:
 def _discover(args: argparse.Namespace) -> int:
     from .discovery import DiscoverConfig, discover, format_summary
 
+    if args.resume is not None:
+        if args.out is not None and args.out != args.resume:
+            raise HapError(f"--resume {args.resume} continues that run in place; drop --out {args.out}")
+        args.out = args.resume
+    elif args.out is None:
+        raise HapError("--out DIR is required (the run directory), or --resume DIR to continue a run")
     subset = tuple(name.strip() for name in args.edges_subset.split(",")) if args.edges_subset else None
-    config = DiscoverConfig(
-        out=args.out, model=args.model, task=args.task, method=args.method, edges=args.edges,
-        sparsity=args.sparsity, n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
-        ig_steps=args.ig_steps, loss=args.loss, ablation=args.ablation, edges_subset=subset, curve=args.curve,
-        device=args.device, dtype=args.dtype, force=args.force,
-    )
+    settings = {
+        "out": args.out, "model": args.model, "task": args.task, "method": args.method, "edges": args.edges,
+        "sparsity": args.sparsity, "n_examples": args.n_examples, "batch_size": args.batch_size, "seed": args.seed,
+        "ig_steps": args.ig_steps, "loss": args.loss, "ablation": args.ablation, "edges_subset": subset,
+        "curve": args.curve, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
+        "lr_warmup": args.lr_warmup, "sparsity_warmup": args.sparsity_warmup, "node_masks": args.node_masks,
+        "node_sparsity": args.node_sparsity, "candidates": args.candidates, "attribution": args.attribution,
+        "warm_start": args.warm_start, "checkpoint_every": args.checkpoint_every, "cache_dir": args.cache_dir,
+        "device": args.device, "dtype": args.dtype, "force": args.force, "resume": args.resume is not None,
+        "report": not args.no_report,
+    }
+    config = DiscoverConfig(**{key: value for key, value in settings.items() if value is not None})
     circuit = discover(config)
     print(format_summary(circuit))
-    print(f"wrote {Path(args.out) / 'circuit.json'}")
+    print(f"wrote {Path(config.out) / 'circuit.json'}" + ("" if args.no_report else " and report.html"))
     return 0
 
 
@@ -94,7 +106,9 @@ def _curve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .discovery import ATTRIBUTION_METHODS
+    from .discovery import ATTRIBUTION_METHODS, METHODS, DiscoverConfig
+
+    defaults = DiscoverConfig(out="")
 
     parser = argparse.ArgumentParser(prog="hap", description="Find circuits in transformer language models.")
     parser.add_argument("--version", action="version", version=f"hap-circuits {__version__}")
@@ -111,25 +125,47 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--random-tokens", action="store_true", help="stress test on random token ids")
     verify.set_defaults(run=_verify)
 
-    discover = commands.add_parser("discover", help="find a circuit and write <out>/circuit.json",
-                                   description="Find a circuit for a task, evaluate it, write <out>/circuit.json.")
+    discover = commands.add_parser(
+        "discover", help="find a circuit and write a run directory (circuit.json, report.html)",
+        description="Find a circuit for a task, evaluate it, and write the run directory. Pruning defaults are a "
+        "CPU budget (make demo runs in under 10 minutes on 2 cores); the published Edge Pruning settings are "
+        "--steps 3000 --batch-size 32 --n-examples 200.")
     _add_model_options(discover)
-    discover.add_argument("--task", default="ioi", help="ioi, greater-than, or a .jsonl file (default ioi)")
-    discover.add_argument("--method", default="eap-ig-inputs", choices=ATTRIBUTION_METHODS)
+    discover.add_argument("--task", default=None, help="ioi, greater-than, or a .jsonl file (default ioi)")
+    discover.add_argument("--method", default=None, choices=METHODS, help="default eap-ig-inputs")
     size = discover.add_mutually_exclusive_group()
-    size.add_argument("--edges", type=int, help="keep this many edges (top by |score|)")
+    size.add_argument("--edges", type=int, help="keep this many edges")
     size.add_argument("--sparsity", type=float, help="fraction of edges removed, in (0, 1)")
-    discover.add_argument("--n-examples", type=int, default=64)
-    discover.add_argument("--batch-size", type=int, default=16)
-    discover.add_argument("--seed", type=int, default=0)
-    discover.add_argument("--ig-steps", type=int, default=5, help="integrated-gradient steps (default 5)")
-    discover.add_argument("--loss", default="logit-diff", choices=("logit-diff", "kl"),
+    discover.add_argument("--n-examples", type=int, default=None, help=f"default {defaults.n_examples}")
+    discover.add_argument("--batch-size", type=int, default=None, help=f"default {defaults.batch_size}")
+    discover.add_argument("--seed", type=int, default=None)
+    discover.add_argument("--ig-steps", type=int, default=None, help="integrated-gradient steps (default 5)")
+    discover.add_argument("--loss", default=None, choices=("logit-diff", "kl"),
                           help="what attribution explains (default: the task metric)")
-    discover.add_argument("--ablation", default="interchange", choices=("interchange", "mean", "zero"))
+    discover.add_argument("--ablation", default=None, choices=("interchange", "mean", "zero"))
     discover.add_argument("--edges-subset", help="exact only: comma-separated edge names, e.g. a3.h1->m5")
-    discover.add_argument("--curve", action="store_true", help="also compute the MIB faithfulness curve")
-    discover.add_argument("--out", required=True, help="run directory")
-    discover.add_argument("--force", action="store_true", help="overwrite an existing circuit.json in --out")
+    discover.add_argument("--curve", action="store_true", default=None, help="also compute the MIB curve")
+    pruning = discover.add_argument_group("Edge Pruning and HAP")
+    pruning.add_argument("--steps", type=int, default=None, help=f"training steps (default {defaults.steps})")
+    pruning.add_argument("--lr", type=float, default=None, help="mask learning rate (default 0.8)")
+    pruning.add_argument("--lambda-lr", type=float, default=None, help="Lagrangian learning rate (default 0.8)")
+    pruning.add_argument("--lr-warmup", type=int, default=None, help="default steps/15")
+    pruning.add_argument("--sparsity-warmup", type=int, default=None, help="default 5/6 of the steps")
+    pruning.add_argument("--node-masks", action="store_true", default=None, help="also learn a mask per source")
+    pruning.add_argument("--node-sparsity", type=float, default=None, help="target for node masks (default 0)")
+    pruning.add_argument("--candidates", type=float, default=None,
+                         help=f"hap: fraction of edges kept as candidates (default {defaults.candidates})")
+    pruning.add_argument("--attribution", default=None, choices=ATTRIBUTION_METHODS,
+                         help="hap: stage-1 method (default eap-ig-inputs)")
+    pruning.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
+                         help=f"hap: initialise masks from the scores (default {defaults.warm_start})")
+    pruning.add_argument("--checkpoint-every", type=int, default=None,
+                         help="save a checkpoint every N steps (default: every 3 minutes of work)")
+    pruning.add_argument("--cache-dir", default=None, help="keep corrupted activations on disk here")
+    discover.add_argument("--out", default=None, help="run directory")
+    discover.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")
+    discover.add_argument("--force", action="store_true", default=None, help="overwrite a run in --out")
+    discover.add_argument("--no-report", action="store_true", help="skip report.html")
     discover.set_defaults(run=_discover)
 
     evaluate = commands.add_parser("evaluate", help="re-score a saved circuit on fresh examples")

@@ -209,7 +209,7 @@ class PruningResult:
     """The learned masks and the circuit read off them."""
 
     in_graph: Tensor  # [S, R] bool, binarised at the target, dangling edges dropped
-    mask_values: Tensor  # [S, R] deterministic gate values (0 off the live edges)
+    mask_values: Tensor  # [S, R] keep probability P(gate > 0) (0 off the live edges)
     expected_sparsity: float
     n_pruned_dangling: int
     steps: int
@@ -349,16 +349,23 @@ def prune(
 
 def _read_off(graph: Graph, live: Tensor, state: PruningState, config: PruningConfig, n_keep: int,
               seconds_per_step: float) -> PruningResult:
-    """Deterministic masks -> the binarised circuit at the target count."""
+    """Learned masks -> the circuit binarised at the target count.
+
+    Edges are ranked by log alpha (monotone in the deterministic gate, which is
+    clamped at 1 and so ties); with node masks, by the product of edge and node
+    keep probabilities. The stored score is that keep probability, in (0, 1).
+    """
     with torch.no_grad():
-        values = gate_deterministic(state.log_alpha.detach().cpu().float())
+        keep = gate_keep_probability(state.log_alpha.detach().cpu().float(), config.beta)
+        ranking = state.log_alpha.detach().cpu().float()
         if state.node_log_alpha is not None:
-            node = gate_deterministic(state.node_log_alpha.detach().cpu().float())
-            values = values * node[live.nonzero(as_tuple=True)[0]]
+            node = gate_keep_probability(state.node_log_alpha.detach().cpu().float(), config.beta)
+            keep = keep * node[live.nonzero(as_tuple=True)[0]]
+            ranking = keep.log()
         dense = torch.zeros(graph.real.shape)
-        dense[live] = values
+        dense[live] = keep
         chosen = torch.zeros(graph.real.shape, dtype=torch.bool)
-        chosen[live] = binarize(values, n_keep)
+        chosen[live] = binarize(ranking, n_keep)
         kept = prune_dangling(graph, chosen)
         expected = _expected_sparsity(state, config, graph.n_edges).item()
     return PruningResult(kept, dense, expected, int(chosen.sum() - kept.sum()), state.step, seconds_per_step)
@@ -373,7 +380,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def pruned_circuit(model: Model, task: TaskData, method: str, result: PruningResult, config: dict) -> Circuit:
-    """The ``Circuit`` of a pruning result (scores are the deterministic gate values)."""
+    """The ``Circuit`` of a pruning result (scores are the learned keep probabilities)."""
     return Circuit(model.name, task.name, method, model.layout, result.mask_values, result.in_graph,
                    config={**config, "n_pruned_dangling": result.n_pruned_dangling,
                            "final_expected_sparsity": result.expected_sparsity, "steps_done": result.steps,

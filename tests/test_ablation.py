@@ -41,8 +41,15 @@ def test_all_on_is_clean_and_all_off_is_corrupted(tiny_model):
         assert not torch.allclose(on, off, atol=1e-3)  # the test can tell the two apart
 
 
+@pytest.fixture(params=[1, 2, 4], ids=lambda n: f"chunk{n}")
+def chunk_layers(request, monkeypatch):
+    """Run a test with reader sums chunked by 1, 2 and 4 layers (the tiny models have 3)."""
+    monkeypatch.setattr("hap.ablation.CHUNK_LAYERS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", list(AblationKind))
-def test_fractional_mask_matches_the_slow_twin(tiny_model, kind):
+def test_fractional_mask_matches_the_slow_twin(tiny_model, kind, chunk_layers):
     graph = hap.Graph.from_model(tiny_model)
     clean, corrupted = _batch(tiny_model, 2)
     if kind is AblationKind.INTERCHANGE:
@@ -58,7 +65,7 @@ def test_fractional_mask_matches_the_slow_twin(tiny_model, kind):
     assert torch.allclose(fast, slow, atol=1e-5)
 
 
-def test_per_example_masks_match_the_slow_twin(tiny_model):
+def test_per_example_masks_match_the_slow_twin(tiny_model, chunk_layers):
     graph = hap.Graph.from_model(tiny_model)
     clean, corrupted = _batch(tiny_model, 4)
     reference = interchange_reference(tiny_model, corrupted)
@@ -99,7 +106,7 @@ def test_answer_positions_give_the_same_logits(tiny_model):
     assert torch.allclose(picked, full[torch.arange(3), positions], atol=1e-6)
 
 
-def test_mask_gradient_matches_finite_differences(tiny_gpt2_64):
+def test_mask_gradient_matches_finite_differences(tiny_gpt2_64, chunk_layers):
     # GPT-2's LayerNorm is truly float64 (HF's Llama RMSNorm computes in float32), so a
     # central difference is exact to ~1e-9 here; the masking code is the same for every family.
     model = tiny_gpt2_64
@@ -130,7 +137,7 @@ def test_mask_gradient_matches_finite_differences(tiny_gpt2_64):
 
 
 @pytest.mark.parametrize("kind", [AblationKind.INTERCHANGE, AblationKind.MEAN])
-def test_skipping_gives_the_same_logits_and_gradients(tiny_model, kind):
+def test_skipping_gives_the_same_logits_and_gradients(tiny_model, kind, chunk_layers):
     graph = hap.Graph.from_model(tiny_model)
     clean, corrupted = _batch(tiny_model, 11)
     if kind is AblationKind.INTERCHANGE:

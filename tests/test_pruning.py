@@ -1,0 +1,204 @@
+"""Edge Pruning and HAP: gates, binarisation, a planted circuit, resume, bad input."""
+
+import json
+
+import pytest
+import torch
+
+import hap
+from hap.attribution import AttributionConfig
+from hap.cli import main
+from hap.hybrid import HybridConfig, hybrid, warm_start_log_alpha
+from hap.pruning import (
+    PruningConfig,
+    binarize,
+    gate_deterministic,
+    gate_keep_probability,
+    gate_sample,
+    log_alpha_for_probability,
+    prune,
+)
+from hap.tasks import load_task
+
+LIVE_HEADS = ("a0.h1", "a1.h2")
+PLANTED_GAIN = 30.0
+
+
+def test_large_log_alpha_is_the_full_model_and_small_the_ablated_run(tiny_llama):
+    graph = hap.Graph.from_model(tiny_llama)
+    task = load_task("ioi", tiny_llama.tokenizer, 4)
+    reference = hap.interchange_reference(tiny_llama, task.corrupted_ids)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for value, expected in ((50.0, tiny_llama.hf_model(task.clean_ids).logits),
+                                (-50.0, tiny_llama.hf_model(task.corrupted_ids).logits)):
+            gates = gate_sample(torch.full((graph.n_edges,), value), 2 / 3, generator)
+            mask = torch.zeros(graph.real.shape)
+            mask[graph.real] = gates
+            logits = hap.run_masked(tiny_llama, graph, task.clean_ids, reference, mask)
+            assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_gates_follow_the_hard_concrete_definition():
+    log_alpha = torch.tensor([-3.0, 0.0, 2.0])
+    assert torch.allclose(gate_deterministic(log_alpha), (torch.sigmoid(log_alpha) * 1.2 - 0.1).clamp(0, 1))
+    samples = torch.stack([gate_sample(log_alpha, 2 / 3, torch.Generator().manual_seed(i)) for i in range(4000)])
+    assert float(samples.min()) == 0.0 and float(samples.max()) == 1.0  # stretched, then clamped
+    assert torch.allclose((samples > 0).float().mean(0), gate_keep_probability(log_alpha, 2 / 3), atol=0.03)
+    p = torch.tensor([0.05, 0.5, 0.9])
+    assert torch.allclose(gate_keep_probability(log_alpha_for_probability(p, 2 / 3), 2 / 3), p, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_keep", [0, 1, 37, 500, 999, 1000])
+def test_binarisation_hits_the_requested_count(n_keep):
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(n_keep))
+    kept = binarize(values, n_keep)
+    assert int(kept.sum()) == n_keep
+    if 0 < n_keep < 1000:
+        assert float(values[kept].min()) > float(values[~kept].max())
+
+
+def test_binarisation_with_ties_is_within_one_edge():
+    values = torch.tensor([3.0, 2.0, 2.0, 1.0, 0.5])
+    assert abs(int(binarize(values, 2).sum()) - 2) <= 1
+
+
+def planted_model() -> hap.Model:
+    """tiny-llama in which every MLP and every head but LIVE_HEADS writes nothing.
+
+    The live heads' outputs are amplified so the task depends on them: the answer
+    position holds the same token in clean and corrupted prompts, so only
+    attention can carry the names there.
+    """
+    planted = hap.load_model("tiny-llama", device="cpu")
+    head_dim = planted.layout.head_dim
+    for layer, block in enumerate(planted.hf_model.model.layers):
+        block.mlp.down_proj.weight.zero_()
+        for head in range(planted.layout.n_heads):
+            columns = slice(head * head_dim, (head + 1) * head_dim)
+            scale = PLANTED_GAIN if f"a{layer}.h{head}" in LIVE_HEADS else 0.0
+            block.self_attn.o_proj.weight[:, columns] *= scale
+    return planted
+
+
+def _check_planted(graph: hap.Graph, kept: torch.Tensor, keep_probability: torch.Tensor) -> None:
+    live_sources = {"input", *LIVE_HEADS}
+    kept_names = [name for name in graph.edge_names() if kept[graph.edge_index(name)]]
+    assert kept_names, "the circuit is empty"
+    assert all(name.split("->")[0] in live_sources for name in kept_names), kept_names
+    assert any(name.startswith("a1.h2->") for name in kept_names)  # the live heads are used
+    dead = torch.tensor([name not in live_sources for name in graph.source_names])
+    dead_edges = graph.real & dead[:, None]
+    live_edges = graph.real & ~dead[:, None] & (keep_probability > 0)
+    # Edges of dead heads are pruned first: they end lower than the live heads' edges.
+    assert float(keep_probability[dead_edges].mean()) < float(keep_probability[live_edges].mean())
+
+
+@pytest.fixture(scope="module")
+def planted():
+    model = planted_model()
+    task = load_task("ioi", model.tokenizer, 16, seed=0)
+    return model, task
+
+
+def test_edge_pruning_finds_the_planted_circuit(planted):
+    model, task = planted
+    graph = hap.Graph.from_model(model)
+    result = prune(model, task, PruningConfig(target_sparsity=0.95, steps=400, batch_size=8, seed=1))
+    assert int(result.in_graph.sum()) <= round(0.05 * graph.n_edges)
+    _check_planted(graph, result.in_graph, result.mask_values)
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_hap_finds_the_planted_circuit(planted, warm_start):
+    model, task = planted
+    graph = hap.Graph.from_model(model)
+    config = HybridConfig(pruning=PruningConfig(target_sparsity=0.95, steps=300, batch_size=8, seed=1),
+                          attribution=AttributionConfig(method="eap"), candidates=0.3, warm_start=warm_start)
+    circuit = hybrid(model, task, config)
+    assert circuit.config["n_candidates"] <= round(0.3 * graph.n_edges)
+    _check_planted(graph, circuit.in_graph, circuit.scores)
+
+
+def test_warm_start_follows_the_scores(tiny_llama):
+    graph = hap.Graph.from_model(tiny_llama)
+    scores = torch.randn(graph.real.shape, generator=torch.Generator().manual_seed(0)) * graph.real
+    candidates = graph.real & (scores.abs() > 0.5)
+    log_alpha = warm_start_log_alpha(graph, scores, candidates, keep=0.4, beta=2 / 3)
+    p = gate_keep_probability(log_alpha[candidates], 2 / 3)
+    assert float(p.mean()) == pytest.approx(0.4, abs=0.02)
+    assert float(log_alpha.abs().max()) <= 10.0
+    block = graph.readers_of_block(3)  # within a reader block, a larger |score| starts more open
+    inside = candidates[:, block]
+    magnitude, opened = scores[:, block][inside].abs(), log_alpha[:, block][inside]
+    order = magnitude.argsort()
+    assert bool((opened[order].diff() >= -1e-6).all())
+
+
+def test_an_interrupted_run_resumes_to_the_same_circuit(tiny_gpt2, tmp_path):
+    task = load_task("ioi", tiny_gpt2.tokenizer, 12, seed=0)
+    config = PruningConfig(target_sparsity=0.8, steps=30, batch_size=4, seed=3)
+    straight = prune(tiny_gpt2, task, config, run_dir=tmp_path / "straight", checkpoint_every=7)
+
+    def interrupt(step: int) -> None:
+        if step == 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prune(tiny_gpt2, task, config, run_dir=tmp_path / "cut", checkpoint_every=7, on_step=interrupt)
+    assert len((tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()) == 12
+    resumed = prune(tiny_gpt2, task, config, run_dir=tmp_path / "cut", resume=True, checkpoint_every=7)
+    assert torch.equal(resumed.in_graph, straight.in_graph)
+    assert torch.equal(resumed.mask_values, straight.mask_values)
+    log = [json.loads(line) for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log] == list(range(1, 31))
+    assert log == [json.loads(line) for line in (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_refuses_other_settings(tiny_gpt2, tmp_path):
+    task = load_task("ioi", tiny_gpt2.tokenizer, 8, seed=0)
+    prune(tiny_gpt2, task, PruningConfig(target_sparsity=0.8, steps=3, batch_size=4), run_dir=tmp_path)
+    with pytest.raises(hap.HapError, match="target_sparsity"):
+        prune(tiny_gpt2, task, PruningConfig(target_sparsity=0.9, steps=3, batch_size=4), run_dir=tmp_path,
+              resume=True)
+
+
+def _snapshot(directory):
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--sparsity", "1.2"], "must be in (0, 1)"),
+        (["--sparsity", "0"], "must be in (0, 1)"),
+        (["--sparsity", "0.9", "--candidates", "0.05"], "raise --candidates"),
+        (["--sparsity", "0.9", "--steps", "0"], "--steps must be positive"),
+        (["--sparsity", "0.9", "--steps", "-5"], "--steps must be positive"),
+    ],
+)
+def test_bad_pruning_input_is_one_line_and_touches_nothing(tmp_path, capsys, extra, words):
+    out = tmp_path / "run"
+    argv = ["discover", "--model", "tiny-llama", "--method", "hap", "--n-examples", "8", "--steps", "3",
+            "--candidates", "0.5", "--out", str(out), "--no-report"]
+    assert main([*argv, "--sparsity", "0.8"]) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main([*argv, *extra, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+    assert _snapshot(out) == before
+
+
+def test_resume_from_a_run_with_other_settings_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["discover", "--model", "tiny-llama", "--method", "ep", "--n-examples", "8", "--steps", "3",
+            "--sparsity", "0.8", "--no-report"]
+    assert main([*argv, "--out", str(out)]) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(["discover", "--model", "tiny-gpt2", *argv[3:], "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "model 'tiny-llama' -> 'tiny-gpt2'" in err
+    assert _snapshot(out) == before
+    assert main([*argv, "--resume", str(out)]) == 0  # the same settings resume (and finish at once)

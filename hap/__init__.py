@@ -15,14 +15,33 @@ from .ablation import (
     trace,
     zero_reference,
 )
+from .attribution import AttributionConfig, attribute
+from .circuit import Circuit, Scores
 from .errors import HapError
+from .evaluation import Metrics, evaluate, faithfulness_curve
 from .graph import Graph
+from .hybrid import HybridConfig, hybrid
 from .models import DEFAULT_MODEL, Model, load_model
+from .pruning import PruningConfig, prune
+from .tasks import TaskData, load_task
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AblationKind",
+    "AttributionConfig",
+    "Circuit",
+    "HybridConfig",
+    "Metrics",
+    "PruningConfig",
+    "Scores",
+    "TaskData",
+    "attribute",
+    "evaluate",
+    "faithfulness_curve",
+    "hybrid",
+    "load_task",
+    "prune",
     "ComputePlan",
     "DEFAULT_MODEL",
     "Graph",

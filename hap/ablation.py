@@ -426,18 +426,22 @@ def _run(
         pieces.append(values)
         n_rows += len(index)
 
-    # Wanted readers of every block, known up front from the plan: the chunked sums need them.
+    # What every block computes, known up front from the plan (the chunked sums need the readers):
+    # the active heads of each attention block, the key/value groups they use, and the readers formed.
     wanted: dict[int, Tensor] = {}
+    active_heads: dict[int, tuple[Tensor, Tensor]] = {}
     for layer in range(model.layout.n_layers):
         block = 2 * layer + 1
         sources, readers = graph.sources_of_block(block), graph.readers_of_block(block)
         heads = plan.active[sources].nonzero().flatten().to(device)
         if len(heads):
             groups = torch.unique(group_of_head[heads])
+            active_heads[block] = (heads, groups)
             wanted[block] = torch.cat([readers.start + heads, readers.start + h + groups, readers.start + h + g + groups])
         if bool(plan.active[graph.sources_of_block(block + 1)].any()):
             start = graph.readers_of_block(block + 1).start
             wanted[block + 1] = torch.tensor([start], device=device)
+    wanted[graph.n_blocks - 1] = torch.tensor([graph.n_readers - 1], device=device)
     chunk = {"id": None, "rows": 0, "pieces": 0, "sums": None, "blocks": set()}
 
     def chunk_of(block: int) -> int:
@@ -462,7 +466,6 @@ def _run(
         big product; rows written inside the chunk are summed here.
         """
         if chunk_of(block) != chunk["id"] or block not in chunk["blocks"]:
-            wanted.setdefault(block, readers)
             start_chunk(block)
         x = ref.block_inputs[block].expand(batch, -1, -1)[None]
         if chunk["sums"] is not None:
@@ -486,14 +489,10 @@ def _run(
 
     for layer in range(model.layout.n_layers):
         block = 2 * layer + 1
-        sources, readers = graph.sources_of_block(block), graph.readers_of_block(block)
-        heads = plan.active[sources].nonzero().flatten().to(device)
-        if len(heads):
-            groups = torch.unique(group_of_head[heads])
-            q_readers = readers.start + heads
-            k_readers = readers.start + h + groups
-            v_readers = readers.start + h + g + groups
-            x = inputs(block, torch.cat([q_readers, k_readers, v_readers]))
+        sources = graph.sources_of_block(block)
+        if block in active_heads:
+            heads, groups = active_heads[block]
+            x = inputs(block, wanted[block])
             n_heads, n_groups = len(heads), len(groups)
             if x.shape[0] == 1:  # every wanted reader reads the same base
                 xq = xk = xv = x
@@ -507,18 +506,18 @@ def _run(
             computed = adapter.head_outputs(layer, adapter.attend(layer, q, k, v), heads)
             add_deltas(sources, sources.start + heads, computed)
         else:
-            add_deltas(sources, heads, None)
+            add_deltas(sources, torch.zeros(0, dtype=torch.long, device=device), None)
 
         block = 2 * layer + 2
-        sources, readers = graph.sources_of_block(block), graph.readers_of_block(block)
-        if bool(plan.active[sources].any()):
-            x = inputs(block, torch.arange(readers.start, readers.stop, device=device))
+        sources = graph.sources_of_block(block)
+        if block in wanted:
+            x = inputs(block, wanted[block])
             add_deltas(sources, torch.tensor([sources.start], device=device), adapter.mlp(layer, x[0])[None])
         else:
             add_deltas(sources, torch.zeros(0, dtype=torch.long, device=device), None)
 
     block = graph.n_blocks - 1
-    logits_reader = torch.tensor([graph.n_readers - 1], device=device)
+    logits_reader = wanted[block]
     if positions is None:
         x = inputs(block, logits_reader)[0]
     else:  # the logits reader only at each example's answer position: [B, 1, D]

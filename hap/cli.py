@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--node-masks", action="store_true", default=None, help="also learn a mask per source")
     pruning.add_argument("--node-sparsity", type=float, default=None, help="target for node masks (default 0)")
     pruning.add_argument("--candidates", type=float, default=None,
-                         help=f"hap: fraction of edges kept as candidates (default {defaults.candidates})")
+                         help="hap: fraction of edges kept as candidates (default 1.5 x 1 - sparsity)")
     pruning.add_argument("--attribution", default=None, choices=ATTRIBUTION_METHODS,
                          help="hap: stage-1 method (default eap-ig-inputs)")
     pruning.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,

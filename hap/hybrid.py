@@ -27,6 +27,10 @@ from .models.loading import Model
 from .pruning import PruningConfig, log_alpha_for_probability, prune, pruned_circuit
 from .tasks import TaskData
 
+# Candidates per circuit edge by default. Measured on SmolLM2 IOI at sparsity 0.95, 100 steps with
+# warm start: candidates 0.075 / 0.1 / 0.2 of the edges gave KL 0.24 / 0.64 / 2.40 (faithfulness
+# 0.84 / 0.60 / -0.33): on a short budget a tight margin wins; raise it with --steps 1000+.
+CANDIDATE_MARGIN = 1.5
 WARM_START_TEMPERATURE = 0.2
 WARM_START_CLAMP = 10.0
 
@@ -37,11 +41,14 @@ class HybridConfig:
 
     pruning: PruningConfig = field(default_factory=PruningConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
-    candidates: float = 0.1  # fraction of all edges kept as candidates
+    candidates: float | None = None  # fraction of all edges kept as candidates; default CANDIDATE_MARGIN x target
     warm_start: bool = False
     warm_start_sparsity: float | None = None  # default: keep twice the target's edges at the start
 
     def __post_init__(self) -> None:
+        if self.candidates is None:
+            default = min(1.0, CANDIDATE_MARGIN * (1.0 - self.pruning.target_sparsity))
+            object.__setattr__(self, "candidates", default)
         if not 0.0 < self.candidates <= 1.0:
             raise HapError(f"--candidates is a fraction of the edges in (0, 1], got {self.candidates}")
         if self.candidates < 1.0 - self.pruning.target_sparsity:

@@ -3,7 +3,9 @@
 Loss = KL(full model || circuit) at the answer position + l1 (s - t) + l2 (s - t)^2,
 where s is the expected edge sparsity over *all* real edges (edges that are not
 live are fixed ablated and count as removed), t the target warmed up linearly
-from 0, and l1, l2 are trained by gradient ascent. Masks and lambdas use AdamW
+from the run's initial expected sparsity (about 0 from the usual N(10, 0.01)
+start; higher after a warm start or with few candidates), and l1, l2 are trained
+by gradient ascent. Masks and lambdas use AdamW
 with the published GPT-2 settings as defaults (lr 0.8, 3000 steps, target
 warm-up 2500 steps, lr warm-up 200); shorter runs scale both warm-ups with the
 step count. The final circuit keeps the edges whose deterministic mask is above
@@ -145,18 +147,21 @@ class PruningState:
     log_alpha: Tensor  # [E] one per live edge
     node_log_alpha: Tensor | None  # [S] one per source, when node masks are on
     lambdas: Tensor  # [4]: edge l1, l2, node l1, l2
+    start_sparsity: float  # expected sparsity at step 0: the target warms up from here
     mask_optimizer: torch.optim.Optimizer
     lambda_optimizer: torch.optim.Optimizer
     generator: torch.Generator
 
 
-def _new_state(log_alpha: Tensor, node_log_alpha: Tensor | None, config: PruningConfig) -> PruningState:
+def _new_state(log_alpha: Tensor, node_log_alpha: Tensor | None, config: PruningConfig,
+               start_sparsity: float) -> PruningState:
     parameters = [log_alpha] + ([node_log_alpha] if node_log_alpha is not None else [])
     lambdas = torch.zeros(4, requires_grad=True)
     mask_optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     lambda_optimizer = torch.optim.AdamW([lambdas], lr=config.lambda_lr, weight_decay=0.0, maximize=True)
     generator = torch.Generator().manual_seed(config.seed)
-    return PruningState(0, log_alpha, node_log_alpha, lambdas, mask_optimizer, lambda_optimizer, generator)
+    return PruningState(0, log_alpha, node_log_alpha, lambdas, start_sparsity, mask_optimizer, lambda_optimizer,
+                        generator)
 
 
 def save_checkpoint(path: Path, state: PruningState, fingerprint: dict[str, Any]) -> None:
@@ -166,6 +171,7 @@ def save_checkpoint(path: Path, state: PruningState, fingerprint: dict[str, Any]
         "log_alpha": state.log_alpha.detach().cpu(),
         "node_log_alpha": None if state.node_log_alpha is None else state.node_log_alpha.detach().cpu(),
         "lambdas": state.lambdas.detach().cpu(),
+        "start_sparsity": state.start_sparsity,
         "mask_optimizer": state.mask_optimizer.state_dict(),
         "lambda_optimizer": state.lambda_optimizer.state_dict(),
         "generator": state.generator.get_state(),
@@ -189,7 +195,7 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any], config: PruningConf
     log_alpha = payload["log_alpha"].to(device).requires_grad_(True)
     node = payload["node_log_alpha"]
     node = None if node is None else node.to(device).requires_grad_(True)
-    state = _new_state(log_alpha, node, config)
+    state = _new_state(log_alpha, node, config, float(payload["start_sparsity"]))
     with torch.no_grad():
         state.lambdas.copy_(payload["lambdas"])
     state.mask_optimizer.load_state_dict(payload["mask_optimizer"])
@@ -276,7 +282,9 @@ def prune(
         if config.node_masks:
             node = config.init_mean + config.init_std * torch.randn(graph.n_sources, generator=generator)
             node = node.to(device).requires_grad_(True)
-        state = _new_state(log_alpha.to(device).requires_grad_(True), node, config)
+        n_edges = graph.n_edges
+        start = 1.0 - float(gate_keep_probability(log_alpha, config.beta).sum()) / n_edges
+        state = _new_state(log_alpha.to(device).requires_grad_(True), node, config, start)
     if run_path is not None:
         run_path.mkdir(parents=True, exist_ok=True)
         _truncate_log(run_path / "train_log.jsonl", state.step)
@@ -299,7 +307,8 @@ def prune(
                 mask = mask * node_gates.to(model.dtype)[:, None]
             logits = run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions)
             kl = kl_divergence(batch.clean_logits, logits).mean()
-            target = config.target_sparsity * min(1.0, step / config.sparsity_warmup_steps)
+            warmed = min(1.0, step / config.sparsity_warmup_steps)
+            target = state.start_sparsity + (config.target_sparsity - state.start_sparsity) * warmed
             expected = _expected_sparsity(state, config, graph.n_edges)
             gap = expected - target
             loss = kl + state.lambdas[0] * gap + state.lambdas[1] * gap**2

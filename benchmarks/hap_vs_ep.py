@@ -57,7 +57,7 @@ def trained_small_llama(seconds: float = 60.0, seed: int = 0) -> hap.Model:
         optimizer.step()
         step += 1
     module.eval().requires_grad_(False)
-    print(f"trained the small model for {step} steps ({time.perf_counter() - started:.0f} s), final loss {float(loss):.3f}")
+    print(f"trained the small model for {step} steps ({time.perf_counter() - started:.0f} s), final loss {loss.item():.3f}")
     return hap.Model("small-llama-ioi", module, tokenizer, LlamaAdapter(module), "built-in")
 
 
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--ep-steps", type=int, default=None)
     parser.add_argument("--hap-steps", type=int, nargs="+", default=None)
-    parser.add_argument("--candidates", type=float, default=0.1)
+    parser.add_argument("--candidates", type=float, default=None, help="default: 1.5 x the circuit")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.setting == "small":
@@ -141,7 +141,7 @@ def main() -> None:
     eval_task = load_task("ioi", model.tokenizer, n_examples, seed=args.seed + 1)
     graph = hap.Graph.from_model(model)
     print(f"{model.name}: {graph.n_edges} edges; IOI, {n_examples} examples in batches of {batch_size}; "
-          f"target sparsity {args.sparsity}; HAP candidates {args.candidates} with warm start; "
+          f"target sparsity {args.sparsity}; HAP candidates {args.candidates or "1.5x the circuit"} with warm start; "
           f"metrics on {n_examples} fresh examples; {time.strftime('%Y-%m-%d')}, {torch.get_num_threads()} threads")
     rows = run_all(model, task, eval_task, args.sparsity, batch_size, ep_steps, hap_steps, args.candidates,
                    args.seed)

@@ -40,6 +40,9 @@ from .models.loading import Model
 from .tasks import TaskData
 
 STRETCH_LOW, STRETCH_HIGH = -0.1, 1.1
+# log alpha is kept in [-10, 10] after every step (the warm-start recipe's range): beyond it the
+# keep probability saturates and the sparsity penalty can no longer move a gate back.
+LOG_ALPHA_LIMIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -325,6 +328,10 @@ def prune(
             loss.backward()
             state.mask_optimizer.step()
             state.lambda_optimizer.step()
+            with torch.no_grad():  # keep every gate within reach of the penalty's gradient
+                state.log_alpha.clamp_(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
+                if state.node_log_alpha is not None:
+                    state.node_log_alpha.clamp_(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
             state.step += 1
             if run_path is not None:
                 line = {"step": state.step, "loss": loss.item(), "kl": kl.item(), "expected_sparsity": expected.item(),

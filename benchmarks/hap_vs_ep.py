@@ -141,7 +141,7 @@ def main() -> None:
     eval_task = load_task("ioi", model.tokenizer, n_examples, seed=args.seed + 1)
     graph = hap.Graph.from_model(model)
     print(f"{model.name}: {graph.n_edges} edges; IOI, {n_examples} examples in batches of {batch_size}; "
-          f"target sparsity {args.sparsity}; HAP candidates {args.candidates or "1.5x the circuit"} with warm start; "
+          f"target sparsity {args.sparsity}; HAP candidates {args.candidates or '1.5x the circuit'} with warm start; "
           f"metrics on {n_examples} fresh examples; {time.strftime('%Y-%m-%d')}, {torch.get_num_threads()} threads")
     rows = run_all(model, task, eval_task, args.sparsity, batch_size, ep_steps, hap_steps, args.candidates,
                    args.seed)

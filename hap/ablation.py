@@ -23,6 +23,15 @@ every other edge is fixed ablated) and derives what must be computed:
 
 Under interchange ablation an inactive source writes exactly its corrupted
 output, so HAP's per-step cost scales with the candidate subgraph.
+
+How the sums run: the deltas z - z~ of contributing sources are written once,
+block by block, into a preallocated buffer [C, B, T, D]. At the start of each
+chunk of ``CHUNK_LAYERS`` layers one matrix product forms, for every reader of
+the chunk, the masked sum over the rows written so far; rows written inside
+the chunk are added per block. A custom autograd function reads the buffer
+again in backward and routes gradients to the per-block delta tensors, so no
+copy of the deltas is kept per reader block. Attribution, with every mask at 1,
+uses ``_plain_run`` instead: each reader reads the residual plus a probe.
 """
 
 from __future__ import annotations
@@ -395,8 +404,6 @@ def _run(
 
     # Rows of the delta buffer: the contributing sources, in block order.
     row_source = plan.contributing.nonzero().flatten()
-    row_of_source = torch.full((graph.n_sources,), -1, dtype=torch.long)
-    row_of_source[row_source] = torch.arange(len(row_source))
     # Entries that are not live are fixed ablated whatever the caller's mask says.
     live = plan.live.to(device=device, dtype=model.dtype)
     mask_rows = (mask.to(device=device, dtype=model.dtype) * live).index_select(-2, row_source.to(device))

@@ -19,7 +19,6 @@ Areas are trapezoids over the fractions.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -185,10 +184,3 @@ def faithfulness_curve(
     signed, absolute = values[: len(fractions)], values[len(fractions):]
     cpr, cmd = cpr_cmd(list(fractions), signed, absolute)
     return Curve(list(fractions), signed, absolute, cpr, cmd)
-
-
-def timed(function, *args, **kwargs) -> tuple[Any, float]:
-    """(result, seconds) of one call."""
-    started = time.perf_counter()
-    result = function(*args, **kwargs)
-    return result, time.perf_counter() - started

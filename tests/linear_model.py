@@ -23,7 +23,6 @@ class LinearAdapter(ModelAdapter):
     def __init__(self, module: torch.nn.Module, layout: Layout) -> None:
         super().__init__(module)
         self.layout = layout
-        d, h, g, k = layout.d_model, layout.n_heads, layout.n_kv_heads, layout.head_dim
         self.attention = []
         for layer in range(layout.n_layers):
             w_o = getattr(module, f"w_o{layer}")

@@ -25,6 +25,14 @@ def _add_model_options(parser: argparse.ArgumentParser, default: str | None = DE
     parser.add_argument("--dtype", default=None, help="float32 (default), float64, float16, bfloat16")
 
 
+def _add_task_options(parser: argparse.ArgumentParser, seed: int | None, seed_help: str) -> None:
+    """The options of commands that re-run a saved circuit's task on new examples."""
+    parser.add_argument("--task", default=None, help="default: the circuit's task")
+    parser.add_argument("--n-examples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=seed, help=seed_help)
+
+
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_model
 
@@ -171,10 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="re-score a saved circuit on fresh examples")
     evaluate.add_argument("circuit", help="circuit.json or a run directory")
     _add_model_options(evaluate, default=None)
-    evaluate.add_argument("--task", default=None, help="default: the circuit's task")
-    evaluate.add_argument("--n-examples", type=int, default=64)
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--seed", type=int, default=None, help="default: the discovery seed + 1 (fresh examples)")
+    _add_task_options(evaluate, seed=None, seed_help="default: the discovery seed + 1 (fresh examples)")
     evaluate.add_argument("--ablation", default=None, choices=("interchange", "mean", "zero"))
     evaluate.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     evaluate.set_defaults(run=_evaluate)
@@ -182,10 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     curve = commands.add_parser("curve", help="MIB faithfulness curve (CPR, CMD) of a circuit file's scores")
     curve.add_argument("scores", help="circuit.json (its edge scores are ranked) or a run directory")
     _add_model_options(curve, default=None)
-    curve.add_argument("--task", default=None, help="default: the circuit's task")
-    curve.add_argument("--n-examples", type=int, default=64)
-    curve.add_argument("--batch-size", type=int, default=16)
-    curve.add_argument("--seed", type=int, default=1)
+    _add_task_options(curve, seed=1, seed_help="examples' seed (default 1)")
     curve.add_argument("--no-write", action="store_true", help="do not store the curve in the circuit file")
     curve.set_defaults(run=_curve)
     register_report_commands(commands)

@@ -80,21 +80,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        resolved = torch.device(device)
+        torch_device = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise DeviceNotAvailableError(f"'{device}' is not a torch device name; use cpu, cuda or cuda:N") from error
-    if resolved.type == "cuda":
+    if torch_device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceNotAvailableError(f"device '{device}' requested but CUDA is not available here; use --device cpu")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
             raise DeviceNotAvailableError(
                 f"device '{device}' requested but only {torch.cuda.device_count()} CUDA device(s) exist"
             )
-    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+    elif torch_device.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceNotAvailableError(f"device '{device}' requested but MPS is not available here; use --device cpu")
-    elif resolved.type not in ("cpu", "cuda", "mps"):
-        raise DeviceNotAvailableError(f"device type '{resolved.type}' is not supported; use cpu, cuda or mps")
-    return resolved
+    elif torch_device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceNotAvailableError(f"device type '{torch_device.type}' is not supported; use cpu, cuda or mps")
+    return torch_device
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

@@ -164,13 +164,15 @@ def attribute(
     method: Method | str | None = None,
     config: AttributionConfig | None = None,
     progress: bool = False,
+    data: list[Batch] | None = None,
 ) -> Scores:
     """Score every real edge of ``model``'s graph on ``task`` with ``method``.
 
     Returns ``Scores`` whose ``values`` [S, R] are the mean over examples of the
     estimated change in the loss when the edge is ablated (``exact``: measured).
     ``config`` carries the other settings; ``method``, when given, overrides its
-    method (default: ``eap-ig-inputs``).
+    method (default: ``eap-ig-inputs``). ``data``: batches already prepared
+    (with their references) for this task, so they are not computed again.
     """
     config = config or AttributionConfig()
     if method is not None:
@@ -189,7 +191,9 @@ def attribute(
     started = time.perf_counter()
     n_total = len(task)
     with tqdm(total=n_total, desc=f"attribution ({config.method.value})", unit="ex", disable=not progress) as bar:
-        for batch in batches(model, graph, task, config.batch_size, config.ablation, config.loss is Loss.KL):
+        if data is None:
+            data = batches(model, graph, task, config.batch_size, config.ablation, config.loss is Loss.KL)
+        for batch in data:
             weight = len(batch.clean) / n_total
             if config.method is Method.EXACT:
                 _exact_scores(model, graph, batch, config, scores, weight, edges)

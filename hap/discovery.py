@@ -167,9 +167,15 @@ def _attribution_config(config: DiscoverConfig, method: str) -> AttributionConfi
                              edges_subset=config.edges_subset if method == "exact" else None)
 
 
-def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: dict[str, float]) -> Circuit:
-    """Run the method and select the circuit (the stage a new method plugs into)."""
+def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: dict[str, float],
+                 data: list | None = None) -> Circuit:
+    """Run the method and select the circuit (the stage a new method plugs into).
+
+    ``data``: the task's batches with their references, prepared once per run.
+    """
     graph = Graph.from_model(model)
+    if data is None:
+        data = _prepared_batches(model, graph, task, config, config.batch_size)
     if config.method in PRUNING_METHODS:
         from .hybrid import HybridConfig, hybrid
         from .pruning import PruningConfig, prune, pruned_circuit
@@ -183,16 +189,15 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
         checkpoints = {"checkpoint_every": config.checkpoint_every, "run_dir": config.out, "resume": config.resume}
         if config.method == "ep":
             started = time.perf_counter()
-            data = _prepared_batches(model, graph, task, config, pruning.batch_size)
             result = prune(model, task, pruning, data=data, progress=True, **checkpoints)
             runtime["pruning"] = time.perf_counter() - started
             return pruned_circuit(model, task, "ep", result, {"pruning": pruning.to_dict()})
         hybrid_config = HybridConfig(pruning=pruning, attribution=_attribution_config(config, config.attribution),
                                      candidates=config.candidates, warm_start=config.warm_start)
-        data = _prepared_batches(model, graph, task, config, pruning.batch_size)
         return hybrid(model, task, hybrid_config, runtime=runtime, progress=True, data=data, **checkpoints)
 
-    scores: Scores = attribute(model, task, config=_attribution_config(config, config.method), progress=True)
+    scores: Scores = attribute(model, task, config=_attribution_config(config, config.method), progress=True,
+                               data=data)
     runtime.update(scores.runtime_s)
     started = time.perf_counter()
     circuit = scores.circuit(n_edges_wanted(config, graph))
@@ -227,17 +232,20 @@ def discover(config: DiscoverConfig) -> Circuit:
     task = load_task(config.task, model.tokenizer, config.n_examples, seed=config.seed)
     runtime["task"] = time.perf_counter() - started
 
-    circuit = find_circuit(model, task, config, runtime)
+    started = time.perf_counter()
+    data = _prepared_batches(model, Graph.from_model(model), task, config, config.batch_size)
+    runtime["references"] = time.perf_counter() - started
+    circuit = find_circuit(model, task, config, runtime, data)
 
     started = time.perf_counter()
-    metrics = evaluate(model, circuit, task, config.batch_size, config.ablation, progress=True).to_dict()
+    metrics = evaluate(model, circuit, task, config.batch_size, config.ablation, progress=True, data=data).to_dict()
     runtime["evaluation"] = time.perf_counter() - started
     if config.curve:
         started = time.perf_counter()
         scores = Scores(circuit.model, circuit.task, circuit.method, circuit.layout, circuit.scores,
                         {"loss": "kl" if config.method in PRUNING_METHODS else config.loss})
         curve = faithfulness_curve(model, scores, task, batch_size=config.batch_size, ablation=config.ablation,
-                                   progress=True)
+                                   progress=True, data=data)
         metrics["curve"] = curve.to_dict()
         runtime["curve"] = time.perf_counter() - started
     metrics["n_full_model_wrong"] = round((1.0 - metrics["full_model"]["accuracy"]) * len(task))

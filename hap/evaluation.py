@@ -134,12 +134,16 @@ def evaluate(
     batch_size: int = 16,
     ablation: AblationKind | str = AblationKind.INTERCHANGE,
     progress: bool = False,
+    data: list[Batch] | None = None,
 ) -> Metrics:
-    """Score a circuit (or an edge mask [S, R] bool) on ``task``; every other edge is ablated."""
+    """Score a circuit (or an edge mask [S, R] bool) on ``task``; every other edge is ablated.
+
+    ``data``: batches already prepared for this task (with full-model logits), reused as they are.
+    """
     graph = Graph.from_model(model)
     kept = circuit.in_graph if isinstance(circuit, Circuit) else circuit
     kept = kept.cpu().bool() & graph.real
-    data = list(batches(model, graph, task, batch_size, AblationKind(ablation)))
+    data = data if data is not None else list(batches(model, graph, task, batch_size, AblationKind(ablation)))
     [metrics], full, empty = _evaluate_masks(model, graph, data, [kept], AblationKind(ablation), progress, "evaluate")
     return Metrics(
         kl=metrics["kl"],
@@ -166,6 +170,7 @@ def faithfulness_curve(
     batch_size: int = 16,
     ablation: AblationKind | str = AblationKind.INTERCHANGE,
     progress: bool = False,
+    data: list[Batch] | None = None,
 ) -> Curve:
     """The MIB curve: faithfulness of the top fraction k of edges, by signed and by absolute score."""
     graph = Graph.from_model(model)
@@ -178,7 +183,7 @@ def faithfulness_curve(
             chosen = torch.zeros(real.numel(), dtype=torch.bool)
             chosen[order[: max(1, round(fraction * graph.n_edges))]] = True
             kept.append(chosen.view(real.shape) & real)
-    data = list(batches(model, graph, task, batch_size, AblationKind(ablation)))
+    data = data if data is not None else list(batches(model, graph, task, batch_size, AblationKind(ablation)))
     results, full, empty = _evaluate_masks(model, graph, data, kept, AblationKind(ablation), progress, "curve")
     values = [faithfulness(r["logit_diff"], full["logit_diff"], empty["logit_diff"]) for r in results]
     signed, absolute = values[: len(fractions)], values[len(fractions):]

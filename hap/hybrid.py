@@ -105,14 +105,14 @@ def warm_start_log_alpha(graph: Graph, scores: Tensor, candidates: Tensor, keep:
 
 
 def _attribution_stage(model: Model, task: TaskData, config: HybridConfig, run_dir: Path | None,
-                       resume: bool, runtime: dict[str, float]) -> Scores:
+                       resume: bool, runtime: dict[str, float], data=None) -> Scores:
     """Stage 1, saved in the run directory so a resumed run does not redo it."""
     saved = run_dir / "attribution.pt" if run_dir is not None else None
     if resume and saved is not None and saved.is_file():
         values = torch.load(saved, map_location="cpu", weights_only=True)
         return Scores(model.name, task.name, config.attribution.method.value, model.layout, values,
                       config.attribution.to_dict())
-    scores = attribute(model, task, config=config.attribution, progress=True)
+    scores = attribute(model, task, config=config.attribution, progress=True, data=data)
     runtime.update(scores.runtime_s)
     if saved is not None:
         saved.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def hybrid(
     runtime = {} if runtime is None else runtime
     run_path = Path(run_dir) if run_dir is not None else None
     graph = Graph.from_model(model)
-    scores = _attribution_stage(model, task, config, run_path, resume, runtime)
+    scores = _attribution_stage(model, task, config, run_path, resume, runtime, data)
 
     started = time.perf_counter()
     candidates = select_candidates(graph, scores.values, config.candidates)

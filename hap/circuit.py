@@ -2,7 +2,15 @@
 
 ``Scores`` holds one number per real edge. ``Circuit`` is a chosen set of edges
 (``in_graph``) with the scores that chose it, the settings, metrics and
-runtimes. Selection keeps the top edges by |score|, then drops edges that cannot
+runtimes, and the task splits it was fitted and judged on.
+
+``circuit.json`` format ``hap-circuit/2`` keeps metrics per split:
+``metrics["test"]`` (held-out: the headline), ``metrics["train"]`` (in-sample,
+the examples it was fitted on), ``metrics["gap"]`` (test minus train) and
+``metrics["curve"]`` (MIB curve, on the test split); ``splits`` holds the
+``TaskSpec`` of each split so ``hap evaluate`` rebuilds exactly the same
+examples. Format ``hap-circuit/1`` files are read too: their unlabelled metrics
+were measured on the training examples and become ``metrics["train"]``. Selection keeps the top edges by |score|, then drops edges that cannot
 matter: those whose source has no kept path from ``input`` or whose reader has
 no kept path to ``logits``.
 """
@@ -24,7 +32,9 @@ from .errors import HapError
 from .graph import Graph
 from .models.adapter import Layout
 
-FORMAT = "hap-circuit/1"
+FORMAT = "hap-circuit/2"
+FORMAT_1 = "hap-circuit/1"
+METRIC_SPLITS = ("test", "train")
 
 
 class CircuitFileError(HapError):
@@ -106,6 +116,13 @@ class Circuit:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     runtime_s: dict[str, float] = field(default_factory=dict)
+    splits: dict[str, Any] = field(default_factory=dict)  # split name -> TaskSpec dict
+
+    @property
+    def held_out(self) -> dict[str, Any]:
+        """The headline metrics: those of the test split (empty if the circuit was never judged on one)."""
+        test = self.metrics.get("test")
+        return test if isinstance(test, dict) else {}
 
     def graph(self) -> Graph:
         """The model's graph with this circuit's scores and selection filled in."""
@@ -127,7 +144,7 @@ class Circuit:
         return nodes
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``hap-circuit/1`` document (EAP-IG / MIB names for edges and nodes)."""
+        """The ``hap-circuit/2`` document (EAP-IG / MIB names for edges and nodes)."""
         graph = self.graph()
         sources, readers = graph.real.nonzero(as_tuple=True)
         scores = graph.scores[sources, readers].tolist()
@@ -143,6 +160,7 @@ class Circuit:
             "task": self.task,
             "method": self.method,
             "config": self.config,
+            "splits": self.splits,
             "graph": {
                 "family": layout.family,
                 "n_layers": layout.n_layers,
@@ -167,12 +185,12 @@ class Circuit:
 
     @classmethod
     def from_dict(cls, document: dict[str, Any], model: str | None = None, source: str = "circuit") -> Circuit:
-        """Read a ``hap-circuit/1`` document; with ``model``, refuse another model's circuit."""
+        """Read a ``hap-circuit/2`` (or ``/1``) document; with ``model``, refuse another model's circuit."""
         found = document.get("format")
-        if found != FORMAT:
+        if found not in (FORMAT, FORMAT_1):
             raise CircuitFileError(
-                f"{source} has format {found!r}, this hap-circuits reads {FORMAT!r}; re-run discovery "
-                "with this version or convert the file"
+                f"{source} has format {found!r}, this hap-circuits reads {FORMAT!r} and {FORMAT_1!r}; re-run "
+                "discovery with this version or convert the file"
             )
         if model is not None and document.get("model") != model:
             raise CircuitFileError(
@@ -201,6 +219,9 @@ class Circuit:
                 in_graph[s, r] = bool(edge["in_graph"])
         except KeyError as error:
             raise CircuitFileError(f"{source}: {error.args[0]}") from error
+        metrics = document.get("metrics", {})
+        if found == FORMAT_1:
+            metrics = upgrade_format_1_metrics(metrics)
         return cls(
             model=document["model"],
             task=document.get("task", ""),
@@ -209,8 +230,9 @@ class Circuit:
             scores=scores,
             in_graph=in_graph,
             config=document.get("config", {}),
-            metrics=document.get("metrics", {}),
+            metrics=metrics,
             runtime_s=document.get("runtime_s", {}),
+            splits=document.get("splits", {}) if found == FORMAT else {},
         )
 
     @classmethod
@@ -226,6 +248,27 @@ class Circuit:
         except json.JSONDecodeError as error:
             raise CircuitFileError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from error
         return cls.from_dict(document, model=model, source=str(path))
+
+
+def upgrade_format_1_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 metrics -> format 2: ``hap discover`` measured them on the examples the circuit was fitted on,
+    so they are in-sample (``train``); a stored curve is kept as it was."""
+    if not isinstance(metrics, dict):
+        return {}
+    upgraded: dict[str, Any] = {}
+    in_sample = {key: value for key, value in metrics.items() if key != "curve"}
+    if in_sample:
+        upgraded["train"] = in_sample
+    if isinstance(metrics.get("curve"), dict):
+        upgraded["curve"] = metrics["curve"]
+    return upgraded
+
+
+def generalisation_gap(test: dict[str, Any], train: dict[str, Any]) -> dict[str, float]:
+    """Test minus train for each metric both have (negative faithfulness: the circuit holds less on new examples)."""
+    keys = ("kl", "logit_diff", "accuracy", "faithfulness")
+    return {key: test[key] - train[key] for key in keys
+            if isinstance(test.get(key), (int, float)) and isinstance(train.get(key), (int, float))}
 
 
 @dataclass

@@ -25,12 +25,45 @@ def _add_model_options(parser: argparse.ArgumentParser, default: str | None = DE
     parser.add_argument("--dtype", default=None, help="float32 (default), float64, float16, bfloat16")
 
 
-def _add_task_options(parser: argparse.ArgumentParser, seed: int | None, seed_help: str) -> None:
-    """The options of commands that re-run a saved circuit's task on new examples."""
-    parser.add_argument("--task", default=None, help="default: the circuit's task")
-    parser.add_argument("--n-examples", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=seed, help=seed_help)
+def _add_task_options(parser: argparse.ArgumentParser) -> None:
+    """The options of commands that re-run a saved circuit on examples: by default its recorded test split."""
+    parser.add_argument("--split", default="test", choices=("test", "train"),
+                        help="which recorded split of the circuit to use (default test: the held-out examples)")
+    parser.add_argument("--task", default=None,
+                        help="another task or .jsonl file instead of the recorded split (default: the circuit's)")
+    parser.add_argument("--n-examples", type=int, default=None,
+                        help="default: as many as the recorded split (64 for --task or a circuit without splits)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="with --task: the draw's seed (default: the discovery seed + 1)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the circuit's")
+
+
+def _examples(args: argparse.Namespace, circuit, tokenizer, source: str):
+    """The task examples a re-scoring command uses and a line saying which they are.
+
+    Default: the circuit's recorded split (exactly the examples ``discover`` used). With
+    ``--task`` or ``--seed``, or for a circuit that records no split, a fresh draw.
+    """
+    from .tasks import TaskSpec, load_split, load_task
+
+    recorded = circuit.splits.get(args.split)
+    if recorded and args.task is None and args.seed is None:
+        spec = TaskSpec.from_dict(recorded, source=f"{source}: splits.{args.split}")
+        measured = (circuit.metrics.get(args.split) or {}).get("n_examples")  # in-sample: the first N examples
+        n_examples = args.n_examples or (measured if isinstance(measured, int) else None)
+        if n_examples is not None:
+            spec = TaskSpec(**{**spec.to_dict(), "n_examples": n_examples})
+        return load_split(spec, tokenizer), spec.describe(), spec.to_dict()
+    if args.split == "train" and not recorded:
+        raise HapError(f"{source} records no training split (it predates held-out splits); "
+                       "use --task and --seed to draw examples")
+    n = args.n_examples or 64
+    seed = args.seed if args.seed is not None else int(circuit.config.get("seed", 0)) + 1
+    task = load_task(args.task or circuit.task, tokenizer, n, seed=seed)
+    note = f"{n} examples of {args.task or circuit.task} drawn with seed {seed} from the whole vocabulary"
+    if not recorded:
+        note += " (this circuit records no split: they may share templates and names with its training examples)"
+    return task, note, {"task": args.task or circuit.task, "split": "drawn", "n_examples": n, "seed": seed}
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -54,12 +87,16 @@ def _discover(args: argparse.Namespace) -> int:
     subset = tuple(name.strip() for name in args.edges_subset.split(",")) if args.edges_subset else None
     settings = {
         "out": args.out, "model": args.model, "task": args.task, "method": args.method, "edges": args.edges,
-        "sparsity": args.sparsity, "n_examples": args.n_examples, "batch_size": args.batch_size, "seed": args.seed,
+        "sparsity": args.sparsity, "n_examples": args.n_examples, "n_test": args.n_test, "test_task": args.test_task,
+        "test_fraction": args.test_fraction, "batch_size": args.batch_size, "seed": args.seed,
         "ig_steps": args.ig_steps, "loss": args.loss, "ablation": args.ablation, "edges_subset": subset,
         "curve": args.curve, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
         "lr_warmup": args.lr_warmup, "sparsity_warmup": args.sparsity_warmup, "node_masks": args.node_masks,
-        "node_sparsity": args.node_sparsity, "candidates": args.candidates, "attribution": args.attribution,
-        "warm_start": args.warm_start, "checkpoint_every": args.checkpoint_every, "cache_dir": args.cache_dir,
+        "max_extra_steps": args.max_extra_steps, "node_sparsity": args.node_sparsity, "candidates": args.candidates,
+        "attribution": args.attribution, "attribution_examples": args.attribution_examples,
+        "warm_start": args.warm_start, "eval_every": args.eval_every, "monitor_examples": args.monitor_examples,
+        "checkpoint_every": args.checkpoint_every, "cache_dir": args.cache_dir,
+        "reference_memory": args.reference_memory,
         "device": args.device, "dtype": args.dtype, "force": args.force, "resume": args.resume is not None,
         "report": not args.no_report,
     }
@@ -74,41 +111,48 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .circuit import Circuit
     from .discovery import format_summary
     from .evaluation import evaluate
-    from .tasks import load_task
 
     circuit = Circuit.load(args.circuit, model=args.model)
     model = load_model(circuit.model, device=args.device, dtype=args.dtype)
-    seed = args.seed if args.seed is not None else int(circuit.config.get("seed", 0)) + 1
-    task = load_task(args.task or circuit.task, model.tokenizer, args.n_examples, seed=seed)
+    task, note, split = _examples(args, circuit, model.tokenizer, args.circuit)
     started = time.perf_counter()
     ablation = args.ablation or circuit.config.get("ablation", "interchange")
-    metrics = evaluate(model, circuit, task, args.batch_size, ablation, progress=not args.json).to_dict()
+    batch_size = args.batch_size or int(circuit.config.get("batch_size", 16))
+    metrics = evaluate(model, circuit, task, batch_size, ablation, progress=not args.json).to_dict()
     metrics["n_full_model_wrong"] = round((1.0 - metrics["full_model"]["accuracy"]) * len(task))
     if args.json:
-        print(json.dumps({"circuit": str(args.circuit), "model": circuit.model, "task": task.name, "seed": seed,
+        print(json.dumps({"circuit": str(args.circuit), "model": circuit.model, "task": task.name, "split": split,
                           **metrics}))
     else:
-        circuit.metrics, circuit.runtime_s = metrics, {"evaluation": time.perf_counter() - started}
+        label = "train" if split.get("split") == "train" else "test"
+        circuit.metrics = {label: metrics}
+        circuit.splits = {}
+        circuit.runtime_s = {"evaluation": time.perf_counter() - started}
         print(format_summary(circuit))
+        print(f"  examples      {note}")
+        if label == "train":
+            print("  (these are the examples the circuit was fitted on: in-sample numbers, not held out)")
     return 0
 
 
 def _curve(args: argparse.Namespace) -> int:
     from .circuit import Circuit, Scores, write_atomically
     from .evaluation import faithfulness_curve
-    from .tasks import load_task
 
     path = Path(args.scores)
     path = path / "circuit.json" if path.is_dir() else path
     circuit = Circuit.load(path, model=args.model)
     model = load_model(circuit.model, device=args.device, dtype=args.dtype)
-    task = load_task(args.task or circuit.task, model.tokenizer, args.n_examples, seed=args.seed)
+    task, note, split = _examples(args, circuit, model.tokenizer, str(path))
     scores = Scores(circuit.model, circuit.task, circuit.method, circuit.layout, circuit.scores, circuit.config)
     ablation = circuit.config.get("ablation", "interchange")
-    curve = faithfulness_curve(model, scores, task, batch_size=args.batch_size, ablation=ablation, progress=True)
-    print(json.dumps(curve.to_dict()))
+    batch_size = args.batch_size or int(circuit.config.get("batch_size", 16))
+    curve = faithfulness_curve(model, scores, task, batch_size=batch_size, ablation=ablation, progress=True)
+    document = {**curve.to_dict(), "split": split.get("split", "drawn")}
+    print(json.dumps(document))
+    print(f"examples: {note}", file=sys.stderr)
     if not args.no_write:
-        circuit.metrics = {**circuit.metrics, "curve": curve.to_dict()}
+        circuit.metrics = {**circuit.metrics, "curve": document}
         write_atomically(path, json.dumps(circuit.to_dict()))
     return 0
 
@@ -144,7 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     size = discover.add_mutually_exclusive_group()
     size.add_argument("--edges", type=int, help="keep this many edges")
     size.add_argument("--sparsity", type=float, help="fraction of edges removed, in (0, 1)")
-    discover.add_argument("--n-examples", type=int, default=None, help=f"default {defaults.n_examples}")
+    discover.add_argument("--n-examples", type=int, default=None,
+                          help="training examples (default 512 for ep/hap, 64 for attribution methods)")
+    discover.add_argument("--n-test", type=int, default=None,
+                          help=f"held-out test examples every metric is measured on (default {defaults.n_test})")
+    discover.add_argument("--test-task", default=None, metavar="FILE",
+                          help="a .jsonl file of test examples (default: held-out templates and names for the "
+                          "built-in tasks, a hashed share of a custom file)")
+    discover.add_argument("--test-fraction", type=float, default=None,
+                          help=f"custom file without --test-task: share held out for test "
+                          f"(default {defaults.test_fraction})")
     discover.add_argument("--batch-size", type=int, default=None, help=f"default {defaults.batch_size}")
     discover.add_argument("--seed", type=int, default=None)
     discover.add_argument("--ig-steps", type=int, default=None, help="integrated-gradient steps (default 5)")
@@ -159,35 +212,53 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--lambda-lr", type=float, default=None, help="Lagrangian learning rate (default 0.8)")
     pruning.add_argument("--lr-warmup", type=int, default=None, help="default steps/15")
     pruning.add_argument("--sparsity-warmup", type=int, default=None, help="default 5/6 of the steps")
+    pruning.add_argument("--max-extra-steps", type=int, default=None,
+                         help="steps allowed past --steps, at the target, until the expected sparsity is within "
+                         "0.5 pp of it (default steps/2)")
     pruning.add_argument("--node-masks", action="store_true", default=None, help="also learn a mask per source")
     pruning.add_argument("--node-sparsity", type=float, default=None, help="target for node masks (default 0)")
     pruning.add_argument("--candidates", type=float, default=None,
                          help="hap: fraction of edges kept as candidates (default 1.5 x 1 - sparsity)")
     pruning.add_argument("--attribution", default=None, choices=ATTRIBUTION_METHODS,
                          help="hap: stage-1 method (default eap-ig-inputs)")
+    pruning.add_argument("--attribution-examples", type=int, default=None,
+                         help=f"hap: training examples scored by stage 1 (default {defaults.attribution_examples})")
     pruning.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
                          help=f"hap: initialise masks from the scores (default {defaults.warm_start})")
+    pruning.add_argument("--eval-every", type=int, default=None,
+                         help="measure the current circuit on held-out examples every N steps (default steps/25)")
+    pruning.add_argument("--monitor-examples", type=int, default=None,
+                         help=f"held-out examples measured during training (default {defaults.monitor_examples})")
     pruning.add_argument("--checkpoint-every", type=int, default=None,
                          help="save a checkpoint every N steps (default: every 3 minutes of work)")
-    pruning.add_argument("--cache-dir", default=None, help="keep corrupted activations on disk here")
+    pruning.add_argument("--reference-memory", type=float, default=None, metavar="GIB",
+                         help=f"memory for corrupted activations kept between steps (default "
+                         f"{defaults.reference_memory:g} GiB; batches beyond it are recomputed)")
+    pruning.add_argument("--cache-dir", default=None,
+                         help="keep the corrupted activations that do not fit in --reference-memory on disk here")
     discover.add_argument("--out", default=None, help="run directory")
     discover.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")
     discover.add_argument("--force", action="store_true", default=None, help="overwrite a run in --out")
     discover.add_argument("--no-report", action="store_true", help="skip report.html")
     discover.set_defaults(run=_discover)
 
-    evaluate = commands.add_parser("evaluate", help="re-score a saved circuit on fresh examples")
+    evaluate = commands.add_parser(
+        "evaluate", help="re-score a saved circuit on its held-out test split (or other examples)",
+        description="Re-score a circuit. By default on exactly the held-out test split discover measured (the same "
+        "examples, so the same numbers); --split train gives the in-sample numbers, --task/--seed a fresh draw.")
     evaluate.add_argument("circuit", help="circuit.json or a run directory")
     _add_model_options(evaluate, default=None)
-    _add_task_options(evaluate, seed=None, seed_help="default: the discovery seed + 1 (fresh examples)")
+    _add_task_options(evaluate)
     evaluate.add_argument("--ablation", default=None, choices=("interchange", "mean", "zero"))
     evaluate.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     evaluate.set_defaults(run=_evaluate)
 
-    curve = commands.add_parser("curve", help="MIB faithfulness curve (CPR, CMD) of a circuit file's scores")
+    curve = commands.add_parser("curve", help="MIB faithfulness curve (CPR, CMD) of a circuit file's scores",
+                                description="The MIB curve of the circuit's scores, by default on its held-out "
+                                "test split; stored in the file unless --no-write.")
     curve.add_argument("scores", help="circuit.json (its edge scores are ranked) or a run directory")
     _add_model_options(curve, default=None)
-    _add_task_options(curve, seed=1, seed_help="examples' seed (default 1)")
+    _add_task_options(curve)
     curve.add_argument("--no-write", action="store_true", help="do not store the curve in the circuit file")
     curve.set_defaults(run=_curve)
     register_report_commands(commands)

@@ -1,4 +1,11 @@
-"""``hap discover``: load, make the task, find a circuit, evaluate it, write the run directory.
+"""``hap discover``: load, split the task, find a circuit on the training split,
+evaluate it on the held-out test split, write the run directory.
+
+The test split never shares an example with the training split; for the
+built-in tasks it also uses templates and names (nouns, centuries) that no
+training example uses (``hap.tasks.splits``). The circuit's headline metrics are
+the test split's; the in-sample metrics (on the first training examples) are
+reported beside them, labelled, with the gap.
 
 A run directory holds ``run.json`` (the settings, written first), then for
 ``ep``/``hap`` ``train_log.jsonl`` and ``checkpoint.pt`` as training goes, and
@@ -17,28 +24,33 @@ from pathlib import Path
 from typing import Any
 
 from .attribution import AttributionConfig, Method, attribute
-from .circuit import Circuit, Scores, edges_for_sparsity, write_atomically
+from .batches import DEFAULT_REFERENCE_MEMORY_GIB, GIB, ReferenceCache, TaskBatches
+from .circuit import Circuit, Scores, edges_for_sparsity, generalisation_gap, write_atomically
 from .errors import HapError
-from .evaluation import evaluate, faithfulness_curve
+from .evaluation import HeldOutMonitor, evaluate, faithfulness_curve
 from .graph import Graph
 from .models.loading import DEFAULT_MODEL, Model, load_model
-from .tasks import TaskData, load_task
+from .tasks import DEFAULT_TEST_FRACTION, TaskData, TaskSpec, load_split, task_splits
 
 ATTRIBUTION_METHODS = tuple(method.value for method in Method)
 PRUNING_METHODS = ("ep", "hap")
 METHODS = ATTRIBUTION_METHODS + PRUNING_METHODS
 # Settings that may differ between a run and its resumption.
-NOT_COMPARED_ON_RESUME = ("resume", "force", "command", "report", "out", "device", "cache_dir")
+NOT_COMPARED_ON_RESUME = ("resume", "force", "command", "report", "out", "device", "cache_dir", "reference_memory")
+# Training examples by default: attribution methods score every example; pruning draws batches from them
+# (its per-step cost does not depend on their number; see README "Budget").
+DEFAULT_N_EXAMPLES = {"attribution": 64, "pruning": 512}
 
 
 @dataclass(frozen=True)
 class DiscoverConfig:
     """Every setting of a discovery run (what ``circuit.json`` records under ``config``).
 
-    The pruning defaults (150 steps, 32 examples, candidates 1.5x the circuit, warm start) are
+    The pruning defaults (150 steps, 512 training examples, candidates 1.5x the circuit, warm start) are
     a budget that runs ``make demo`` on a 2-core CPU in under 10 minutes; the
     published Edge Pruning settings are ``--steps 3000 --batch-size 32``
-    (README: what GPU users should raise).
+    (README: what GPU users should raise). ``n_examples`` is the size of the
+    training split, ``n_test`` of the held-out test split.
     """
 
     out: str
@@ -47,7 +59,10 @@ class DiscoverConfig:
     method: str = "eap-ig-inputs"
     edges: int | None = None
     sparsity: float | None = None
-    n_examples: int | None = None  # default: 64 for attribution methods, 32 for ep / hap
+    n_examples: int | None = None  # training examples; default DEFAULT_N_EXAMPLES by method kind
+    n_test: int = 200
+    test_task: str | None = None
+    test_fraction: float = DEFAULT_TEST_FRACTION
     batch_size: int = 16
     seed: int = 0
     ig_steps: int = 5
@@ -61,13 +76,18 @@ class DiscoverConfig:
     lambda_lr: float = 0.8
     lr_warmup: int | None = None
     sparsity_warmup: int | None = None
+    max_extra_steps: int | None = None
     node_masks: bool = False
     node_sparsity: float = 0.0
     candidates: float | None = None  # default: 1.5 x the circuit's share of the edges
     attribution: str = "eap-ig-inputs"
+    attribution_examples: int = 128
     warm_start: bool = True
+    eval_every: int | None = None
+    monitor_examples: int = 32
     checkpoint_every: int | None = None
     cache_dir: str | None = None
+    reference_memory: float = DEFAULT_REFERENCE_MEMORY_GIB
     # Running
     device: str | None = None
     dtype: str | None = None
@@ -78,8 +98,8 @@ class DiscoverConfig:
 
     def __post_init__(self) -> None:
         if self.n_examples is None:
-            default = 32 if self.method in PRUNING_METHODS else 64
-            object.__setattr__(self, "n_examples", default)
+            kind = "pruning" if self.method in PRUNING_METHODS else "attribution"
+            object.__setattr__(self, "n_examples", DEFAULT_N_EXAMPLES[kind])
 
     def check(self) -> None:
         """Refuse impossible settings before any work is done or any file is touched."""
@@ -96,6 +116,22 @@ class DiscoverConfig:
             raise HapError(f"--sparsity is the fraction of edges removed and must be in (0, 1), got {self.sparsity}")
         if self.n_examples < 1:
             raise HapError(f"--n-examples must be at least 1, got {self.n_examples}")
+        if self.n_test < 1:
+            raise HapError(f"--n-test must be at least 1 (metrics are measured on held-out examples), got {self.n_test}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise HapError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
+        if self.batch_size < 1:
+            raise HapError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.attribution_examples < 1:
+            raise HapError(f"--attribution-examples must be at least 1, got {self.attribution_examples}")
+        if self.monitor_examples < 1:
+            raise HapError(f"--monitor-examples must be at least 1, got {self.monitor_examples}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise HapError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if self.max_extra_steps is not None and self.max_extra_steps < 0:
+            raise HapError(f"--max-extra-steps must be 0 or more, got {self.max_extra_steps}")
+        if self.reference_memory < 0:
+            raise HapError(f"--reference-memory is in GiB and must be 0 or more, got {self.reference_memory}")
         if pruning and self.steps <= 0:
             raise HapError(f"--steps must be positive, got {self.steps}")
         if self.method == "hap" and self.attribution not in ATTRIBUTION_METHODS:
@@ -168,14 +204,16 @@ def _attribution_config(config: DiscoverConfig, method: str) -> AttributionConfi
 
 
 def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: dict[str, float],
-                 data: list | None = None) -> Circuit:
-    """Run the method and select the circuit (the stage a new method plugs into).
+                 data: TaskBatches | None = None, monitor: HeldOutMonitor | None = None) -> Circuit:
+    """Run the method on the training examples and select the circuit (the stage a new method plugs into).
 
-    ``data``: the task's batches with their references, prepared once per run.
+    ``data``: the training batches (made on demand, cached within the memory
+    budget); ``monitor``: held-out examples that Edge Pruning and HAP measure
+    during training.
     """
     graph = Graph.from_model(model)
     if data is None:
-        data = _prepared_batches(model, graph, task, config, config.batch_size)
+        data = TaskBatches(model, graph, task, config.batch_size, config.ablation, cache=_cache(config), name="train")
     if config.method in PRUNING_METHODS:
         from .hybrid import HybridConfig, hybrid
         from .pruning import PruningConfig, prune, pruned_circuit
@@ -184,17 +222,20 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
             target_sparsity=target_sparsity(config, graph), steps=config.steps, lr=config.lr,
             lambda_lr=config.lambda_lr, lr_warmup=config.lr_warmup, sparsity_warmup=config.sparsity_warmup,
             batch_size=config.batch_size, node_masks=config.node_masks, node_target_sparsity=config.node_sparsity,
-            ablation=config.ablation, seed=config.seed,
+            ablation=config.ablation, seed=config.seed, max_extra_steps=config.max_extra_steps,
+            eval_every=config.eval_every,
         )
         checkpoints = {"checkpoint_every": config.checkpoint_every, "run_dir": config.out, "resume": config.resume}
         if config.method == "ep":
             started = time.perf_counter()
-            result = prune(model, task, pruning, data=data, progress=True, **checkpoints)
+            result = prune(model, task, pruning, data=data, progress=True, monitor=monitor, **checkpoints)
             runtime["pruning"] = time.perf_counter() - started
             return pruned_circuit(model, task, "ep", result, {"pruning": pruning.to_dict()})
         hybrid_config = HybridConfig(pruning=pruning, attribution=_attribution_config(config, config.attribution),
-                                     candidates=config.candidates, warm_start=config.warm_start)
-        return hybrid(model, task, hybrid_config, runtime=runtime, progress=True, data=data, **checkpoints)
+                                     candidates=config.candidates, warm_start=config.warm_start,
+                                     attribution_examples=config.attribution_examples)
+        return hybrid(model, task, hybrid_config, runtime=runtime, progress=True, data=data, monitor=monitor,
+                      **checkpoints)
 
     scores: Scores = attribute(model, task, config=_attribution_config(config, config.method), progress=True,
                                data=data)
@@ -205,15 +246,42 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
     return circuit
 
 
-def _prepared_batches(model: Model, graph: Graph, task: TaskData, config: DiscoverConfig, batch_size: int):
-    """Batches with references, offloaded to ``--cache-dir`` when one is given."""
-    from .ablation import AblationKind
-    from .batches import batches, offload
+def _cache(config: DiscoverConfig) -> ReferenceCache:
+    """The run's one cache of made batches: ``--reference-memory`` GiB, then ``--cache-dir`` on disk."""
+    folder = Path(config.cache_dir) if config.cache_dir is not None else None
+    return ReferenceCache(memory_budget=int(config.reference_memory * GIB), folder=folder)
 
-    data = list(batches(model, graph, task, batch_size, AblationKind(config.ablation)))
-    if config.cache_dir is not None:
-        data = [offload(batch, Path(config.cache_dir) / f"batch{i}.pt") for i, batch in enumerate(data)]
-    return data
+
+def split_specs(config: DiscoverConfig, model: Model) -> tuple[TaskSpec, TaskSpec]:
+    """The run's (train, test) task splits."""
+    return task_splits(config.task, model.tokenizer, config.n_examples, config.n_test, config.seed,
+                       config.test_task, config.test_fraction)
+
+
+def measure(model: Model, circuit: Circuit, train: TaskBatches, test: TaskBatches, config: DiscoverConfig,
+            runtime: dict[str, float]) -> dict[str, Any]:
+    """The circuit's metrics: held-out (``test``, the headline), in-sample (``train``, on as many training
+    examples as the test split has, at most) and their ``gap``; with ``config.curve``, the MIB curve on the
+    test split."""
+    started = time.perf_counter()
+    held_out = evaluate(model, circuit, test.task, config.batch_size, config.ablation, progress=True, data=test,
+                        label="evaluate (test split)").to_dict()
+    in_sample_data = train.head(min(train.n_examples, test.n_examples))
+    in_sample = evaluate(model, circuit, in_sample_data.task, config.batch_size, config.ablation, progress=True,
+                         data=in_sample_data, label="evaluate (train split, in-sample)").to_dict()
+    for values in (held_out, in_sample):
+        values["n_full_model_wrong"] = round((1.0 - values["full_model"]["accuracy"]) * values["n_examples"])
+    metrics: dict[str, Any] = {"test": held_out, "train": in_sample, "gap": generalisation_gap(held_out, in_sample)}
+    runtime["evaluation"] = time.perf_counter() - started
+    if config.curve:
+        started = time.perf_counter()
+        scores = Scores(circuit.model, circuit.task, circuit.method, circuit.layout, circuit.scores,
+                        {"loss": "kl" if config.method in PRUNING_METHODS else config.loss})
+        curve = faithfulness_curve(model, scores, test.task, batch_size=config.batch_size, ablation=config.ablation,
+                                   progress=True, data=test)
+        metrics["curve"] = {**curve.to_dict(), "split": "test"}
+        runtime["curve"] = time.perf_counter() - started
+    return metrics
 
 
 def discover(config: DiscoverConfig) -> Circuit:
@@ -229,28 +297,24 @@ def discover(config: DiscoverConfig) -> Circuit:
     model = load_model(config.model, device=config.device, dtype=config.dtype)
     runtime["load"] = time.perf_counter() - started
     started = time.perf_counter()
-    task = load_task(config.task, model.tokenizer, config.n_examples, seed=config.seed)
+    train_spec, test_spec = split_specs(config, model)
+    train_task, test_task = load_split(train_spec, model.tokenizer), load_split(test_spec, model.tokenizer)
     runtime["task"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    data = _prepared_batches(model, Graph.from_model(model), task, config, config.batch_size)
-    runtime["references"] = time.perf_counter() - started
-    circuit = find_circuit(model, task, config, runtime, data)
-
-    started = time.perf_counter()
-    metrics = evaluate(model, circuit, task, config.batch_size, config.ablation, progress=True, data=data).to_dict()
-    runtime["evaluation"] = time.perf_counter() - started
-    if config.curve:
+    graph = Graph.from_model(model)
+    cache = _cache(config)
+    train = TaskBatches(model, graph, train_task, config.batch_size, config.ablation, cache=cache, name="train")
+    test = TaskBatches(model, graph, test_task, config.batch_size, config.ablation, cache=cache, name="test")
+    monitor = None
+    if config.method in PRUNING_METHODS:
         started = time.perf_counter()
-        scores = Scores(circuit.model, circuit.task, circuit.method, circuit.layout, circuit.scores,
-                        {"loss": "kl" if config.method in PRUNING_METHODS else config.loss})
-        curve = faithfulness_curve(model, scores, task, batch_size=config.batch_size, ablation=config.ablation,
-                                   progress=True, data=data)
-        metrics["curve"] = curve.to_dict()
-        runtime["curve"] = time.perf_counter() - started
-    metrics["n_full_model_wrong"] = round((1.0 - metrics["full_model"]["accuracy"]) * len(task))
+        monitor = HeldOutMonitor.build(model, test_task, config.monitor_examples, config.ablation)
+        runtime["monitor"] = time.perf_counter() - started
+    circuit = find_circuit(model, train_task, config, runtime, train, monitor)
+
+    circuit.metrics = measure(model, circuit, train, test, config, runtime)
+    circuit.splits = {"train": train_spec.to_dict(), "test": test_spec.to_dict()}
     circuit.config = {**circuit.config, **config.to_dict()}
-    circuit.metrics = metrics
     circuit.runtime_s = {**circuit.runtime_s, **runtime}
     circuit.save(out / "circuit.json")
     if config.report:
@@ -260,27 +324,61 @@ def discover(config: DiscoverConfig) -> Circuit:
     return circuit
 
 
+def _number(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _signed(value: Any, digits: int = 4) -> str:
+    return f"{value:+.{digits}f}" if isinstance(value, (int, float)) else ""
+
+
 def format_summary(circuit: Circuit) -> str:
-    """The short human summary ``discover`` and ``evaluate`` print."""
-    m = circuit.metrics
-    full, empty = m.get("full_model", {}), m.get("empty_circuit", {})
+    """The short human summary ``discover`` and ``evaluate`` print: held-out metrics first, in-sample beside them."""
+    metrics = circuit.metrics
+    test, train, gap = circuit.held_out, metrics.get("train") or {}, metrics.get("gap") or {}
     total = Graph.from_layout(circuit.layout).n_edges
-    lines = [
-        f"{circuit.model} / {circuit.task} / {circuit.method}",
-        f"  examples      {m.get('n_examples')} (full model wrong on {m.get('n_full_model_wrong', 'n/a')})",
-        f"  edges kept    {circuit.n_edges:,} of {total:,} ({1 - circuit.n_edges / total:.2%} sparsity; "
-        f"{circuit.config.get('n_pruned_dangling', 0)} dangling dropped)",
-        f"  KL            {m['kl']:.4f}  (empty circuit {empty.get('kl', float('nan')):.4f})",
-        f"  logit diff    {m['logit_diff']:.4f}  (full model {full.get('logit_diff', float('nan')):.4f}, "
-        f"empty {empty.get('logit_diff', float('nan')):.4f})",
-        f"  accuracy      {m['accuracy']:.3f}  (full model {full.get('accuracy', float('nan')):.3f})",
-        f"  faithfulness  {m['faithfulness']:.3f}",
-    ]
-    if "curve" in m:
-        lines.append(f"  curve         CPR {m['curve']['cpr']:.3f} · CMD {m['curve']['cmd']:.3f}")
+    lines = [f"{circuit.model} / {circuit.task} / {circuit.method}"]
+    test_spec, train_spec = circuit.splits.get("test"), circuit.splits.get("train")
+    if test_spec:
+        lines.append(f"  held out      {TaskSpec.from_dict(test_spec).describe()}")
+    if train_spec:
+        lines.append(f"  fitted on     {TaskSpec.from_dict(train_spec).describe()}")
+    lines.append(f"  edges kept    {circuit.n_edges:,} of {total:,} ({1 - circuit.n_edges / total:.2%} sparsity; "
+                 f"{circuit.config.get('n_pruned_dangling', 0)} dangling dropped)")
+    if not test:
+        lines.append("  no held-out metrics in this file; `hap evaluate` measures them")
+    columns = [("test (held out)", test), ("train (in-sample)", train)]
+    shown = [(label, values) for label, values in columns if values]
+    if shown:
+        header = "                " + "".join(f"{label:>19}" for label, _ in shown) + ("        gap" if gap else "")
+        lines.append(header)
+        for key, label in (("kl", "KL"), ("logit_diff", "logit diff"), ("accuracy", "accuracy"),
+                           ("faithfulness", "faithfulness")):
+            row = f"  {label:<14}" + "".join(f"{_number(values.get(key)):>19}" for _, values in shown)
+            lines.append(row + (f"{_signed(gap.get(key)):>11}" if gap else ""))
+        for name, key in (("full model", "full_model"), ("empty circuit", "empty_circuit")):
+            refs = [values.get(key) or {} for _, values in shown]
+            row = f"  {name:<14}" + "".join(
+                f"{'ld ' + _number(ref.get('logit_diff'), 2) + ' acc ' + _number(ref.get('accuracy'), 2):>19}"
+                for ref in refs)
+            lines.append(row)
+        lines.append("  examples      " + "".join(
+            f"{str(values.get('n_examples', 'n/a')) + ' (' + str(values.get('n_full_model_wrong', '?')) + ' wrong)':>19}"
+            for _, values in shown) + "   (full model wrong on)")
+    if "curve" in metrics:
+        lines.append(f"  curve         CPR {metrics['curve']['cpr']:.3f} · CMD {metrics['curve']['cmd']:.3f} "
+                     f"({metrics['curve'].get('split', 'unknown')} split)")
+    config = circuit.config
+    if "final_expected_sparsity" in config and "target_sparsity" in config:
+        expected, target = config["final_expected_sparsity"], config["target_sparsity"]
+        steps = config.get("steps_done")
+        state = "converged" if config.get("converged") else "WARNING: not converged"
+        lines.append(f"  pruning       expected sparsity {expected:.4f} before binarisation, target {target:.4f} "
+                     f"({(expected - target) * 100:+.2f} pp; {state}) after {steps} steps")
+        if not config.get("converged"):
+            lines.append("                the masks had not reached the target, so binarisation removed edges the "
+                         "training still relied on; raise --steps or --max-extra-steps")
     if circuit.runtime_s:
         stages = " · ".join(f"{stage} {seconds:.1f}" for stage, seconds in circuit.runtime_s.items())
         lines.append(f"  seconds       {stages}")
     return "\n".join(lines)
-
-

@@ -20,7 +20,7 @@ Areas are trapezoids over the fractions.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .ablation import AblationKind, ComputePlan, run_masked
-from .batches import Batch, batches
+from .batches import Batch, batches, make_batch
 from .circuit import Circuit, Scores
+from .errors import HapError
 from .graph import Graph
 from .models.loading import Model
 from .tasks import TaskData
@@ -104,21 +105,27 @@ def _masks(graph: Graph, kept: list[Tensor], kind: AblationKind, device, dtype) 
     return [(mask.to(device, dtype), ComputePlan.build(graph, mask.bool(), kind)) for mask in kept]
 
 
-def _evaluate_masks(model: Model, graph: Graph, data: list[Batch], kept: list[Tensor], kind: AblationKind,
-                    progress: bool, label: str) -> tuple[list[dict[str, float]], dict[str, float], dict[str, float]]:
-    """Metrics of several edge sets [S, R] bool on the same batches, plus the full model and the empty circuit."""
+def _evaluate_masks(model: Model, graph: Graph, data: Iterable[Batch], kept: list[Tensor], kind: AblationKind,
+                    progress: bool, label: str, n_examples: int | None = None,
+                    ) -> tuple[list[dict[str, float]], dict[str, float], dict[str, float], int]:
+    """Metrics of several edge sets [S, R] bool on the same batches, plus the full model and the empty circuit,
+    and the number of examples. ``data`` is read once (batches may be made on the fly)."""
     empty = torch.zeros(graph.real.shape, dtype=torch.bool)
     runs = _masks(graph, [*kept, empty], kind, model.device, model.dtype)
     sums = [_Sums() for _ in runs]
     full = _Sums()
-    n = sum(len(batch.clean) for batch in data)
-    with torch.no_grad(), tqdm(total=n * len(runs), desc=label, unit="ex", disable=not progress) as bar:
+    n = 0
+    total_examples = None if n_examples is None else n_examples * len(runs)
+    with torch.no_grad(), tqdm(total=total_examples, desc=label, unit="ex", disable=not progress) as bar:
         for batch in data:
+            n += len(batch.clean)
             full.add(batch, batch.clean_logits)
             for (mask, plan), total in zip(runs, sums):
                 total.add(batch, run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions))
                 bar.update(len(batch.clean))
-    return [total.means(n) for total in sums[:-1]], full.means(n), sums[-1].means(n)
+    if n == 0:
+        raise HapError("evaluation needs at least one example; the task or split is empty")
+    return [total.means(n) for total in sums[:-1]], full.means(n), sums[-1].means(n), n
 
 
 def faithfulness(value: float, full: float, empty: float) -> float:
@@ -134,23 +141,27 @@ def evaluate(
     batch_size: int = 16,
     ablation: AblationKind | str = AblationKind.INTERCHANGE,
     progress: bool = False,
-    data: list[Batch] | None = None,
+    data: Iterable[Batch] | None = None,
+    label: str = "evaluate",
 ) -> Metrics:
     """Score a circuit (or an edge mask [S, R] bool) on ``task``; every other edge is ablated.
 
-    ``data``: batches already prepared for this task (with full-model logits), reused as they are.
+    ``data``: batches of ``task`` (with full-model logits), e.g. a ``TaskBatches``
+    sharing a cache; by default they are made one at a time and not kept, so
+    memory does not grow with the number of examples.
     """
     graph = Graph.from_model(model)
     kept = circuit.in_graph if isinstance(circuit, Circuit) else circuit
     kept = kept.cpu().bool() & graph.real
-    data = data if data is not None else list(batches(model, graph, task, batch_size, AblationKind(ablation)))
-    [metrics], full, empty = _evaluate_masks(model, graph, data, [kept], AblationKind(ablation), progress, "evaluate")
+    data = data if data is not None else batches(model, graph, task, batch_size, AblationKind(ablation))
+    [metrics], full, empty, n = _evaluate_masks(model, graph, data, [kept], AblationKind(ablation), progress, label,
+                                                len(task))
     return Metrics(
         kl=metrics["kl"],
         logit_diff=metrics["logit_diff"],
         accuracy=metrics["accuracy"],
         faithfulness=faithfulness(metrics["logit_diff"], full["logit_diff"], empty["logit_diff"]),
-        n_examples=len(task),
+        n_examples=n,
         n_edges=int(kept.sum()),
         full_model=full,
         empty_circuit=empty,
@@ -170,7 +181,7 @@ def faithfulness_curve(
     batch_size: int = 16,
     ablation: AblationKind | str = AblationKind.INTERCHANGE,
     progress: bool = False,
-    data: list[Batch] | None = None,
+    data: Iterable[Batch] | None = None,
 ) -> Curve:
     """The MIB curve: faithfulness of the top fraction k of edges, by signed and by absolute score."""
     graph = Graph.from_model(model)
@@ -183,9 +194,51 @@ def faithfulness_curve(
             chosen = torch.zeros(real.numel(), dtype=torch.bool)
             chosen[order[: max(1, round(fraction * graph.n_edges))]] = True
             kept.append(chosen.view(real.shape) & real)
-    data = data if data is not None else list(batches(model, graph, task, batch_size, AblationKind(ablation)))
-    results, full, empty = _evaluate_masks(model, graph, data, kept, AblationKind(ablation), progress, "curve")
+    data = data if data is not None else batches(model, graph, task, batch_size, AblationKind(ablation))
+    results, full, empty, _ = _evaluate_masks(model, graph, data, kept, AblationKind(ablation), progress, "curve",
+                                              len(task))
     values = [faithfulness(r["logit_diff"], full["logit_diff"], empty["logit_diff"]) for r in results]
     signed, absolute = values[: len(fractions)], values[len(fractions):]
     cpr, cmd = cpr_cmd(list(fractions), signed, absolute)
     return Curve(list(fractions), signed, absolute, cpr, cmd)
+
+
+@dataclass(frozen=True)
+class HeldOutMonitor:
+    """A fixed batch of held-out examples on which a training run measures its current circuit.
+
+    Built once (its reference, the full model and the empty circuit on it);
+    ``measure`` then costs one masked forward that skips what the circuit
+    cannot change.
+    """
+
+    batch: Batch
+    kind: AblationKind
+    full: dict[str, float]
+    empty: dict[str, float]
+
+    @classmethod
+    def build(cls, model: Model, task: TaskData, n_examples: int = 32,
+              ablation: AblationKind | str = AblationKind.INTERCHANGE) -> HeldOutMonitor:
+        """The first ``n_examples`` of ``task`` (a test split) as one batch."""
+        graph = Graph.from_model(model)
+        kind = AblationKind(ablation)
+        batch = make_batch(model, graph, task.slice(0, min(n_examples, len(task))), kind)
+        _, full, empty, _ = _evaluate_masks(model, graph, [batch], [], kind, False, "monitor")
+        return cls(batch, kind, full, empty)
+
+    def measure(self, model: Model, kept: Tensor) -> dict[str, float]:
+        """``test_kl``, ``test_logit_diff``, ``test_accuracy``, ``test_faithfulness`` of the edges ``kept`` [S, R]."""
+        graph = Graph.from_model(model)
+        kept = kept.cpu().bool() & graph.real
+        plan = ComputePlan.build(graph, kept, self.kind)
+        batch = self.batch
+        with torch.no_grad():
+            logits = run_masked(model, graph, batch.clean, batch.reference, kept.to(model.device, model.dtype), plan,
+                                batch.positions)
+        sums = _Sums()
+        sums.add(batch, logits)
+        means = sums.means(len(batch.clean))
+        f = faithfulness(means["logit_diff"], self.full["logit_diff"], self.empty["logit_diff"])
+        return {"test_kl": means["kl"], "test_logit_diff": means["logit_diff"], "test_accuracy": means["accuracy"],
+                "test_faithfulness": f}

@@ -14,14 +14,16 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from .attribution import AttributionConfig, attribute
+from .batches import ReferenceCache, TaskBatches
 from .circuit import Circuit, Scores, prune_dangling, top_edges
 from .errors import HapError
+from .evaluation import HeldOutMonitor
 from .graph import Graph
 from .models.loading import Model
 from .pruning import PruningConfig, log_alpha_for_probability, prune, pruned_circuit
@@ -44,6 +46,7 @@ class HybridConfig:
     candidates: float | None = None  # fraction of all edges kept as candidates; default CANDIDATE_MARGIN x target
     warm_start: bool = False
     warm_start_sparsity: float | None = None  # default: keep twice the target's edges at the start
+    attribution_examples: int | None = None  # stage 1 scores the first N training examples (default: all)
 
     def __post_init__(self) -> None:
         if self.candidates is None:
@@ -51,6 +54,8 @@ class HybridConfig:
             object.__setattr__(self, "candidates", default)
         if not 0.0 < self.candidates <= 1.0:
             raise HapError(f"--candidates is a fraction of the edges in (0, 1], got {self.candidates}")
+        if self.attribution_examples is not None and self.attribution_examples < 1:
+            raise HapError(f"--attribution-examples must be at least 1, got {self.attribution_examples}")
         if self.candidates < 1.0 - self.pruning.target_sparsity:
             raise HapError(
                 f"--candidates {self.candidates} keeps fewer edges than the circuit itself "
@@ -104,9 +109,13 @@ def warm_start_log_alpha(graph: Graph, scores: Tensor, candidates: Tensor, keep:
     return log_alpha
 
 
-def _attribution_stage(model: Model, task: TaskData, config: HybridConfig, run_dir: Path | None,
-                       resume: bool, runtime: dict[str, float], data=None) -> Scores:
-    """Stage 1, saved in the run directory so a resumed run does not redo it."""
+def _attribution_stage(model: Model, data: TaskBatches, config: HybridConfig, run_dir: Path | None,
+                       resume: bool, runtime: dict[str, float]) -> Scores:
+    """Stage 1 on the first ``attribution_examples`` of ``data``, saved in the run directory so a resumed
+    run does not redo it."""
+    if config.attribution_examples is not None:
+        data = data.head(config.attribution_examples)
+    task = data.task
     saved = run_dir / "attribution.pt" if run_dir is not None else None
     if resume and saved is not None and saved.is_file():
         values = torch.load(saved, map_location="cpu", weights_only=True)
@@ -132,14 +141,23 @@ def hybrid(
     checkpoint_every: int | None = None,
     runtime: dict[str, float] | None = None,
     progress: bool = False,
-    on_step=None,
-    data=None,
+    on_step: Callable[[int], None] | None = None,
+    data: TaskBatches | None = None,
+    monitor: HeldOutMonitor | None = None,
 ) -> Circuit:
-    """Run HAP; returns the circuit (scores: the learned gate values on the candidates)."""
+    """Run HAP; returns the circuit (scores: the learned gate values on the candidates).
+
+    ``data``: the training batches, shared by both stages (default: made on demand
+    within the default memory budget); ``monitor``: held-out examples measured
+    during pruning (see ``prune``).
+    """
     runtime = {} if runtime is None else runtime
     run_path = Path(run_dir) if run_dir is not None else None
     graph = Graph.from_model(model)
-    scores = _attribution_stage(model, task, config, run_path, resume, runtime, data)
+    if data is None:
+        data = TaskBatches(model, graph, task, config.pruning.batch_size, config.pruning.ablation,
+                           cache=ReferenceCache())
+    scores = _attribution_stage(model, data, config, run_path, resume, runtime)
 
     started = time.perf_counter()
     candidates = select_candidates(graph, scores.values, config.candidates)
@@ -155,7 +173,7 @@ def hybrid(
     started = time.perf_counter()
     result = prune(model, task, config.pruning, live=candidates, init_log_alpha=init, run_dir=run_path,
                    resume=resume, checkpoint_seconds=checkpoint_seconds, checkpoint_every=checkpoint_every,
-                   progress=progress, on_step=on_step, data=data)
+                   progress=progress, on_step=on_step, data=data, monitor=monitor)
     runtime["pruning"] = time.perf_counter() - started
     circuit = pruned_circuit(model, task, "hap", result, {
         **config.to_dict(), "n_candidates": int(candidates.sum()),

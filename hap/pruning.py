@@ -11,10 +11,20 @@ warm-up 2500 steps, lr warm-up 200); shorter runs scale both warm-ups with the
 step count. The final circuit keeps the edges whose deterministic mask is above
 the threshold (found by binary search) that keeps exactly the target count.
 
-Every step runs the ablation primitive once with the sampled masks; the
-references (corrupted activations) and the full model's logits are computed
-once per batch and reused. With a ``live`` set (HAP's candidates), the compute
-plan skips every source and reader the live edges cannot change.
+Convergence: binarisation is only harmless when the expected sparsity already
+sits at the target. A run that ends its planned steps farther than
+``converge_tolerance`` from the target goes on at the target, for at most
+``max_extra_steps`` more, until it is within the tolerance; the result says
+whether it got there.
+
+Every step runs the ablation primitive once with the sampled masks. Batches
+(references and the full model's logits) come from a ``TaskBatches``, made on
+demand and kept within a memory budget. With a ``live`` set (HAP's
+candidates), the compute plan skips every source and reader the live edges
+cannot change. With a ``HeldOutMonitor``, every ``eval_every`` steps the
+circuit read off the current masks is measured on a fixed batch of test
+examples and logged (``test_kl``, ``test_faithfulness``, ...), so over-fitting
+shows while it happens.
 """
 
 from __future__ import annotations
@@ -24,17 +34,17 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .ablation import AblationKind, ComputePlan, run_masked
-from .batches import Batch, batches
+from .batches import Batch, ReferenceCache, TaskBatches
 from .circuit import Circuit, prune_dangling, write_atomically
 from .errors import HapError
-from .evaluation import kl_divergence
+from .evaluation import HeldOutMonitor, kl_divergence
 from .graph import Graph
 from .models.loading import Model
 from .tasks import TaskData
@@ -63,6 +73,9 @@ class PruningConfig:
     node_target_sparsity: float = 0.0
     ablation: str = "interchange"
     seed: int = 0
+    converge_tolerance: float = 0.005  # end within 0.5 percentage points of the target expected sparsity
+    max_extra_steps: int | None = None  # default: half the steps, spent at the target only if needed
+    eval_every: int | None = None  # held-out monitor period; default: steps / 25
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_sparsity < 1.0:
@@ -73,6 +86,12 @@ class PruningConfig:
             raise HapError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not 0.0 <= self.node_target_sparsity < 1.0:
             raise HapError(f"--node-sparsity must be in [0, 1), got {self.node_target_sparsity}")
+        if not 0.0 < self.converge_tolerance < 1.0:
+            raise HapError(f"the convergence tolerance must be in (0, 1), got {self.converge_tolerance}")
+        if self.max_extra_steps is not None and self.max_extra_steps < 0:
+            raise HapError(f"--max-extra-steps must be 0 or more, got {self.max_extra_steps}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise HapError(f"--eval-every must be at least 1, got {self.eval_every}")
 
     @property
     def lr_warmup_steps(self) -> int:
@@ -81,6 +100,14 @@ class PruningConfig:
     @property
     def sparsity_warmup_steps(self) -> int:
         return self.sparsity_warmup if self.sparsity_warmup is not None else max(1, round(self.steps * 5 / 6))
+
+    @property
+    def extra_steps(self) -> int:
+        return self.max_extra_steps if self.max_extra_steps is not None else self.steps // 2
+
+    @property
+    def eval_period(self) -> int:
+        return self.eval_every if self.eval_every is not None else max(1, round(self.steps / 25))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +181,7 @@ class PruningState:
     mask_optimizer: torch.optim.Optimizer
     lambda_optimizer: torch.optim.Optimizer
     generator: torch.Generator
+    seconds: float = 0.0  # training time so far, across resumptions (held-out measurements excluded)
 
 
 def _new_state(log_alpha: Tensor, node_log_alpha: Tensor | None, config: PruningConfig,
@@ -178,6 +206,7 @@ def save_checkpoint(path: Path, state: PruningState, fingerprint: dict[str, Any]
         "mask_optimizer": state.mask_optimizer.state_dict(),
         "lambda_optimizer": state.lambda_optimizer.state_dict(),
         "generator": state.generator.get_state(),
+        "seconds": state.seconds,
         "fingerprint": json.dumps(fingerprint, sort_keys=True),
     }
     temporary = path.with_name(f".{path.name}.tmp")
@@ -205,6 +234,7 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any], config: PruningConf
     state.lambda_optimizer.load_state_dict(payload["lambda_optimizer"])
     state.generator.set_state(payload["generator"])
     state.step = int(payload["step"])
+    state.seconds = float(payload.get("seconds", 0.0))
     return state
 
 
@@ -219,10 +249,18 @@ class PruningResult:
 
     in_graph: Tensor  # [S, R] bool, binarised at the target, dangling edges dropped
     mask_values: Tensor  # [S, R] keep probability P(gate > 0) (0 off the live edges)
-    expected_sparsity: float
+    expected_sparsity: float  # before binarisation, at the end of the run
+    target_sparsity: float
+    converged: bool  # expected sparsity ended within the tolerance of the target
     n_pruned_dangling: int
     steps: int
     seconds_per_step: float
+    seconds: float  # training time of the whole run, across resumptions
+
+    @property
+    def sparsity_gap(self) -> float:
+        """Expected minus target sparsity at the end (negative: fewer edges removed than asked)."""
+        return self.expected_sparsity - self.target_sparsity
 
 
 def _expected_sparsity(state: PruningState, config: PruningConfig, n_edges: int) -> Tensor:
@@ -231,6 +269,22 @@ def _expected_sparsity(state: PruningState, config: PruningConfig, n_edges: int)
 
 def _learning_rate(config: PruningConfig, step: int) -> float:
     return config.lr * min(1.0, (step + 1) / config.lr_warmup_steps)
+
+
+def _target(state: PruningState, config: PruningConfig, step: int) -> float:
+    warmed = min(1.0, step / config.sparsity_warmup_steps)
+    return state.start_sparsity + (config.target_sparsity - state.start_sparsity) * warmed
+
+
+def _done(state: PruningState, config: PruningConfig, n_edges: int) -> bool:
+    """Planned steps done and the expected sparsity within tolerance of the target, or the extra steps spent."""
+    if state.step < config.steps:
+        return False
+    if state.step >= config.steps + config.extra_steps:
+        return True
+    with torch.no_grad():
+        gap = float(_expected_sparsity(state, config, n_edges)) - config.target_sparsity
+    return abs(gap) <= config.converge_tolerance
 
 
 def prune(
@@ -243,9 +297,10 @@ def prune(
     resume: bool = False,
     checkpoint_seconds: float = 180.0,
     checkpoint_every: int | None = None,
-    data: list[Batch] | None = None,
+    data: Sequence[Batch] | None = None,
     on_step: Callable[[int], None] | None = None,
     progress: bool = False,
+    monitor: HeldOutMonitor | None = None,
 ) -> PruningResult:
     """Learn edge masks over the ``live`` edges (default: every real edge) and binarise them.
 
@@ -253,7 +308,9 @@ def prune(
     init_std) initialisation on the live edges. With ``run_dir``, writes
     ``train_log.jsonl`` (one line per step) and ``checkpoint.pt`` every
     ``checkpoint_every`` steps or ``checkpoint_seconds`` of work (and on an
-    interrupt); ``resume`` continues from it. ``data`` reuses prepared batches.
+    interrupt); ``resume`` continues from it. ``data``: the task's batches
+    (default: a ``TaskBatches`` within the default memory budget).
+    ``monitor``: held-out examples measured every ``config.eval_period`` steps.
     """
     graph = Graph.from_model(model)
     device = model.device
@@ -267,7 +324,7 @@ def prune(
     sources, readers = live.nonzero(as_tuple=True)
     plan = ComputePlan.build(graph, live, AblationKind(config.ablation))
     fingerprint = {"model": model.name, "task": task.name, "n_examples": len(task), "n_live": int(live.sum()),
-                   **config.to_dict()}
+                   "monitor": len(monitor.batch.clean) if monitor is not None else 0, **config.to_dict()}
 
     run_path = Path(run_dir) if run_dir is not None else None
     checkpoint = run_path / "checkpoint.pt" if run_path is not None else None
@@ -293,14 +350,16 @@ def prune(
         _truncate_log(run_path / "train_log.jsonl", state.step)
 
     if data is None:
-        data = list(batches(model, graph, task, config.batch_size, AblationKind(config.ablation)))
+        data = TaskBatches(model, graph, task, config.batch_size, config.ablation, cache=ReferenceCache())
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
     index = (sources.to(device), readers.to(device))
     last_save = time.perf_counter()
-    started, first_step = time.perf_counter(), state.step
-    bar = tqdm(total=config.steps, initial=state.step, desc="pruning", unit="step", disable=not progress)
+    bar = tqdm(total=config.steps, initial=min(state.step, config.steps), desc="pruning", unit="step",
+               disable=not progress)
+    last_test_kl = None
     try:
-        while state.step < config.steps:
+        while not _done(state, config, graph.n_edges):
+            step_started = time.perf_counter()
             step = state.step
             batch = data[int(order[step % len(data)])]
             gates = gate_sample(state.log_alpha, config.beta, state.generator)
@@ -310,8 +369,7 @@ def prune(
                 mask = mask * node_gates.to(model.dtype)[:, None]
             logits = run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions)
             kl = kl_divergence(batch.clean_logits, logits).mean()
-            warmed = min(1.0, step / config.sparsity_warmup_steps)
-            target = state.start_sparsity + (config.target_sparsity - state.start_sparsity) * warmed
+            target = _target(state, config, step)
             expected = _expected_sparsity(state, config, graph.n_edges)
             gap = expected - target
             loss = kl + state.lambdas[0] * gap + state.lambdas[1] * gap**2
@@ -333,12 +391,17 @@ def prune(
                 if state.node_log_alpha is not None:
                     state.node_log_alpha.clamp_(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
             state.step += 1
+            state.seconds += time.perf_counter() - step_started
+            line = {"step": state.step, "loss": loss.item(), "kl": kl.item(), "expected_sparsity": expected.item(),
+                    "target_sparsity": target, "lambda1": state.lambdas[0].item(),
+                    "lambda2": state.lambdas[1].item(), "lr": _learning_rate(config, step),
+                    "seconds": round(state.seconds, 3)}
+            if node_expected is not None:
+                line["expected_node_sparsity"] = node_expected.item()
+            if monitor is not None and (state.step % config.eval_period == 0 or _done(state, config, graph.n_edges)):
+                kept, _, _ = _circuit_of(graph, live, state, config, n_keep)
+                line.update(monitor.measure(model, kept))
             if run_path is not None:
-                line = {"step": state.step, "loss": loss.item(), "kl": kl.item(), "expected_sparsity": expected.item(),
-                        "target_sparsity": target, "lambda1": state.lambdas[0].item(),
-                        "lambda2": state.lambdas[1].item(), "lr": _learning_rate(config, step)}
-                if node_expected is not None:
-                    line["expected_node_sparsity"] = node_expected.item()
                 with open(run_path / "train_log.jsonl", "a") as log:
                     log.write(json.dumps(line) + "\n")
                 due = (checkpoint_every is not None and state.step % checkpoint_every == 0) or (
@@ -346,8 +409,15 @@ def prune(
                 if due:
                     save_checkpoint(checkpoint, state, fingerprint)
                     last_save = time.perf_counter()
-            bar.update(1)
-            bar.set_postfix(kl=f"{kl.item():.3f}", sparsity=f"{expected.item():.3f}")
+            if state.step <= config.steps:
+                bar.update(1)
+            postfix = {"kl": f"{kl.item():.3f}", "sparsity": f"{expected.item():.3f}"}
+            last_test_kl = line.get("test_kl", last_test_kl)
+            if last_test_kl is not None:
+                postfix["test_kl"] = f"{last_test_kl:.3f}"
+            if state.step > config.steps:
+                postfix["converging"] = f"+{state.step - config.steps}"
+            bar.set_postfix(postfix)
             if on_step is not None:
                 on_step(state.step)
     except KeyboardInterrupt:
@@ -358,14 +428,14 @@ def prune(
         bar.close()
     if checkpoint is not None:
         save_checkpoint(checkpoint, state, fingerprint)
-    steps_done = state.step - first_step
-    seconds_per_step = (time.perf_counter() - started) / steps_done if steps_done else float("nan")
+    seconds_per_step = state.seconds / state.step if state.step else float("nan")
     return _read_off(graph, live, state, config, n_keep, seconds_per_step)
 
 
-def _read_off(graph: Graph, live: Tensor, state: PruningState, config: PruningConfig, n_keep: int,
-              seconds_per_step: float) -> PruningResult:
-    """Learned masks -> the circuit binarised at the target count.
+def _circuit_of(graph: Graph, live: Tensor, state: PruningState, config: PruningConfig,
+                n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(kept [S, R] bool without dangling edges, keep probabilities [S, R], binarised [S, R] bool) of the
+    current masks.
 
     Edges are ranked by log alpha (monotone in the deterministic gate, which is
     clamped at 1 and so ties); with node masks, by the product of edge and node
@@ -382,9 +452,18 @@ def _read_off(graph: Graph, live: Tensor, state: PruningState, config: PruningCo
         dense[live] = keep
         chosen = torch.zeros(graph.real.shape, dtype=torch.bool)
         chosen[live] = binarize(ranking, n_keep)
-        kept = prune_dangling(graph, chosen)
+    return prune_dangling(graph, chosen), dense, chosen
+
+
+def _read_off(graph: Graph, live: Tensor, state: PruningState, config: PruningConfig, n_keep: int,
+              seconds_per_step: float) -> PruningResult:
+    """Learned masks -> the circuit binarised at the target count (see ``_circuit_of``)."""
+    kept, dense, chosen = _circuit_of(graph, live, state, config, n_keep)
+    with torch.no_grad():
         expected = _expected_sparsity(state, config, graph.n_edges).item()
-    return PruningResult(kept, dense, expected, int(chosen.sum() - kept.sum()), state.step, seconds_per_step)
+    converged = abs(expected - config.target_sparsity) <= config.converge_tolerance
+    return PruningResult(kept, dense, expected, config.target_sparsity, converged, int(chosen.sum() - kept.sum()),
+                         state.step, seconds_per_step, state.seconds)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -399,5 +478,7 @@ def pruned_circuit(model: Model, task: TaskData, method: str, result: PruningRes
     """The ``Circuit`` of a pruning result (scores are the learned keep probabilities)."""
     return Circuit(model.name, task.name, method, model.layout, result.mask_values, result.in_graph,
                    config={**config, "n_pruned_dangling": result.n_pruned_dangling,
-                           "final_expected_sparsity": result.expected_sparsity, "steps_done": result.steps,
-                           "seconds_per_step": result.seconds_per_step})
+                           "final_expected_sparsity": result.expected_sparsity,
+                           "target_sparsity": result.target_sparsity, "converged": result.converged,
+                           "steps_done": result.steps, "seconds_per_step": result.seconds_per_step,
+                           "training_seconds": result.seconds})

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hap.circuit import Circuit, Scores, prune_dangling
+from hap.circuit import Circuit, Scores, generalisation_gap, prune_dangling
 from hap.cli import main
 from hap.graph import Graph
 from hap.models.adapter import Layout
@@ -73,12 +73,19 @@ def write_run(folder: Path, circuit: Circuit, full_metrics: bool = True, train_l
     folder.mkdir(parents=True, exist_ok=True)
     if full_metrics:
         signed = [min(1.0, 0.15 + 8 * k) for k in FRACTIONS]
+        test = {"kl": 0.19, "logit_diff": 3.0, "accuracy": 0.76, "faithfulness": 0.88, "n_examples": 200,
+                "full_model": {"logit_diff": 3.35, "accuracy": 0.8, "kl": 0.0},
+                "empty_circuit": {"logit_diff": 0.4, "accuracy": 0.3, "kl": 2.1}}
+        train = {**test, "kl": 0.11, "faithfulness": 0.93, "logit_diff": 3.3}
         circuit.metrics = {
-            "kl": 0.19, "logit_diff": 3.0, "accuracy": 0.76, "faithfulness": 0.88, "n_examples": 200,
-            "full_model": {"logit_diff": 3.35, "accuracy": 0.8, "kl": 0.0},
-            "empty_circuit": {"logit_diff": 0.4, "accuracy": 0.3, "kl": 2.1},
-            "curve": {"fractions": FRACTIONS, "faithfulness_signed": signed,
+            "test": test, "train": train, "gap": generalisation_gap(test, train),
+            "curve": {"fractions": FRACTIONS, "faithfulness_signed": signed, "split": "test",
                       "faithfulness_abs": [min(1.0, 0.3 + 6 * k) for k in FRACTIONS], "cpr": 0.97, "cmd": 0.04}}
+        circuit.splits = {
+            "train": {"task": "ioi", "split": "train", "n_examples": 512, "seed": 0,
+                      "vocabulary": {"templates": ["t"] * 24, "names": ["n"] * 63}},
+            "test": {"task": "ioi", "split": "test", "n_examples": 200, "seed": 1,
+                     "vocabulary": {"templates": ["u"] * 8, "names": ["m"] * 21}}}
     circuit.runtime_s = {"attribution": 12.5, "pruning": 1579.3, "evaluation": 38.0}
     circuit.config = {"seed": 0, "target_sparsity": 0.997, "lr": 0.8, "warm_start": {"tau": 0.2},
                       "command": f"hap discover --method {circuit.method} --out {folder}"}
@@ -201,13 +208,18 @@ def test_report_is_one_self_contained_file_with_everything(tmp_path):
     assert "hap discover --method hap" in html and "target_sparsity" in html and "warm_start" in html
     assert "full model (all edges)" in html and "empty circuit (no edges)" in html
     assert "CPR" in html and "0.97" in html and "26 min 19 s" in html
+    # Held-out numbers lead; in-sample ones follow, labelled, with the gap.
+    assert {"metrics-train", "gap"} <= page.ids
+    assert html.index('id="metrics"') < html.index('id="metrics-train"') < html.index('id="gap"')
+    assert "8 templates, 21 names held out of training" in html and "In-sample" in html
+    assert "-0.05" in html  # faithfulness gap 0.88 - 0.93
 
 
 def test_report_copes_with_missing_metrics_and_logs(tmp_path):
     circuit = connected_circuit(SMALL_GQA, 40, 10, method="ep")
     run = write_run(tmp_path / "bare", circuit, full_metrics=False, train_log=False)
     document = json.loads((run / "circuit.json").read_text())
-    document["metrics"], document["config"] = {"kl": 0.3, "full_model": {"accuracy": 0.8}}, {}
+    document["metrics"], document["config"] = {"test": {"kl": 0.3, "full_model": {"accuracy": 0.8}}}, {}
     (run / "circuit.json").write_text(json.dumps(document))
     html = write_report(run / "circuit.json", out=tmp_path / "elsewhere" / "r.html").read_text()
     metrics = html[html.index('id="metrics"'):html.index("</table>", html.index('id="metrics"'))]
@@ -215,6 +227,26 @@ def test_report_copes_with_missing_metrics_and_logs(tmp_path):
     assert "did not record its command" in html and "No faithfulness curve" in html
     assert "No train_log.jsonl" in html
     assert (tmp_path / "elsewhere" / "circuit.svg").is_file()
+
+
+def test_a_format_1_file_is_read_with_its_metrics_labelled_in_sample(tmp_path):
+    circuit = connected_circuit(SMALL_GQA, 40, 10, method="hap")
+    run = write_run(tmp_path / "old", circuit, full_metrics=False, train_log=False)
+    document = json.loads((run / "circuit.json").read_text())
+    document["format"] = "hap-circuit/1"
+    del document["splits"]
+    document["metrics"] = {"kl": 0.3, "logit_diff": 2.0, "accuracy": 0.9, "faithfulness": 0.7, "n_examples": 32,
+                           "curve": {"fractions": FRACTIONS, "faithfulness_signed": FRACTIONS,
+                                     "faithfulness_abs": FRACTIONS, "cpr": 0.5, "cmd": 0.5}}
+    (run / "circuit.json").write_text(json.dumps(document))
+    loaded = Circuit.load(run)
+    assert loaded.held_out == {} and loaded.splits == {}
+    assert loaded.metrics["train"]["faithfulness"] == 0.7 and loaded.metrics["curve"]["cpr"] == 0.5
+    html = write_report(run).read_text()
+    assert "no held-out metrics" in html and 'id="metrics-train"' in html
+    loaded.save(run / "again.json")  # saved again, it is a format-2 file with the same metrics
+    again = json.loads((run / "again.json").read_text())
+    assert again["format"] == "hap-circuit/2" and again["metrics"] == loaded.metrics
 
 
 def test_train_log_skips_a_truncated_last_line_only(tmp_path):
@@ -302,6 +334,7 @@ def test_mib_export_round_trips_and_uses_eap_ig_names(tmp_path, layout, model):
     assert torch.equal(loaded.in_graph, circuit.in_graph)
     assert torch.equal(loaded.scores, circuit.scores)  # GQA scores are split and summed back exactly
     assert (loaded.config, loaded.metrics, loaded.runtime_s) == (circuit.config, circuit.metrics, circuit.runtime_s)
+    assert loaded.splits == circuit.splits
 
 
 def test_mib_import_splits_nothing_it_cannot_place(tmp_path):

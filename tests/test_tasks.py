@@ -110,7 +110,11 @@ def test_ioi_with_too_few_single_token_names_raises(tok):
 
 
 def start_year(prompt: str) -> int:
-    return int(re.search(r"17 ?(\d\d)", prompt).group(1))
+    return int(re.search(r"\b1\d ?(\d\d)\b", prompt).group(1))
+
+
+def century(prompt: str) -> str:
+    return re.search(r"(1\d)$", prompt).group(1)
 
 
 def test_greater_than_tiny_tokenizer_uses_spaced_two_digit_words(tok):
@@ -122,7 +126,8 @@ def test_greater_than_tiny_tokenizer_uses_spaced_two_digit_words(tok):
     for i in range(len(data)):
         yy = start_year(data.clean_prompts[i])
         assert 2 <= yy <= 98 and start_year(data.corrupted_prompts[i]) == 1
-        assert data.clean_prompts[i].endswith(" 17") and f"17 {yy:02d}" in data.clean_prompts[i]
+        c = century(data.clean_prompts[i])
+        assert f" {c} {yy:02d} " in data.clean_prompts[i] and f" {c} 01 " in data.corrupted_prompts[i]
         assert data.good_mask[i].tolist() == [v > yy for v in range(100)]
         assert data.bad_mask[i].tolist() == [v <= yy for v in range(100)]
         assert tokens(tok, data.answer_ids[i : i + 1]) == [f"{yy + 1:02d}"]
@@ -137,7 +142,8 @@ def test_greater_than_gpt2_style_two_digit_split():
     data = load_task("greater-than", tokenizer, 10)
     for i in range(len(data)):
         yy = start_year(data.clean_prompts[i])
-        assert f"17{yy:02d}" in data.clean_prompts[i] and "1701" in data.corrupted_prompts[i]
+        c = century(data.clean_prompts[i])
+        assert f"{c}{yy:02d}" in data.clean_prompts[i] and f"{c}01" in data.corrupted_prompts[i]
         assert data.good_mask[i].tolist() == [v > yy for v in range(100)]
 
 

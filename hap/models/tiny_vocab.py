@@ -41,6 +41,12 @@ NUMBERS = [f"{n:02d}" for n in range(100)] + [str(n) for n in range(10, 21)]
 # Appended after NUMBERS so the ids of all earlier tokens stay unchanged.
 TASK_WORDS = """
 working thinking about commuting
+Alex Andrew Brian Charlie Daniel Ella Emily Eric George Hannah Harry Jacob Jason Julia Lily Linda Maria
+Michael Nick Oliver Olivia Peter Rachel Robert Sarah Sophie Susan Thomas
+At Before During In It Last On Once There Yesterday
+arrived between break cleaned cooking down force left lent met morning offered playing raining ran reached
+sat so sold stayed stopped talked visited walked week where
+alliance campaign dynasty famine journey rebellion siege voyage
 """.split()
 
 

@@ -9,6 +9,8 @@ one plot.
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -163,14 +165,22 @@ def render_comparison(runs: Sequence[Run]) -> str:
                          Cell(str(run.path), cls="name")])
     metric_rows = []
     for key, label in METRIC_COLUMNS:
-        metric_rows.append([Cell(label)] + [number(run.circuit.metrics.get(key)) for run in runs])
+        metric_rows.append([Cell(f"{label} (test, held out)")] + [number(run.circuit.held_out.get(key))
+                                                                  for run in runs])
     for key, label in (("cpr", "CPR (higher is better)"), ("cmd", "CMD (0 is best)")):
         metric_rows.append([Cell(label)] + [number((run.circuit.metrics.get("curve") or {}).get(key))
                                             for run in runs])
     for ref, label in (("full_model", "full model"), ("empty_circuit", "empty circuit")):
         for key, name in METRIC_COLUMNS[:3]:
-            metric_rows.append([Cell(f"{label}: {name}")] + [
-                number((run.circuit.metrics.get(ref) or {}).get(key)) for run in runs])
+            metric_rows.append([Cell(f"{label}: {name} (test)")] + [
+                number((run.circuit.held_out.get(ref) or {}).get(key)) for run in runs])
+    for key, label in METRIC_COLUMNS:
+        metric_rows.append([Cell(f"{label} (train, in-sample)")] + [
+            number((run.circuit.metrics.get("train") or {}).get(key)) for run in runs])
+    same_test = len({json.dumps(run.circuit.splits.get("test"), sort_keys=True) for run in runs}) == 1
+    split_note = ("All runs were measured on the same held-out test split." if same_test and first.splits.get("test")
+                  else "The runs were not all measured on the same test split: compare their test numbers with "
+                  "care, or re-score them with hap evaluate on one split.")
     series = [CurveSeries(run.label, run.circuit.metrics["curve"], faithfulness_point(run.circuit)) for run in runs
               if isinstance(run.circuit.metrics.get("curve"), dict)]
     curve_html = '<p class="note">None of these runs has a faithfulness curve.</p>'
@@ -185,7 +195,8 @@ def render_comparison(runs: Sequence[Run]) -> str:
              "<h2>Runs</h2>",
              table(["run", "method", "edges", "sparsity", "heads", "MLPs", "runtime", "circuit file"], overview,
                    sortable=True, table_id="runs"),
-             "<h2>Metrics</h2>", table(["", *(run.label for run in runs)], metric_rows, table_id="metrics"),
+             "<h2>Metrics</h2>", f'<p class="note" id="split-note">{escape(split_note)}</p>',
+             table(["", *(run.label for run in runs)], metric_rows, table_id="metrics"),
              "<h2>Overlap</h2>", '<div class="grid"><section><h3>Kept edges (Jaccard)</h3>',
              _matrix(runs, edges, "edge-jaccard"), "</section><section><h3>Kept heads and MLPs (Jaccard)</h3>",
              _matrix(runs, components, "node-jaccard"), "</section></div>",

@@ -136,13 +136,15 @@ def faithfulness_figure(series: Sequence[CurveSeries]) -> Figure:
 def training_figure(records: Sequence[dict[str, Any]]) -> Figure:
     """Training curves of an Edge Pruning / HAP run from its ``train_log.jsonl`` records, against step.
 
-    Four panels: loss; KL to the full model (log scale when positive);
-    expected edge sparsity with its (warming-up) target; the Lagrange
-    multipliers lambda1 and lambda2. A quantity missing from the log is shown
-    as "not logged".
+    Six panels: loss; KL to the full model on each step's training batch and,
+    where logged, of the circuit read off the masks on held-out test examples
+    (log scale when positive); that circuit's held-out faithfulness and
+    accuracy; expected edge sparsity with its (warming-up) target; the Lagrange
+    multipliers lambda1 and lambda2; the learning rate. A quantity missing from
+    the log is shown as "not logged".
     """
-    figure = Figure(figsize=(10, 6.2), layout="constrained")
-    axes = figure.subplots(2, 2, sharex=True).flatten()
+    figure = Figure(figsize=(12, 6.4), layout="constrained")
+    axes = figure.subplots(2, 3, sharex=True).flatten()
     steps = [record.get("step", i) for i, record in enumerate(records)]
 
     def series(key: str) -> tuple[list[float], list[float]]:
@@ -151,28 +153,33 @@ def training_figure(records: Sequence[dict[str, Any]]) -> Figure:
         return [p[0] for p in pairs], [float(p[1]) for p in pairs]
 
     panels = [("loss", [("loss", "loss", COLOURS[0])]),
-              ("KL(full || circuit)", [("kl", "KL", COLOURS[1])]),
+              ("KL(full || circuit)", [("kl", "training batch (soft masks)", COLOURS[1]),
+                                       ("test_kl", "held-out (binarised circuit)", COLOURS[0])]),
+              ("held-out circuit", [("test_faithfulness", "faithfulness", COLOURS[2]),
+                                    ("test_accuracy", "accuracy", COLOURS[3])]),
               ("edge sparsity", [("expected_sparsity", "expected sparsity", COLOURS[0]),
                                  ("target_sparsity", "target", "#888")]),
-              ("Lagrange multipliers", [("lambda1", "lambda1", COLOURS[2]), ("lambda2", "lambda2", COLOURS[3])])]
+              ("Lagrange multipliers", [("lambda1", "lambda1", COLOURS[2]), ("lambda2", "lambda2", COLOURS[3])]),
+              ("mask learning rate", [("lr", "lr", COLOURS[4])])]
     for axis, (title, lines) in zip(axes, panels):
         drawn = 0
         for key, label, colour in lines:
             x, y = series(key)
             if x:
                 style = "--" if key == "target_sparsity" else "-"
-                axis.plot(x, y, style, color=colour, linewidth=1.4, label=label)
+                marker = "o" if key.startswith("test_") else None
+                axis.plot(x, y, style, color=colour, linewidth=1.4, label=label, marker=marker, markersize=3)
                 drawn += 1
         axis.set_title(title, fontsize=10)
         axis.grid(True, alpha=0.25)
         if not drawn:
             axis.text(0.5, 0.5, "not logged", transform=axis.transAxes, ha="center", color="#999")
             continue
-        if lines[0][0] == "kl" and all(value > 0 for value in series("kl")[1]):
+        if lines[0][0] == "kl" and all(value > 0 for key in ("kl", "test_kl") for value in series(key)[1]):
             axis.set_yscale("log")
         if len(lines) > 1:
             axis.legend(fontsize=8, frameon=False)
-    for axis in axes[2:]:
+    for axis in axes[3:]:
         axis.set_xlabel("step")
     return figure
 

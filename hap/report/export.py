@@ -16,7 +16,7 @@ by the group size (so per-group sums, and the ranking a native per-head
 method would give, are kept) and the group's ``in_graph``. Reading such a
 file sums the heads' scores back and keeps a group edge if any head's copy is
 kept. A ``"metadata"`` entry (ignored by EAP-IG) carries the model, task,
-method, layout, settings, metrics and runtimes, so that the round trip gives
+method, layout, settings, metrics, runtimes and splits, so that the round trip gives
 the same ``Circuit``.
 """
 
@@ -75,7 +75,7 @@ def to_mib(circuit: Circuit) -> dict[str, Any]:
         "metadata": {"written_by": "hap-circuits", "source_format": FORMAT, "model": circuit.model,
                      "task": circuit.task, "method": circuit.method, "family": layout.family,
                      "n_edges_in_graph": circuit.n_edges, "config": circuit.config, "metrics": circuit.metrics,
-                     "runtime_s": circuit.runtime_s},
+                     "runtime_s": circuit.runtime_s, "splits": circuit.splits},
     }
 
 
@@ -125,7 +125,7 @@ def from_mib(document: dict[str, Any], model: str | None = None, task: str | Non
     return Circuit(model=model or meta.get("model", "unknown"), task=task or meta.get("task", "unknown"),
                    method=method or meta.get("method", "unknown"), layout=layout, scores=scores.float(),
                    in_graph=in_graph, config=meta.get("config", {}), metrics=meta.get("metrics", {}),
-                   runtime_s=meta.get("runtime_s", {}))
+                   runtime_s=meta.get("runtime_s", {}), splits=meta.get("splits", {}))
 
 
 def write_mib(circuit: Circuit, path: str | Path) -> Path:

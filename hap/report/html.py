@@ -21,6 +21,8 @@ import torch
 
 from .. import __version__
 from ..circuit import Circuit, write_atomically
+from ..errors import HapError
+from ..tasks.splits import TaskSpec
 from .curves import CurveSeries, faithfulness_figure, read_train_log, save_figure, training_figure
 from .svg import circuit_elements, draw_circuit
 
@@ -183,7 +185,7 @@ def page(title: str, body: str) -> str:
 
 
 def metrics_rows(metrics: dict[str, Any]) -> tuple[list[list[Cell | str]], list[str]]:
-    """Rows of the metrics table: the circuit, then the full model and the empty circuit as references."""
+    """Rows of one split's metrics table: the circuit, then the full model and the empty circuit as references."""
     rows, classes = [], []
     for label, values, cls in (("circuit", metrics, ""), ("full model (all edges)", metrics.get("full_model"), "ref"),
                                ("empty circuit (no edges)", metrics.get("empty_circuit"), "ref")):
@@ -277,6 +279,54 @@ def _runtime(runtime: dict[str, Any]) -> str:
     return table(["stage", "time", "share (%)"], rows, table_id="runtime")
 
 
+def _split_line(circuit: Circuit, split: str) -> str:
+    recorded = circuit.splits.get(split)
+    if not isinstance(recorded, dict):
+        return "not recorded"
+    try:
+        return TaskSpec.from_dict(recorded).describe()
+    except HapError:
+        return "not readable"
+
+
+def _metrics_section(circuit: Circuit) -> str:
+    """Held-out metrics as the headline table, in-sample ones beside them (labelled), and the gap."""
+    test, train, gap = circuit.held_out, circuit.metrics.get("train"), circuit.metrics.get("gap") or {}
+    headers = ["", *(label for _, label in METRIC_COLUMNS)]
+    parts = ["<h3>Held out: the test split</h3>"]
+    if test:
+        rows, classes = metrics_rows(test)
+        parts += [f'<p class="note">{escape(_split_line(circuit, "test"))}</p>',
+                  table(headers, rows, table_id="metrics", row_classes=classes)]
+    else:
+        parts.append('<p class="note no" id="metrics">This circuit file has no held-out metrics (it predates '
+                     "held-out splits, or was never measured on one): run <code>hap evaluate</code> on it. The "
+                     "numbers below are in-sample.</p>")
+    if isinstance(train, dict) and train:
+        rows, classes = metrics_rows(train)
+        parts += ["<h3>In-sample: training examples (for comparison only)</h3>",
+                  f'<p class="note">{escape(_split_line(circuit, "train"))}; measured on the first '
+                  f'{fmt(train.get("n_examples"))} of them. A circuit is judged by the held-out numbers above.</p>',
+                  table(headers, rows, table_id="metrics-train", row_classes=classes)]
+    if gap:
+        row = [Cell("test − train")] + [number(gap.get(key)) for key, _ in METRIC_COLUMNS]
+        parts += ["<h3>Generalisation gap</h3>", table(headers, [row], table_id="gap")]
+    return "\n".join(parts)
+
+
+def _convergence(config: dict[str, Any]) -> str:
+    if "final_expected_sparsity" not in config or "target_sparsity" not in config:
+        return ""
+    expected, target = config["final_expected_sparsity"], config["target_sparsity"]
+    converged = bool(config.get("converged"))
+    words = "within tolerance: converged" if converged else "NOT converged: binarisation removed edges the masks " \
+        "still kept; raise --steps or --max-extra-steps"
+    cls = "yes" if converged else "no"
+    return (f'<p class="note" id="convergence">Expected sparsity before binarisation {expected:.4f}, target '
+            f'{target:.4f} ({(expected - target) * 100:+.2f} percentage points, <span class="{cls}">{words}</span>) '
+            f'after {fmt(config.get("steps_done"))} steps.</p>')
+
+
 def _summary(circuit: Circuit, source: Path) -> str:
     graph = circuit.graph()
     nodes = circuit.node_in_graph(graph)
@@ -291,7 +341,8 @@ def _summary(circuit: Circuit, source: Path) -> str:
              ("task", circuit.task), ("method", circuit.method),
              ("edges kept", f"{kept:,} of {total:,} (sparsity {1 - kept / total:.2%})"),
              ("nodes kept", f"{heads} heads, {mlps} MLPs"),
-             ("examples evaluated", fmt(circuit.metrics.get("n_examples"))),
+             ("held-out examples", _split_line(circuit, "test")),
+             ("training examples", _split_line(circuit, "train")),
              ("CPR (higher is better)", fmt(curve.get("cpr"))), ("CMD (0 is best)", fmt(curve.get("cmd"))),
              ("circuit file", str(source))]
     return table([], [[Cell(k), Cell(v)] for k, v in facts], cls="facts", table_id="summary")
@@ -302,14 +353,13 @@ def render_report(circuit: Circuit, source: Path, svg: str, curves_png: bytes | 
     """The report page of one run as an HTML string (see ``write_report``, which also makes the figures)."""
     title = f"{circuit.model} · {circuit.task} · {circuit.method}"
     command = circuit.config.get("command")
-    rows, classes = metrics_rows(circuit.metrics)
     parts = [f"<h1>Circuit report: {escape(title)}</h1>",
              f'<p class="sub">hap-circuits {__version__} · {circuit.n_edges:,} kept edges</p>',
              '<div class="grid"><section><h2>Run</h2>', _summary(circuit, source), "</section>",
-             "<section><h2>Metrics</h2>",
-             table(["", *(label for _, label in METRIC_COLUMNS)], rows, table_id="metrics", row_classes=classes),
+             "<section><h2>Metrics</h2>", _metrics_section(circuit),
              '<p class="note">Faithfulness f = (m(C) − m(∅)) / (m(N) − m(∅)) with m the logit difference; '
              "the reference rows are the full model and the circuit with every edge ablated.</p>",
+             _convergence(circuit.config),
              "<h2>Runtime</h2>", _runtime(circuit.runtime_s), "</section></div>",
              "<h2>Reproduce</h2>",
              f"<pre id=\"command\">{escape(command)}</pre>" if command else
@@ -318,10 +368,15 @@ def render_report(circuit: Circuit, source: Path, svg: str, curves_png: bytes | 
              '<p class="note">Hover a node to show only its edges; hover an edge for its name and score.</p>',
              f'<div class="figure" id="circuit">{svg}</div>',
              "<h2>Faithfulness curve</h2>",
+             f'<p class="note">Measured on the {escape(str((circuit.metrics.get("curve") or {}).get("split", "unrecorded")))} '
+             "split.</p>" if curves_png else "",
              f'<div class="figure">{png_image(curves_png, "faithfulness curve")}</div>' if curves_png else
              '<p class="note">No faithfulness curve in circuit.json (metrics["curve"]).</p>']
     if training_png:
-        parts += ["<h2>Training</h2>", f'<div class="figure">{png_image(training_png, "training curves")}</div>']
+        parts += ["<h2>Training</h2>",
+                  '<p class="note">KL on each step\'s training batch, and the circuit read off the masks so far '
+                  "measured on a fixed batch of held-out test examples: when the two part, the masks over-fit.</p>",
+                  f'<div class="figure">{png_image(training_png, "training curves")}</div>']
     elif circuit.method in ("ep", "hap"):
         parts += ["<h2>Training</h2>", f'<p class="note">No {TRAIN_LOG} next to the circuit.</p>']
     parts += ["<h2>Heads and MLPs by total |score|</h2>", _node_table(circuit),
@@ -337,8 +392,8 @@ def circuit_path(run: str | Path) -> Path:
 
 
 def faithfulness_point(circuit: Circuit) -> tuple[float, float] | None:
-    """(fraction of edges kept, faithfulness) of the circuit itself, when its faithfulness is known."""
-    value = circuit.metrics.get("faithfulness")
+    """(fraction of edges kept, held-out faithfulness) of the circuit itself, when it is known."""
+    value = circuit.held_out.get("faithfulness")
     if not isinstance(value, (int, float)):
         return None
     return circuit.n_edges / circuit.graph().n_edges, float(value)

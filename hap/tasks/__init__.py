@@ -1,9 +1,12 @@
 """Tasks: clean/corrupted prompt pairs of equal token length, answer and wrong
 tokens, and each task's metric, as one ``TaskData``.
 
-``load_task`` is the single entry point: ``"ioi"`` (Wang et al. 2022),
-``"greater-than"`` (Hanna et al. 2023), or the path of a ``.jsonl`` file with
-one ``{"clean", "corrupted", "answer", "wrong"}`` object per line.
+``load_task`` draws examples of a built-in task from its whole vocabulary:
+``"ioi"`` (Wang et al. 2022), ``"greater-than"`` (Hanna et al. 2023), or reads
+the path of a ``.jsonl`` file with one ``{"clean", "corrupted", "answer",
+"wrong"}`` object per line. ``task_splits`` makes the disjoint train and test
+splits every circuit is fitted and judged on, and ``load_split`` rebuilds one
+from its recorded ``TaskSpec``.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from .base import Metric, TaskData, check_n_examples
 from .custom import custom_task
 from .greater_than import YearScheme, greater_than_task, year_tokens
 from .ioi import ioi_task
-
-BUILT_IN_TASKS = ("ioi", "greater-than")
+from .splits import BUILT_IN as BUILT_IN_TASKS
+from .splits import DEFAULT_TEST_FRACTION, TaskSpec, load_split, task_splits
 
 
 def load_task(name_or_path: str, tokenizer: PreTrainedTokenizerBase, n_examples: int, seed: int = 0) -> TaskData:
@@ -48,6 +51,10 @@ def load_task(name_or_path: str, tokenizer: PreTrainedTokenizerBase, n_examples:
 
 __all__ = [
     "BUILT_IN_TASKS",
+    "DEFAULT_TEST_FRACTION",
+    "TaskSpec",
+    "load_split",
+    "task_splits",
     "Metric",
     "TaskData",
     "YearScheme",

@@ -76,26 +76,32 @@ class TaskData:
     def __len__(self) -> int:
         return len(self.clean_prompts)
 
+    def slice(self, start: int, stop: int) -> TaskData:
+        """Examples ``start`` to ``stop`` (exclusive), trimmed to their own longest row."""
+        rows = slice(start, stop)
+        if start >= stop or start >= len(self):
+            raise DataError(f"task {self.name!r}: no examples in [{start}, {stop})")
+        width = int(self.lengths[rows].max())
+        return replace(
+            self,
+            clean_prompts=self.clean_prompts[rows],
+            corrupted_prompts=self.corrupted_prompts[rows],
+            clean_ids=self.clean_ids[rows, :width],
+            corrupted_ids=self.corrupted_ids[rows, :width],
+            lengths=self.lengths[rows],
+            answer_ids=self.answer_ids[rows],
+            wrong_ids=self.wrong_ids[rows],
+            good_mask=None if self.good_mask is None else self.good_mask[rows],
+            bad_mask=None if self.bad_mask is None else self.bad_mask[rows],
+        )
+
     def batches(self, batch_size: int) -> Iterator[TaskData]:
         """Consecutive slices of ``batch_size`` examples (the last may be shorter),
         each trimmed to its own longest row so no batch carries needless padding."""
         if batch_size <= 0:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
         for start in range(0, len(self), batch_size):
-            rows = slice(start, start + batch_size)
-            width = int(self.lengths[rows].max())
-            yield replace(
-                self,
-                clean_prompts=self.clean_prompts[rows],
-                corrupted_prompts=self.corrupted_prompts[rows],
-                clean_ids=self.clean_ids[rows, :width],
-                corrupted_ids=self.corrupted_ids[rows, :width],
-                lengths=self.lengths[rows],
-                answer_ids=self.answer_ids[rows],
-                wrong_ids=self.wrong_ids[rows],
-                good_mask=None if self.good_mask is None else self.good_mask[rows],
-                bad_mask=None if self.bad_mask is None else self.bad_mask[rows],
-            )
+            yield self.slice(start, start + batch_size)
 
     def at_answer(self, logits: Tensor) -> Tensor:
         """Pick the answer position of each row: logits [N, T, V] -> [N, V]."""

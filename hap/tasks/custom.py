@@ -8,10 +8,16 @@ must have the same (non-zero) token length and ``answer``/``wrong`` must each be
 exactly one known token. Any problem raises one ``DataError`` naming the file,
 the line, the problem and the fix. Blank lines are skipped; only the first
 ``n_examples`` examples are read. The metric is the logit difference answer - wrong.
+
+A held-out split of one file hashes each example (its four fields) to a number
+in [0, 1): those below ``test_fraction`` are the test split, the rest the train
+split. Identical lines hash alike, so no example is ever on both sides, and the
+split does not move when lines are appended.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -40,11 +46,18 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def custom_task(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_examples: int) -> TaskData:
-    """The first ``n_examples`` examples of the JSONL file at ``path`` (all if it has fewer).
+def in_test_split(row: dict[str, str], test_fraction: float) -> bool:
+    """Whether an example (its four string fields) falls in the held-out share ``test_fraction``."""
+    key = json.dumps([row[field] for field in FIELDS]).encode()
+    return int(hashlib.sha256(key).hexdigest()[:12], 16) / 16**12 < test_fraction
 
-    The task is named by ``str(path)``. Raises ``DataError`` for a missing,
-    unreadable or empty file and for any malformed line (see the module docstring).
+
+def read_rows(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_examples: int,
+              part: str = "all", test_fraction: float = 0.0) -> list[dict[str, str]]:
+    """The first ``n_examples`` valid examples of the file in ``part`` ("all", "train" or "test").
+
+    Every line scanned is checked (see the module docstring); raises ``DataError``
+    for a missing or unreadable file and for the first malformed line.
     """
     check_n_examples(n_examples)
     path_text = str(path)
@@ -64,14 +77,34 @@ def custom_task(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_examples
             break
         if not line.strip():
             continue
-        rows.append(_parse_line(line, f"{path_text}, line {number}", tokenizer))
+        row = _parse_line(line, f"{path_text}, line {number}", tokenizer)
+        if part == "all" or (part == "test") == in_test_split(row, test_fraction):
+            rows.append(row)
+    return rows
+
+
+def custom_task(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_examples: int,
+                part: str = "all", test_fraction: float = 0.0) -> TaskData:
+    """The first ``n_examples`` examples of the JSONL file at ``path`` (all if it has fewer).
+
+    ``part`` "train" or "test" keeps only that side of the held-out split at
+    ``test_fraction`` (module docstring); "all" reads every example. The task
+    is named by ``str(path)``. Raises ``DataError`` for a missing, unreadable or
+    empty file (or split) and for any malformed line.
+    """
+    rows = read_rows(path, tokenizer, n_examples, part, test_fraction)
     if not rows:
+        if part != "all":
+            raise DataError(
+                f"{path}: no example falls in the {part} split (held-out fraction {test_fraction}); add examples, "
+                "change --test-fraction, or give the test examples in their own file with --test-task FILE"
+            )
         raise DataError(
-            f"{path_text} has no examples (the file is empty or only blank lines); "
+            f"{path} has no examples (the file is empty or only blank lines); "
             f"write one JSON object per line, e.g. {EXAMPLE_LINE}"
         )
     return make_task_data(
-        path_text,
+        str(path),
         tokenizer,
         [row["clean"] for row in rows],
         [row["corrupted"] for row in rows],

@@ -1,5 +1,10 @@
 """Greater-than (Hanna et al. 2023): "The war lasted from the year 1745 to the
-year 17" -> a year after 1745. The corrupted prompt uses the start year 1701.
+year 17" -> a year after 1745. The corrupted prompt uses the start year C01 of
+the same century C (1701 here).
+
+The generator takes its vocabulary (templates, nouns, centuries) as arguments,
+so a held-out split can use ones the training split never sees
+(``hap.tasks.splits``); every fourth of each list is the held-out quarter.
 
 Tokenizers split years differently, so the scheme is detected from the tokenizer:
 
@@ -15,7 +20,9 @@ Tokenizers split years differently, so the scheme is detected from the tokenizer
   "00".."99" but no "1745"): the year is written "17 45", so the prompt ends
   "to the year 17" and the answer is the word " YY"; sets as for ``TWO_DIGIT``.
 
-Otherwise YY is drawn from 02..98. The metric is softmax mass on good tokens minus
+Otherwise YY is drawn from 02..98. The scheme is detected on the century 17;
+another century is used only if the tokenizer splits its years the same way
+(same tokens after the century), which ``DataError`` reports otherwise. The metric is softmax mass on good tokens minus
 mass on bad tokens at the answer position.
 """
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from enum import Enum
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -31,7 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from ..errors import DataError
 from .base import Metric, TaskData, check_n_examples, encode, make_task_data
 
-CENTURY = "17"
+CENTURY = "17"  # the century the tokenizer's year scheme is detected on
 CORRUPTED_YY = 1
 
 # {START} is the full start year ("1745", or "17 45" for SPACED); the prompt ends at the century.
@@ -40,8 +48,16 @@ TEMPLATES: tuple[str, ...] = (
     "The {NOUN} started in the year {START} and ended in the year {CENTURY}",
     "The {NOUN} began in the year {START} and lasted until the year {CENTURY}",
     "The {NOUN} lasted from {START} to {CENTURY}",
+    "The {NOUN} went on from the year {START} to the year {CENTURY}",
+    "The {NOUN} ran from {START} until {CENTURY}",
+    "The {NOUN} took place between the year {START} and the year {CENTURY}",
+    "The {NOUN} was in force from the year {START} until the year {CENTURY}",
 )
-NOUNS: tuple[str, ...] = ("war", "expedition", "conflict", "reign", "treaty", "contract", "deal", "peace")
+NOUNS: tuple[str, ...] = (
+    "war", "expedition", "conflict", "reign", "treaty", "contract", "deal", "peace",
+    "campaign", "siege", "journey", "rebellion", "alliance", "dynasty", "famine", "voyage",
+)  # fmt: skip
+CENTURIES: tuple[str, ...] = ("11", "12", "13", "14", "15", "16", "17", "18")
 
 PROBE = "The war lasted from the year " + CENTURY
 
@@ -114,18 +130,30 @@ def year_tokens(tokenizer: PreTrainedTokenizerBase) -> YearTokens:
     )
 
 
-def greater_than_task(tokenizer: PreTrainedTokenizerBase, n_examples: int, seed: int = 0) -> TaskData:
-    """``n_examples`` greater-than prompts (corruption: start year 1701), reproducible from ``seed``.
+def greater_than_task(
+    tokenizer: PreTrainedTokenizerBase,
+    n_examples: int,
+    seed: int = 0,
+    templates: Sequence[str] = TEMPLATES,
+    nouns: Sequence[str] = NOUNS,
+    centuries: Sequence[str] = CENTURIES,
+) -> TaskData:
+    """``n_examples`` greater-than prompts (corruption: start year C01), reproducible from ``seed``.
 
     The returned ``TaskData`` uses ``Metric.PROB_DIFF``: ``candidate_ids`` [C] are
     the year tokens of the detected scheme, ``good_mask``/``bad_mask`` [N, C] the
-    per-example good and bad sets.
+    per-example good and bad sets. Raises ``DataError`` for an empty vocabulary
+    or a century whose years this tokenizer splits differently.
     """
     check_n_examples(n_examples)
+    if not templates or not nouns or not centuries:
+        raise DataError("greater-than: templates, nouns and centuries must each be non-empty")
     years = year_tokens(tokenizer)
+    starts = years.start_values()
+    for century in centuries:
+        _check_century(tokenizer, years, century, starts)
     values = sorted(years.tokens)  # candidate order: the suffixes (or digits) ascending
     candidate_ids = torch.tensor([years.tokens[v] for v in values], dtype=torch.long)
-    starts = years.start_values()
 
     rng = random.Random(seed)
     clean_prompts: list[str] = []
@@ -135,9 +163,10 @@ def greater_than_task(tokenizer: PreTrainedTokenizerBase, n_examples: int, seed:
     good_rows: list[list[bool]] = []
     bad_rows: list[list[bool]] = []
     for _ in range(n_examples):
-        template, noun, yy = rng.choice(TEMPLATES), rng.choice(NOUNS), rng.choice(starts)
-        clean_prompts.append(_prompt(template, noun, yy, years.separator))
-        corrupted_prompts.append(_prompt(template, noun, CORRUPTED_YY, years.separator))
+        template, noun, yy = rng.choice(list(templates)), rng.choice(list(nouns)), rng.choice(starts)
+        century = rng.choice(list(centuries))
+        clean_prompts.append(_prompt(template, noun, century, yy, years.separator))
+        corrupted_prompts.append(_prompt(template, noun, century, CORRUPTED_YY, years.separator))
         if years.scheme is YearScheme.DIGIT:
             tens = yy // 10
             good_rows.append([v > tens for v in values])
@@ -163,5 +192,22 @@ def greater_than_task(tokenizer: PreTrainedTokenizerBase, n_examples: int, seed:
     )
 
 
-def _prompt(template: str, noun: str, yy: int, separator: str) -> str:
-    return template.format(NOUN=noun, START=f"{CENTURY}{separator}{yy:02d}", CENTURY=CENTURY)
+def _check_century(tokenizer: PreTrainedTokenizerBase, years: YearTokens, century: str, starts: list[int]) -> None:
+    """Refuse a century after which this tokenizer does not split years as ``years`` says."""
+    if century == CENTURY:
+        return
+    probe = PROBE[: -len(CENTURY)] + century
+    base = encode(tokenizer, probe)
+    for yy in [CORRUPTED_YY, *starts]:
+        ids = encode(tokenizer, probe + f"{years.separator}{yy:02d}")
+        expected = [years.tokens[yy // 10], years.tokens[yy % 10]] if years.scheme is YearScheme.DIGIT \
+            else [years.tokens[yy]]
+        if ids[: len(base)] != base or ids[len(base):] != expected:
+            raise DataError(
+                f"greater-than: this tokenizer splits the years of century {century} (e.g. {century}{yy:02d}) "
+                f"unlike those of {CENTURY}; leave century {century} out"
+            )
+
+
+def _prompt(template: str, noun: str, century: str, yy: int, separator: str) -> str:
+    return template.format(NOUN=noun, START=f"{century}{separator}{yy:02d}", CENTURY=century)

@@ -10,11 +10,17 @@ the answer is no longer determined. Names, places and objects are kept only if
 they are one known token with a leading space in the given tokenizer, which makes
 clean and corrupted prompts the same token length. The metric is the logit
 difference IO - S.
+
+The generator takes its vocabulary (templates, names, places, objects) as
+arguments, so a held-out split can use templates and names that the training
+split never sees (``hap.tasks.splits``). Every fourth template and every fourth
+name (by position in these lists) is the held-out quarter.
 """
 
 from __future__ import annotations
 
 import random
+from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -40,6 +46,22 @@ TEMPLATES: tuple[str, ...] = (
     "Then, {X} and {Y} had a long argument. Afterwards {S} said to",
     "The {PLACE} {X} and {Y} went to had a {OBJECT}. {S} gave it to",
     "Friends {X} and {Y} found a {OBJECT} at the {PLACE}. {S} gave it to",
+    "{X} and {Y} were cooking dinner at the {PLACE}. {S} handed a {OBJECT} to",
+    "At the {PLACE}, {X} and {Y} met for lunch. {S} gave a {OBJECT} to",
+    "When {X} and {Y} arrived at the {PLACE}, {S} passed a {OBJECT} to",
+    "Yesterday {X} and {Y} visited the {PLACE}, and {S} brought a {OBJECT} to",
+    "After a long day at the {PLACE}, {X} and {Y} sat down. {S} handed the {OBJECT} to",
+    "{X} and {Y} were playing a game at the {PLACE}. {S} threw the {OBJECT} to",
+    "On the way to the {PLACE}, {X} and {Y} stopped for a break. {S} offered a {OBJECT} to",
+    "Last week {X} and {Y} cleaned the {PLACE}. {S} showed the {OBJECT} to",
+    "Before {X} and {Y} left the {PLACE}, {S} sent a {OBJECT} to",
+    "{X} and {Y} walked to the {PLACE} together. There, {S} gave a {OBJECT} to",
+    "In the morning, {X} and {Y} went to the {PLACE}. {S} sold a {OBJECT} to",
+    "{X} met {Y} at the {PLACE}, and {S} gave a {OBJECT} to",
+    "Once {X} and {Y} reached the {PLACE}, {S} lent a {OBJECT} to",
+    "During the party at the {PLACE}, {X} and {Y} talked. {S} gave a {OBJECT} to",
+    "It was raining, so {X} and {Y} stayed at the {PLACE}. {S} gave a {OBJECT} to",
+    "After school, {X} and {Y} went to the {PLACE}, where {S} gave a {OBJECT} to",
 )
 
 NAMES: tuple[str, ...] = (
@@ -48,7 +70,10 @@ NAMES: tuple[str, ...] = (
     "Mike", "Paul", "Rose", "Sam", "Sara", "Tim", "Anna", "Ben", "Chris", "Eve",
     "Fred", "Jane", "Joe", "Kim", "Lisa", "Max", "Ray", "Ruth", "Tony", "Will",
     "Adam", "Beth", "Carl", "Dave", "Jim", "Matt", "Pete", "Sue", "Ann", "Jeff",
-    "Mark", "Steve", "Kevin", "Laura", "Helen", "Ryan",
+    "Mark", "Steve", "Kevin", "Laura", "Helen", "Ryan", "Ella", "Nick", "Alex", "Julia",
+    "Sophie", "Peter", "George", "Daniel", "Michael", "Sarah", "Emily", "Olivia", "Jacob", "Lily",
+    "Harry", "Oliver", "Charlie", "Andrew", "Rachel", "Thomas", "Robert", "Linda", "Susan", "Brian",
+    "Eric", "Maria", "Jason", "Hannah",
 )  # fmt: skip
 
 PLACES: tuple[str, ...] = (
@@ -65,20 +90,36 @@ OBJECTS: tuple[str, ...] = (
 MIN_NAMES = 5  # two clean names plus three fresh corrupted ones
 
 
-def ioi_task(tokenizer: PreTrainedTokenizerBase, n_examples: int, seed: int = 0) -> TaskData:
+def ioi_task(
+    tokenizer: PreTrainedTokenizerBase,
+    n_examples: int,
+    seed: int = 0,
+    templates: Sequence[str] = TEMPLATES,
+    names: Sequence[str] = NAMES,
+    places: Sequence[str] = PLACES,
+    objects: Sequence[str] = OBJECTS,
+) -> TaskData:
     """``n_examples`` IOI prompts with ABC corruptions, reproducible from ``seed``.
 
     Rows alternate ABBA / BABA. ``answer_ids`` is the indirect object (" A"),
-    ``wrong_ids`` the subject (" B"). Raises ``DataError`` if fewer than
-    ``MIN_NAMES`` names (or no place or object) are single tokens here.
+    ``wrong_ids`` the subject (" B"). Clean and corrupted names both come from
+    ``names`` (filtered to single tokens here), templates from ``templates``.
+    Raises ``DataError`` if fewer than ``MIN_NAMES`` names (or no place or
+    object) are single tokens here, or a template lacks a placeholder.
     """
     check_n_examples(n_examples)
-    names = single_token_words(tokenizer, NAMES)
-    places = single_token_words(tokenizer, PLACES)
-    objects = single_token_words(tokenizer, OBJECTS)
+    if not templates:
+        raise DataError("ioi: no templates to draw from")
+    for template in templates:
+        if not all(field in template for field in ("{X}", "{Y}", "{S}")):
+            raise DataError(f"ioi: template {template!r} must contain {{X}}, {{Y}} and {{S}}")
+    n_given = len(names)
+    names = single_token_words(tokenizer, names)
+    places = single_token_words(tokenizer, places)
+    objects = single_token_words(tokenizer, objects)
     if len(names) < MIN_NAMES:
         raise DataError(
-            f"ioi: only {len(names)} of {len(NAMES)} names ({', '.join(names) or 'none'}) are a single known token "
+            f"ioi: only {len(names)} of {n_given} names ({', '.join(names) or 'none'}) are a single known token "
             f"with a leading space in this tokenizer; IOI needs at least {MIN_NAMES} (two clean names and three "
             "fresh ones for the corruption). Use a tokenizer whose vocabulary has common first names as whole tokens."
         )
@@ -94,7 +135,7 @@ def ioi_task(tokenizer: PreTrainedTokenizerBase, n_examples: int, seed: int = 0)
     answers: list[int] = []
     wrongs: list[int] = []
     for i in range(n_examples):
-        template = rng.choice(TEMPLATES)
+        template = rng.choice(list(templates))
         place, obj = rng.choice(places), rng.choice(objects)
         io, subject = rng.sample(names, 2)
         fresh = rng.sample([name for name in names if name not in (io, subject)], 3)

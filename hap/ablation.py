@@ -62,12 +62,15 @@ class Trace:
 
     ``outputs`` [S, B, T, D]: what every source wrote; ``block_inputs``
     [n_blocks, B, T, D]: the residual each block's readers read (index 0, the
-    embedding, reads nothing and is zero); ``logits`` [B, T, V].
+    embedding, reads nothing and is zero); ``logits`` [B, T, V] (None when not
+    asked for); ``mixed`` [L, B, H, T, K]: each layer's attention values before
+    the output projection (only when asked for).
     """
 
     outputs: Tensor
     block_inputs: Tensor
-    logits: Tensor
+    logits: Tensor | None
+    mixed: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -115,14 +118,21 @@ def _group_of_heads(adapter: ModelAdapter, device: torch.device) -> Tensor:
     return torch.arange(layout.n_heads, device=device) // layout.heads_per_group
 
 
-def trace(model: Model, input_ids: Tensor) -> Trace:
+def trace(model: Model, input_ids: Tensor, logits: bool = True, mixed: bool = False) -> Trace:
     """Run the model on token ids [B, T] through the adapter, recording every source.
 
     All edges are on: each reader reads the full residual, which is updated in
     the Hugging Face module's own order, so the logits equal its forward's
-    bit for bit (``hap verify`` checks this).
+    bit for bit (``hap verify`` checks this). ``logits=False`` skips the
+    unembedding; ``mixed=True`` also keeps each layer's attention values.
     """
-    return _plain_run(model, input_ids)
+    return _plain_run(model, input_ids, want_logits=logits, keep_mixed=mixed)
+
+
+def answer_logits(model: Model, input_ids: Tensor, positions: Tensor) -> Tensor:
+    """The full model's logits [B, V] at one position per row, without recording anything (no gradient)."""
+    with torch.no_grad():
+        return _plain_run(model, input_ids, positions=positions, record=False).logits
 
 
 def _plain_run(
@@ -133,13 +143,17 @@ def _plain_run(
     reference: Reference | None = None,
     output_scale: Tensor | None = None,
     positions: Tensor | None = None,
+    record: bool = True,
+    want_logits: bool = True,
+    keep_mixed: bool = False,
 ) -> Trace:
     """The all-edges-on forward pass, optionally with probes and interpolated sources.
 
     With ``probes`` (and ``graph``), every reader reads the residual plus a zero
     probe of its own, whose gradient is dL/d(reader input). ``output_scale`` [S]
     interpolates sources towards ``reference`` as in ``run_with_probes``.
-    ``positions`` [B]: logits only at those positions ([B, V]).
+    ``positions`` [B]: logits only at those positions ([B, V]). ``record=False``
+    keeps no source outputs or block inputs (the trace's are then empty).
     """
     adapter = model.adapter
     layout = adapter.layout
@@ -167,6 +181,7 @@ def _plain_run(
     x = x[0]
     outputs = [x[None]]
     block_inputs = [torch.zeros_like(x)]
+    kept_mixed = []
     for layer in range(layout.n_layers):
         block_inputs.append(x)
         first_reader = layer * per_layer
@@ -178,21 +193,30 @@ def _plain_run(
         k = adapter.keys(layer, xk, ctx).index_select(1, group_of_head)
         v = adapter.values(layer, xv, ctx).index_select(1, group_of_head)
         mixed = adapter.attend(layer, q, k, v)
-        heads, interpolated = scaled(first_head, adapter.head_outputs(layer, mixed))
-        outputs.append(heads)
-        x = x + (heads.sum(0) if interpolated else adapter.layer_output(layer, mixed))
+        if keep_mixed:
+            kept_mixed.append(mixed)
+        if record or output_scale is not None:
+            heads, interpolated = scaled(first_head, adapter.head_outputs(layer, mixed))
+            outputs.append(heads)
+            x = x + (heads.sum(0) if interpolated else adapter.layer_output(layer, mixed))
+        else:
+            x = x + adapter.layer_output(layer, mixed)
         block_inputs.append(x)
         mlp, _ = scaled(first_head + layout.n_heads, adapter.mlp(layer, read(x, first_reader + per_layer - 1, 1)[0])[None])
         outputs.append(mlp)
         x = x + mlp[0]
     block_inputs.append(x)
-    final = x
-    if positions is not None:
-        final = x[torch.arange(batch, device=device), positions.to(device)][:, None]  # [B, 1, D]
-    logits = adapter.unembed(read(final, layout.n_layers * per_layer, 1)[0])
-    if positions is not None:
-        logits = logits[:, 0]
-    return Trace(torch.cat(outputs), torch.stack(block_inputs), logits)
+    logits = None
+    if want_logits:
+        final = x
+        if positions is not None:
+            final = x[torch.arange(batch, device=device), positions.to(device)][:, None]  # [B, 1, D]
+        logits = adapter.unembed(read(final, layout.n_layers * per_layer, 1)[0])
+        if positions is not None:
+            logits = logits[:, 0]
+    if not record:
+        return Trace(x.new_zeros(0), x.new_zeros(0), logits)
+    return Trace(torch.cat(outputs), torch.stack(block_inputs), logits, torch.stack(kept_mixed) if keep_mixed else None)
 
 
 # ---------------------------------------------------------------------------
@@ -213,8 +237,53 @@ def _block_sums(graph: Graph, outputs: Tensor) -> Tensor:
 def interchange_reference(model: Model, corrupted_ids: Tensor) -> Reference:
     """Reference for interchange ablation: one plain run on the corrupted prompts [B, T]."""
     with torch.no_grad():
-        corrupted = trace(model, corrupted_ids)
+        corrupted = trace(model, corrupted_ids, logits=False)
     return Reference(AblationKind.INTERCHANGE, corrupted.outputs, corrupted.block_inputs, corrupted.outputs)
+
+
+@dataclass(frozen=True)
+class CompactReference:
+    """An interchange reference kept small between uses: each layer's attention values
+    before the output projection instead of every head's output.
+
+    ``mixed`` [L, B, H, T, K]; ``others`` [1 + L, B, T, D]: the ``input`` and MLP
+    outputs; ``block_inputs`` as in ``Reference``. ``expand`` recomputes the
+    heads' outputs with the same operation the forward pass used, so the
+    expanded reference equals the one ``interchange_reference`` makes, bit for
+    bit. On SmolLM2 this is a third of the memory.
+    """
+
+    mixed: Tensor
+    others: Tensor
+    block_inputs: Tensor
+
+    @classmethod
+    def of(cls, model: Model, corrupted_ids: Tensor) -> CompactReference:
+        """One plain run on the corrupted prompts [B, T], kept compact."""
+        with torch.no_grad():
+            corrupted = trace(model, corrupted_ids, logits=False, mixed=True)
+        layout = model.layout
+        heads_per_layer = layout.n_heads + 1
+        mlp_rows = [0] + [1 + layer * heads_per_layer + layout.n_heads for layer in range(layout.n_layers)]
+        others = corrupted.outputs[mlp_rows]
+        return cls(corrupted.mixed, others, corrupted.block_inputs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.mixed, self.others, self.block_inputs))
+
+    def expand(self, model: Model) -> Reference:
+        """The full ``Reference`` (every source's output [S, B, T, D])."""
+        layout = model.layout
+        others = self.others
+        outputs = others.new_empty(1 + layout.n_layers * (layout.n_heads + 1), *others.shape[1:])
+        outputs[0] = others[0]
+        with torch.no_grad():
+            for layer in range(layout.n_layers):
+                first = 1 + layer * (layout.n_heads + 1)
+                outputs[first : first + layout.n_heads] = model.adapter.head_outputs(layer, self.mixed[layer])
+                outputs[first + layout.n_heads] = others[1 + layer]
+        return Reference(AblationKind.INTERCHANGE, outputs, self.block_inputs, outputs)
 
 
 def _with_fixed_outputs(model: Model, graph: Graph, kind: AblationKind, outputs: Tensor) -> Reference:

@@ -5,8 +5,10 @@ full model's logits, and the loss attribution and pruning explain.
 a ``ReferenceCache`` has room (a memory budget, and optionally a folder on disk
 beyond it); any other batch is made again when needed: one no-grad forward on
 its corrupted prompts (the reference) and one on its clean prompts (the logits
-KL compares with). So the memory a run holds is bounded by the budget, whatever
-the number of examples.
+KL compares with, at the answer positions only). So the memory a run holds is
+bounded by the budget, whatever the number of examples. Interchange references
+are kept compact (``CompactReference``: attention values before the output
+projection) and expanded, exactly, when a batch is fetched.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ablation import AblationKind, Reference, interchange_reference, mean_reference, zero_reference
+from .ablation import (AblationKind, CompactReference, Reference, answer_logits, interchange_reference,
+                       mean_reference, zero_reference)
 from .graph import Graph
 from .models.loading import Model
 from .tasks import TaskData
@@ -46,16 +49,6 @@ class Batch:
     reference: Reference
     clean_logits: Tensor | None  # [B, V] full model at the answer positions (None if not asked for)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the reference and the logits (what caching this batch costs)."""
-        ref = self.reference
-        tensors = [ref.outputs, ref.block_inputs]
-        if ref.fixed_outputs.data_ptr() != ref.outputs.data_ptr():
-            tensors.append(ref.fixed_outputs)
-        if self.clean_logits is not None:
-            tensors.append(self.clean_logits)
-        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def make_reference(model: Model, graph: Graph, task: TaskData, corrupted: Tensor, kind: AblationKind) -> Reference:
@@ -67,21 +60,14 @@ def make_reference(model: Model, graph: Graph, task: TaskData, corrupted: Tensor
     return zero_reference(model, graph, task.clean_ids.shape[1])
 
 
-def full_model_logits(model: Model, clean: Tensor, positions: Tensor) -> Tensor:
-    """The full model's logits [B, V] at each row's answer position (no gradient)."""
-    with torch.no_grad():
-        # Right padding never reaches the answer positions; the all-ones mask only silences a warning.
-        logits = model.hf_model(clean, attention_mask=torch.ones_like(clean)).logits
-    return logits[torch.arange(len(clean), device=clean.device), positions]
-
-
 def make_batch(model: Model, graph: Graph, part: TaskData, kind: AblationKind, clean_logits: bool = True,
                shared: Reference | None = None) -> Batch:
-    """One batch of ``part`` with its reference (``shared`` for mean/zero) and, if asked, the full model's logits."""
+    """One batch of ``part`` with its reference (``shared`` for mean/zero) and, if asked, the full model's
+    logits at the answer positions."""
     clean = part.clean_ids.to(model.device)
     positions = (part.lengths - 1).to(model.device)
     reference = shared or make_reference(model, graph, part, part.corrupted_ids.to(model.device), kind)
-    logits = full_model_logits(model, clean, positions) if clean_logits else None
+    logits = answer_logits(model, clean, positions) if clean_logits else None
     return Batch(clean, positions, part, reference, logits)
 
 
@@ -94,6 +80,31 @@ def batches(model: Model, graph: Graph, task: TaskData, batch_size: int, kind: A
     shared = None if kind is AblationKind.INTERCHANGE else make_reference(model, graph, task, task.corrupted_ids, kind)
     for part in task.batches(batch_size):
         yield make_batch(model, graph, part, kind, clean_logits, shared)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A made batch as the cache keeps it: the reference compact when it is an interchange one;
+    ``shared`` when it is the task's one mean/zero reference (held once, not per batch)."""
+
+    reference: Reference | CompactReference
+    clean_logits: Tensor | None
+    shared: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        ref = self.reference
+        if self.shared:
+            size = 0
+        elif isinstance(ref, CompactReference):
+            size = ref.nbytes
+        else:
+            size = sum(t.numel() * t.element_size() for t in (ref.outputs, ref.block_inputs))
+            if ref.fixed_outputs.data_ptr() != ref.outputs.data_ptr():
+                size += ref.fixed_outputs.numel() * ref.fixed_outputs.element_size()
+        if self.clean_logits is not None:
+            size += self.clean_logits.numel() * self.clean_logits.element_size()
+        return size
 
 
 @dataclass
@@ -110,22 +121,20 @@ class ReferenceCache:
     memory_budget: int = int(DEFAULT_REFERENCE_MEMORY_GIB * GIB)
     folder: Path | None = None
     held: int = 0
-    _batches: dict[tuple, Batch] = field(default_factory=dict)
+    _stored: dict[tuple, _Stored] = field(default_factory=dict)
 
-    def get(self, key: tuple) -> Batch | None:
-        return self._batches.get(key)
+    def get(self, key: tuple) -> _Stored | None:
+        return self._stored.get(key)
 
-    def put(self, key: tuple, batch: Batch) -> Batch:
-        """Keep ``batch`` if there is room (in memory, else on disk); returns the batch to use."""
-        size = batch.nbytes
+    def put(self, key: tuple, stored: _Stored) -> None:
+        """Keep ``stored`` if there is room (in memory, else on disk)."""
+        size = stored.nbytes
         if self.held + size <= self.memory_budget:
             self.held += size
-            self._batches[key] = batch
+            self._stored[key] = stored
         elif self.folder is not None:
             name = "-".join(str(part) for part in key)
-            batch = offload(batch, self.folder / f"batch-{name}.pt")
-            self._batches[key] = batch
-        return batch
+            self._stored[key] = _offload(stored, self.folder / f"batch-{name}.pt")
 
 
 class TaskBatches(Sequence[Batch]):
@@ -159,15 +168,31 @@ class TaskBatches(Sequence[Batch]):
         if not -len(self) <= index < len(self):
             raise IndexError(index)
         index %= len(self)
+        part = self._parts[index]
         start = index * self.batch_size
-        key = (self.name, start, start + len(self._parts[index]))
-        batch = self.cache.get(key)
-        if batch is None or (self.clean_logits and batch.clean_logits is None):
-            if self.kind is not AblationKind.INTERCHANGE and self._shared is None:
-                self._shared = make_reference(self.model, self.graph, self.task, self.task.corrupted_ids, self.kind)
-            batch = make_batch(self.model, self.graph, self._parts[index], self.kind, self.clean_logits, self._shared)
-            batch = self.cache.put(key, batch)
-        return batch
+        key = (self.name, start, start + len(part))
+        stored = self.cache.get(key)
+        if stored is None or (self.clean_logits and stored.clean_logits is None):
+            stored = self._make(part)
+            self.cache.put(key, stored)
+        reference = stored.reference
+        if isinstance(reference, CompactReference):
+            reference = reference.expand(self.model)
+        clean = part.clean_ids.to(self.model.device)
+        return Batch(clean, (part.lengths - 1).to(self.model.device), part, reference, stored.clean_logits)
+
+    def _make(self, part: TaskData) -> _Stored:
+        model = self.model
+        if self.kind is AblationKind.INTERCHANGE:
+            reference: Reference | CompactReference = CompactReference.of(model, part.corrupted_ids.to(model.device))
+        else:
+            if self._shared is None:
+                self._shared = make_reference(model, self.graph, self.task, self.task.corrupted_ids, self.kind)
+            reference = self._shared
+        logits = None
+        if self.clean_logits:
+            logits = answer_logits(model, part.clean_ids.to(model.device), (part.lengths - 1).to(model.device))
+        return _Stored(reference, logits, shared=self.kind is not AblationKind.INTERCHANGE)
 
     def __iter__(self) -> Iterator[Batch]:
         return (self[i] for i in range(len(self)))
@@ -176,9 +201,8 @@ class TaskBatches(Sequence[Batch]):
         """The first ``n_examples`` examples as batches of the same size, sharing this cache where they coincide."""
         if n_examples >= len(self.task):
             return self
-        part = self.task.slice(0, n_examples)
-        head = TaskBatches(self.model, self.graph, part, self.batch_size, self.kind, self.clean_logits, self.cache,
-                           self.name)
+        head = TaskBatches(self.model, self.graph, self.task.slice(0, n_examples), self.batch_size, self.kind,
+                           self.clean_logits, self.cache, self.name)
         head._shared = self._shared
         return head
 
@@ -196,24 +220,30 @@ def loss_function(loss: Loss, batch: Batch) -> Callable[[Tensor], Tensor]:
     return lambda logits: batch.task.logit_diff(logits).mean()
 
 
-def offload(batch: Batch, path: Path) -> Batch:
-    """The batch with its reference and logits kept in a file and memory-mapped back.
-
-    The operating system pages the corrupted activations in as steps need them,
-    so a run is not limited by memory.
-    """
+def _offload(stored: _Stored, path: Path) -> _Stored:
+    """``stored`` written to ``path`` and memory-mapped back: the operating system pages it in as steps
+    need it, so a run is not limited by memory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    reference = batch.reference
-    tensors = {"outputs": reference.outputs, "block_inputs": reference.block_inputs,
-               "fixed_outputs": reference.fixed_outputs}
-    if batch.clean_logits is not None:
-        tensors["clean_logits"] = batch.clean_logits
+    reference = stored.reference
+    if stored.shared:
+        tensors = {}
+    elif isinstance(reference, CompactReference):
+        tensors = {"mixed": reference.mixed, "others": reference.others, "block_inputs": reference.block_inputs}
+    else:
+        tensors = {"outputs": reference.outputs, "block_inputs": reference.block_inputs,
+                   "fixed_outputs": reference.fixed_outputs}
+    if stored.clean_logits is not None:
+        tensors["clean_logits"] = stored.clean_logits
     temporary = path.with_name(f".{path.name}.tmp")
     torch.save({name: value.cpu().contiguous() for name, value in tensors.items()}, temporary)
     temporary.replace(path)
     loaded = torch.load(path, mmap=True, weights_only=True)
-    device = batch.clean.device
-    mapped = Reference(reference.kind, loaded["outputs"].to(device), loaded["block_inputs"].to(device),
-                       loaded["fixed_outputs"].to(device))
-    logits = loaded["clean_logits"].to(device) if "clean_logits" in loaded else None
-    return Batch(batch.clean, batch.positions, batch.task, mapped, logits)
+    device = stored.clean_logits.device if stored.clean_logits is not None else reference.block_inputs.device
+    mapped = {name: value.to(device) for name, value in loaded.items()}
+    if stored.shared:
+        kept: Reference | CompactReference = reference
+    elif isinstance(reference, CompactReference):
+        kept = CompactReference(mapped["mixed"], mapped["others"], mapped["block_inputs"])
+    else:
+        kept = Reference(reference.kind, mapped["outputs"], mapped["block_inputs"], mapped["fixed_outputs"])
+    return _Stored(kept, mapped.get("clean_logits"), stored.shared)

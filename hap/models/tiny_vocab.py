@@ -43,7 +43,7 @@ TASK_WORDS = """
 working thinking about commuting
 Alex Andrew Brian Charlie Daniel Ella Emily Eric George Hannah Harry Jacob Jason Julia Lily Linda Maria
 Michael Nick Oliver Olivia Peter Rachel Robert Sarah Sophie Susan Thomas
-At Before During In It Last On Once There Yesterday
+At Before During In It Last On Once There Yesterday Today Later
 arrived between break cleaned cooking down force left lent met morning offered playing raining ran reached
 sat so sold stayed stopped talked visited walked week where
 alliance campaign dynasty famine journey rebellion siege voyage

@@ -46,18 +46,18 @@ TEMPLATES: tuple[str, ...] = (
     "Then, {X} and {Y} had a long argument. Afterwards {S} said to",
     "The {PLACE} {X} and {Y} went to had a {OBJECT}. {S} gave it to",
     "Friends {X} and {Y} found a {OBJECT} at the {PLACE}. {S} gave it to",
-    "{X} and {Y} were cooking dinner at the {PLACE}. {S} handed a {OBJECT} to",
+    "Today {X} and {Y} were cooking dinner at the {PLACE}. {S} handed a {OBJECT} to",
     "At the {PLACE}, {X} and {Y} met for lunch. {S} gave a {OBJECT} to",
     "When {X} and {Y} arrived at the {PLACE}, {S} passed a {OBJECT} to",
     "Yesterday {X} and {Y} visited the {PLACE}, and {S} brought a {OBJECT} to",
     "After a long day at the {PLACE}, {X} and {Y} sat down. {S} handed the {OBJECT} to",
-    "{X} and {Y} were playing a game at the {PLACE}. {S} threw the {OBJECT} to",
+    "Later, {X} and {Y} were playing a game at the {PLACE}. {S} threw the {OBJECT} to",
     "On the way to the {PLACE}, {X} and {Y} stopped for a break. {S} offered a {OBJECT} to",
     "Last week {X} and {Y} cleaned the {PLACE}. {S} showed the {OBJECT} to",
     "Before {X} and {Y} left the {PLACE}, {S} sent a {OBJECT} to",
-    "{X} and {Y} walked to the {PLACE} together. There, {S} gave a {OBJECT} to",
+    "So {X} and {Y} walked to the {PLACE} together. There, {S} gave a {OBJECT} to",
     "In the morning, {X} and {Y} went to the {PLACE}. {S} sold a {OBJECT} to",
-    "{X} met {Y} at the {PLACE}, and {S} gave a {OBJECT} to",
+    "Then {X} met {Y} at the {PLACE}, and {S} gave a {OBJECT} to",
     "Once {X} and {Y} reached the {PLACE}, {S} lent a {OBJECT} to",
     "During the party at the {PLACE}, {X} and {Y} talked. {S} gave a {OBJECT} to",
     "It was raining, so {X} and {Y} stayed at the {PLACE}. {S} gave a {OBJECT} to",
@@ -111,8 +111,11 @@ def ioi_task(
     if not templates:
         raise DataError("ioi: no templates to draw from")
     for template in templates:
-        if not all(field in template for field in ("{X}", "{Y}", "{S}")):
-            raise DataError(f"ioi: template {template!r} must contain {{X}}, {{Y}} and {{S}}")
+        if not all(" " + field in template for field in ("{X}", "{Y}", "{S}")):
+            raise DataError(
+                f"ioi: template {template!r} must contain {{X}}, {{Y}} and {{S}}, each after a space (a name is "
+                "the token ' Name'; at the start of a prompt it would be tokenised differently)"
+            )
     n_given = len(names)
     names = single_token_words(tokenizer, names)
     places = single_token_words(tokenizer, places)

@@ -16,8 +16,10 @@ from hap.pruning import (
     gate_keep_probability,
     gate_sample,
     log_alpha_for_probability,
+    project_to_sparsity,
     prune,
 )
+from hap.evaluation import HeldOutMonitor
 from hap.tasks import load_task
 
 LIVE_HEADS = ("a0.h1", "a1.h2")
@@ -207,3 +209,41 @@ def test_resume_from_a_run_with_other_settings_is_refused(tmp_path, capsys):
     assert "model 'tiny-llama' -> 'tiny-gpt2'" in err
     assert _snapshot(out) == before
     assert main([*argv, "--resume", str(out)]) == 0  # the same settings resume (and finish at once)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9, 0.97])
+def test_projection_hits_the_target_and_keeps_the_ranking(target):
+    log_alpha = torch.randn(5000, generator=torch.Generator().manual_seed(1)) * 6
+    n_edges = 6000  # edges off the live set count as removed
+    projected = project_to_sparsity(log_alpha, target, n_edges, 2 / 3)
+    expected = 1 - float(gate_keep_probability(projected, 2 / 3).sum()) / n_edges
+    assert expected == pytest.approx(target, abs=1e-5)
+    inside = (projected > -10) & (projected < 10)
+    order = log_alpha[inside].argsort()
+    assert bool((projected[inside][order].diff() >= 0).all())  # a uniform shift: same order
+
+
+@pytest.mark.parametrize("warmup", [None, 40])
+def test_a_run_ends_at_the_target_before_binarisation(tiny_gpt2, warmup):
+    task = load_task("ioi", tiny_gpt2.tokenizer, 16, seed=0)
+    config = PruningConfig(target_sparsity=0.9, steps=30, batch_size=8, seed=0, sparsity_warmup=warmup)
+    result = prune(tiny_gpt2, task, config)
+    assert result.converged and abs(result.sparsity_gap) <= config.converge_tolerance
+    if warmup == 40:  # the target still warms up when the planned steps end: extra steps get there
+        assert 30 < result.steps <= 30 + config.extra_steps
+    else:
+        assert result.steps == 30 and abs(result.sparsity_gap) < 1e-4  # held exactly after the warm-up
+
+
+def test_the_held_out_monitor_logs_the_final_circuit(tiny_llama, tmp_path):
+    train = load_task("ioi", tiny_llama.tokenizer, 16, seed=0)
+    test = load_task("ioi", tiny_llama.tokenizer, 12, seed=9)
+    monitor = HeldOutMonitor.build(tiny_llama, test, n_examples=8)
+    config = PruningConfig(target_sparsity=0.8, steps=20, batch_size=8, seed=0, eval_every=5)
+    result = prune(tiny_llama, train, config, run_dir=tmp_path, monitor=monitor)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    measured = [line["step"] for line in log if "test_kl" in line]
+    assert measured == [5, 10, 15, 20]
+    final = hap.evaluate(tiny_llama, result.in_graph, test.slice(0, 8), batch_size=8)
+    assert log[-1]["test_kl"] == pytest.approx(final.kl, rel=1e-6)
+    assert log[-1]["test_faithfulness"] == pytest.approx(final.faithfulness, rel=1e-6)

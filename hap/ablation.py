@@ -403,51 +403,286 @@ def _interpolate(reference: Tensor, computed: Tensor, scale: Tensor) -> Tensor:
 
 
 # Layers whose reader inputs share one product over the rows written before them: fewer
-# passes over the delta buffer (memory-bound) at the cost of [16 * CHUNK_LAYERS, B, T, D] sums.
+# passes over the delta buffer at the cost of [16 * CHUNK_LAYERS, B, T, D] sums.
 CHUNK_LAYERS = 4
 
 
 class _BufferedSum(torch.autograd.Function):
-    """Masked sum over a prefix of the delta buffer: out[n] = sum_s sub[s, n] * region[s].
+    """Masked sum over rows of the delta buffer: out[n] = sum_u sub[u, n] * region[rows[u]].
 
     ``region`` [s, B, T*D] is a view of the run's delta buffer, which holds the
-    values of ``pieces`` (the per-block delta tensors, in row order). The buffer
-    is written once per row and never rewritten, so backward can read ``region``
-    again; its gradient is split back onto ``pieces``, which is how gradients
-    reach the sources' computations. One matrix product per reader block, and no
-    copy of the deltas is kept for backward.
+    values of ``pieces`` (the per-block delta tensors, in row order); ``rows``
+    (None: all s) are the rows with a live entry, ``sub`` [u, n] (or per example
+    [B, u, n]) their mask entries. The buffer is written once per row and never
+    rewritten, so backward can read ``region`` again; its gradient is routed
+    back onto ``pieces`` (None for a piece with no row used), which is how
+    gradients reach the sources' computations. No copy of the deltas is kept
+    for backward.
     """
 
     @staticmethod
-    def forward(ctx, sub: Tensor, region: Tensor, *pieces: Tensor) -> Tensor:
-        ctx.region = region  # deliberately not save_for_backward: later rows of the buffer are written
+    def forward(ctx, sub: Tensor, region: Tensor, rows: Tensor | None, *pieces: Tensor) -> Tensor:
+        ctx.region, ctx.rows = region, rows  # deliberately not saved: later rows of the buffer are written
+        ctx.piece_sizes = [piece.shape[0] for piece in pieces]
         ctx.piece_shapes = [piece.shape for piece in pieces]
         ctx.save_for_backward(sub)
+        data = region if rows is None else region.index_select(0, rows)
         if sub.dim() == 2:
-            return sub.transpose(0, 1) @ region.flatten(1)  # [n, B*T*D]
-        per_example = region.flatten(2).transpose(0, 1)  # [B, s, T*D]
+            return sub.transpose(0, 1) @ data.flatten(1)  # [n, B*T*D]
+        per_example = data.flatten(2).transpose(0, 1)  # [B, u, T*D]
         return (sub.transpose(1, 2) @ per_example).transpose(0, 1).contiguous().flatten(1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (sub,) = ctx.saved_tensors
-        region = ctx.region
+        rows = ctx.rows
+        data = ctx.region if rows is None else ctx.region.index_select(0, rows)
         grad_sub = None
         if sub.dim() == 2:
-            flat = region.flatten(1)
             if ctx.needs_input_grad[0]:
-                grad_sub = flat @ grad.transpose(0, 1)
-            grad_region = sub @ grad
+                grad_sub = data.flatten(1) @ grad.transpose(0, 1)
+            grad_used = sub @ grad  # [u, B*T*D]
         else:
             batch = sub.shape[0]
-            per_example = region.flatten(2).transpose(0, 1)  # [B, s, T*D]
             g = grad.view(grad.shape[0], batch, -1).transpose(0, 1)  # [B, n, T*D]
             if ctx.needs_input_grad[0]:
-                grad_sub = per_example @ g.transpose(1, 2)
-            grad_region = (sub @ g).transpose(0, 1).contiguous()
-        sizes = [shape[0] for shape in ctx.piece_shapes]
-        pieces = [part.view(shape) for part, shape in zip(grad_region.split(sizes), ctx.piece_shapes)]
-        return (grad_sub, None, *pieces)
+                grad_sub = data.flatten(2).transpose(0, 1) @ g.transpose(1, 2)
+            grad_used = (sub @ g).transpose(0, 1).contiguous()
+        if rows is None:
+            parts = grad_used.split(ctx.piece_sizes)
+            return (grad_sub, None, None, *(part.view(shape) for part, shape in zip(parts, ctx.piece_shapes)))
+        return (grad_sub, None, None, *_route_rows(grad_used, rows, ctx.piece_sizes, ctx.piece_shapes))
+
+
+def _route_rows(grad_used: Tensor, rows: Tensor, sizes: list[int], shapes: list) -> list[Tensor | None]:
+    """Gradients of the pieces from those of the used rows [u, ...]: None for a piece with no used row."""
+    out: list[Tensor | None] = []
+    first, taken = 0, 0
+    rows_cpu = rows.cpu()
+    for size, shape in zip(sizes, shapes):
+        n_used = int(((rows_cpu >= first) & (rows_cpu < first + size)).sum())
+        if n_used == 0:
+            out.append(None)
+        elif n_used == size:
+            out.append(grad_used[taken : taken + size].view(shape))
+        else:
+            local = rows[taken : taken + n_used] - first
+            part = grad_used.new_zeros(size, *grad_used.shape[1:]).index_copy_(0, local, grad_used[taken : taken + n_used])
+            out.append(part.view(shape))
+        first += size
+        taken += n_used
+    return out
+
+
+class _MaskedRun:
+    """One forward pass in which every reader reads its masked mix of sources.
+
+    The state the blocks share: the delta buffer (one row per contributing
+    source, written block by block), the per-block delta tensors (``pieces``,
+    what gradients flow back into), and the current chunk's product. A reader's
+    input is ``base_b`` plus its masked sum over the rows written so far,
+    computed only over the rows with a live entry into the readers that are
+    formed; a wanted reader that is not formed reads ``base_b`` alone.
+    """
+
+    def __init__(self, model: Model, graph: Graph, input_ids: Tensor, reference: Reference, mask: Tensor,
+                 plan: ComputePlan, record: bool, output_scale: Tensor | None, probes: list[Probe] | None) -> None:
+        self.model, self.graph, self.plan = model, graph, plan
+        self.adapter, self.device = model.adapter, model.device
+        self.batch, self.length = input_ids.shape
+        self.ref = reference.fit(self.batch, self.length)
+        self.ctx: RunContext = self.adapter.prepare(input_ids.to(self.device))
+        self.output_scale, self.probes = output_scale, probes
+        self.group_of_head = _group_of_heads(self.adapter, self.device)
+        self.recorded = self.ref.fixed_outputs.expand(-1, self.batch, -1, -1).clone() if record else None
+        # Rows of the delta buffer: the contributing sources, in block order. Entries that are not live are
+        # fixed ablated whatever the caller's mask says.
+        row_source = plan.contributing.nonzero().flatten()
+        self.live_rows = plan.live[row_source]  # [rows, R] bool, on the CPU (it decides shapes)
+        live = plan.live.to(device=self.device, dtype=model.dtype)
+        self.mask_rows = (mask.to(device=self.device, dtype=model.dtype) * live).index_select(
+            -2, row_source.to(self.device))
+        self.buffer = torch.empty(len(row_source), self.batch, self.length, model.layout.d_model,
+                                  device=self.device, dtype=model.dtype)
+        self.pieces: list[Tensor] = []
+        self.n_rows = 0
+        self.wanted, self.active_heads = self._blocks()
+        self.chunk: dict = {"id": None, "rows": 0, "pieces": 0, "sums": {}, "blocks": set()}
+
+    def _blocks(self) -> tuple[dict[int, Tensor], dict[int, tuple[Tensor, Tensor]]]:
+        """What every block computes, known up front from the plan (the chunked sums need the readers):
+        the readers each block forms inputs for, and each attention block's active heads and the groups
+        they use."""
+        graph, layout, device = self.graph, self.model.layout, self.device
+        h, g = layout.n_heads, layout.n_kv_heads
+        wanted: dict[int, Tensor] = {}
+        active_heads: dict[int, tuple[Tensor, Tensor]] = {}
+        for layer in range(layout.n_layers):
+            block = 2 * layer + 1
+            sources, readers = graph.sources_of_block(block), graph.readers_of_block(block)
+            heads = self.plan.active[sources].nonzero().flatten().to(device)
+            if len(heads):
+                groups = torch.unique(self.group_of_head[heads])
+                active_heads[block] = (heads, groups)
+                wanted[block] = torch.cat([readers.start + heads, readers.start + h + groups,
+                                           readers.start + h + g + groups])
+            if bool(self.plan.active[graph.sources_of_block(block + 1)].any()):
+                wanted[block + 1] = torch.tensor([graph.readers_of_block(block + 1).start], device=device)
+        wanted[graph.n_blocks - 1] = torch.tensor([graph.n_readers - 1], device=device)
+        return wanted, active_heads
+
+    # -- the delta buffer --------------------------------------------------
+    def add_deltas(self, sources: slice, computed_index: Tensor, computed: Tensor | None) -> None:
+        """Write this block's rows: computed outputs [n, B, T, D] of its active sources (global
+        ``computed_index``) minus the reference, or the fixed outputs of sources not recomputed."""
+        ref, device = self.ref, self.device
+        index = torch.arange(sources.start, sources.stop, device=device)[self.plan.contributing[sources].to(device)]
+        if len(index) == 0:
+            return
+        if self.output_scale is not None and computed is not None:
+            computed = _interpolate(ref.outputs[computed_index], computed, self.output_scale[computed_index.cpu()])
+        if computed is not None and self.recorded is not None:
+            self.recorded[computed_index] = computed.detach()
+        if computed is not None and len(computed_index) == len(index):
+            # The usual case (always under interchange): contributing == active.
+            values = computed - ref.outputs[index]
+        else:
+            values = (ref.fixed_outputs[index] - ref.outputs[index]).expand(-1, self.batch, -1, -1)
+            if computed is not None:
+                rows = torch.searchsorted(index, computed_index)
+                values = values.index_put((rows,), computed - ref.outputs[computed_index])
+        self.buffer[self.n_rows : self.n_rows + len(index)] = values.detach()
+        self.pieces.append(values)
+        self.n_rows += len(index)
+
+    def _masked_sum(self, first: int, first_piece: int, readers: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Sums over buffer rows ``first`` .. written so far for the ``readers`` that have a live entry
+        there: (their positions in ``readers`` [u'], sums [u', B, T, D]), or None when none has one."""
+        if self.n_rows <= first:
+            return None
+        live = self.live_rows[first : self.n_rows][:, readers.cpu()]  # [r, n]
+        used_rows = live.any(1).nonzero().flatten()
+        used_readers = live.any(0).nonzero().flatten()
+        if len(used_rows) == 0:
+            return None
+        sub = self.mask_rows[..., first : self.n_rows, :].index_select(-1, readers[used_readers.to(self.device)])
+        rows = None
+        if len(used_rows) < len(live):
+            rows = used_rows.to(self.device)
+            sub = sub.index_select(-2, rows)
+        summed = _BufferedSum.apply(sub, self.buffer[first : self.n_rows], rows, *self.pieces[first_piece:])
+        return used_readers.to(self.device), summed.view(len(used_readers), self.batch, self.length, -1)
+
+    # -- reader inputs -----------------------------------------------------
+    def _chunk_of(self, block: int) -> int:
+        return (block - 1) // (2 * CHUNK_LAYERS) if block < self.graph.n_blocks - 1 else -1
+
+    def _start_chunk(self, block: int) -> None:
+        """One product for the contributions of every row written so far to every reader of the chunk."""
+        blocks = [b for b in sorted(self.wanted) if self._chunk_of(b) == self._chunk_of(block)]
+        sums: dict[int, tuple[Tensor, Tensor]] = {}
+        readers = torch.cat([self.wanted[b] for b in blocks]) if blocks else None
+        found = self._masked_sum(0, 0, readers) if readers is not None else None
+        if found is not None:
+            used, summed = found
+            # The used readers are sorted, so each block's are one run: one split (its backward is one
+            # concatenation), not an index per block (each would zero-fill).
+            sizes = [len(self.wanted[b]) for b in blocks]
+            ends = torch.tensor(sizes, device=self.device).cumsum(0)
+            counts = torch.bucketize(used, ends, right=True).bincount(minlength=len(blocks)).tolist()
+            taken = 0
+            for b, size, end, part, n in zip(blocks, sizes, ends.tolist(), summed.split(counts), counts):
+                if n:
+                    sums[b] = (used[taken : taken + n] - (end - size), part)
+                taken += n
+        self.chunk = {"id": self._chunk_of(block), "rows": self.n_rows, "pieces": len(self.pieces), "sums": sums,
+                      "blocks": set(blocks)}
+
+    def inputs(self, block: int, readers: Tensor) -> Tensor:
+        """Inputs [n, B, T, D] of these readers of ``block`` (or [1, B, T, D] when all read the base alone):
+        base + masked sum of the deltas so far. Rows written before the block's chunk of layers come from
+        the chunk's one product; rows written inside the chunk are summed here."""
+        if self._chunk_of(block) != self.chunk["id"] or block not in self.chunk["blocks"]:
+            self._start_chunk(block)
+        x = self.ref.block_inputs[block].expand(self.batch, -1, -1)[None]
+        for found in (self.chunk["sums"].get(block),
+                      self._masked_sum(self.chunk["rows"], self.chunk["pieces"], readers)):
+            if found is not None:
+                x = _add_rows(x, len(readers), *found)
+        return self._probe(x, readers)
+
+    def _probe(self, x: Tensor, readers: Tensor) -> Tensor:
+        if self.probes is None:
+            return x
+        probe = torch.zeros((len(readers), *x.shape[1:]), device=self.device, dtype=x.dtype, requires_grad=True)
+        self.probes.append(Probe(readers, probe))
+        return x + probe
+
+    # -- the pass ----------------------------------------------------------
+    def run(self, positions: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        graph, adapter, device = self.graph, self.adapter, self.device
+        self.add_deltas(graph.sources_of_block(0), torch.zeros(1, dtype=torch.long, device=device),
+                        adapter.embed(self.ctx)[None])
+        for layer in range(self.model.layout.n_layers):
+            self._attention_block(layer)
+            block = 2 * layer + 2
+            sources = graph.sources_of_block(block)
+            if block in self.wanted:
+                x = self.inputs(block, self.wanted[block])
+                self.add_deltas(sources, torch.tensor([sources.start], device=device),
+                                adapter.mlp(layer, x[0])[None])
+            else:
+                self.add_deltas(sources, torch.zeros(0, dtype=torch.long, device=device), None)
+        logits = adapter.unembed(self._logits_input(positions))
+        if positions is not None:
+            logits = logits[:, 0]
+        return logits, self.recorded
+
+    def _attention_block(self, layer: int) -> None:
+        adapter, block = self.adapter, 2 * layer + 1
+        sources = self.graph.sources_of_block(block)
+        if block not in self.active_heads:
+            self.add_deltas(sources, torch.zeros(0, dtype=torch.long, device=self.device), None)
+            return
+        heads, groups = self.active_heads[block]
+        x = self.inputs(block, self.wanted[block])
+        n_heads, n_groups = len(heads), len(groups)
+        if x.shape[0] == 1:  # every wanted reader reads the same base
+            xq = xk = xv = x
+        else:
+            xq, xk, xv = x[:n_heads], x[n_heads : n_heads + n_groups], x[n_heads + n_groups :]
+        row_of_group = torch.searchsorted(groups, self.group_of_head[heads])  # each head's group among those computed
+        q = adapter.queries(layer, xq, self.ctx, heads)
+        k = adapter.keys(layer, xk, self.ctx, groups).index_select(1, row_of_group)
+        v = adapter.values(layer, xv, self.ctx, groups).index_select(1, row_of_group)
+        computed = adapter.head_outputs(layer, adapter.attend(layer, q, k, v), heads)
+        self.add_deltas(sources, sources.start + heads, computed)
+
+    def _logits_input(self, positions: Tensor | None) -> Tensor:
+        """The ``logits`` reader's input: [B, T, D], or [B, 1, D] at each example's answer position."""
+        block = self.graph.n_blocks - 1
+        logits_reader = self.wanted[block]
+        if positions is None:
+            return self.inputs(block, logits_reader)[0]
+        rows = torch.arange(self.batch, device=self.device)
+        positions = positions.to(self.device)
+        base = self.ref.block_inputs[block].expand(self.batch, -1, -1)[rows, positions]  # [B, D]
+        used = self.live_rows[: self.n_rows, -1].nonzero().flatten()
+        if len(used):
+            at_answer = torch.cat([piece.expand(-1, self.batch, -1, -1)[:, rows, positions]
+                                   for piece in self.pieces])  # [C, B, D]
+            used_device = used.to(self.device)
+            sub = self.mask_rows[..., : self.n_rows, -1].index_select(-1, used_device)  # [(B,) u]
+            pattern = "ubd,u->bd" if sub.dim() == 1 else "ubd,bu->bd"
+            base = base + torch.einsum(pattern, at_answer.index_select(0, used_device), sub)
+        return self._probe(base[None, :, None], logits_reader)[0]
+
+
+def _add_rows(x: Tensor, n: int, positions: Tensor, values: Tensor) -> Tensor:
+    """x [1|n, B, T, D] plus ``values`` [u, B, T, D] at rows ``positions`` of n."""
+    if len(positions) == n:
+        return x + values
+    return x.expand(n, *x.shape[1:]).index_add(0, positions, values)
 
 
 def _run(
@@ -462,154 +697,7 @@ def _run(
     output_scale: Tensor | None = None,
     probes: list[Probe] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    adapter = model.adapter
-    device = model.device
-    batch, length = input_ids.shape
-    ref = reference.fit(batch, length)
-    ctx: RunContext = adapter.prepare(input_ids.to(device))
-    h, g = model.layout.n_heads, model.layout.n_kv_heads
-    group_of_head = _group_of_heads(adapter, device)
-    recorded = ref.fixed_outputs.expand(-1, batch, -1, -1).clone() if record else None
-
-    # Rows of the delta buffer: the contributing sources, in block order.
-    row_source = plan.contributing.nonzero().flatten()
-    # Entries that are not live are fixed ablated whatever the caller's mask says.
-    live = plan.live.to(device=device, dtype=model.dtype)
-    mask_rows = (mask.to(device=device, dtype=model.dtype) * live).index_select(-2, row_source.to(device))
-    buffer = torch.empty(len(row_source), batch, length, model.layout.d_model, device=device, dtype=model.dtype)
-    pieces: list[Tensor] = []
-    n_rows = 0
-
-    def add_deltas(sources: slice, computed_index: Tensor, computed: Tensor | None) -> None:
-        # computed: outputs [n, B, T, D] of this block's active sources (global computed_index).
-        nonlocal n_rows
-        index = torch.arange(sources.start, sources.stop, device=device)[plan.contributing[sources].to(device)]
-        if len(index) == 0:
-            return
-        if output_scale is not None and computed is not None:
-            computed = _interpolate(ref.outputs[computed_index], computed, output_scale[computed_index.cpu()])
-        if computed is not None and record:
-            recorded[computed_index] = computed.detach()
-        if computed is not None and len(computed_index) == len(index):
-            # The usual case (always under interchange): contributing == active.
-            values = computed - ref.outputs[index]
-        else:
-            values = (ref.fixed_outputs[index] - ref.outputs[index]).expand(-1, batch, -1, -1)
-            if computed is not None:
-                rows = torch.searchsorted(index, computed_index)
-                values = values.index_put((rows,), computed - ref.outputs[computed_index])
-        buffer[n_rows : n_rows + len(index)] = values.detach()
-        pieces.append(values)
-        n_rows += len(index)
-
-    # What every block computes, known up front from the plan (the chunked sums need the readers):
-    # the active heads of each attention block, the key/value groups they use, and the readers formed.
-    wanted: dict[int, Tensor] = {}
-    active_heads: dict[int, tuple[Tensor, Tensor]] = {}
-    for layer in range(model.layout.n_layers):
-        block = 2 * layer + 1
-        sources, readers = graph.sources_of_block(block), graph.readers_of_block(block)
-        heads = plan.active[sources].nonzero().flatten().to(device)
-        if len(heads):
-            groups = torch.unique(group_of_head[heads])
-            active_heads[block] = (heads, groups)
-            wanted[block] = torch.cat([readers.start + heads, readers.start + h + groups, readers.start + h + g + groups])
-        if bool(plan.active[graph.sources_of_block(block + 1)].any()):
-            start = graph.readers_of_block(block + 1).start
-            wanted[block + 1] = torch.tensor([start], device=device)
-    wanted[graph.n_blocks - 1] = torch.tensor([graph.n_readers - 1], device=device)
-    chunk = {"id": None, "rows": 0, "pieces": 0, "sums": None, "blocks": set()}
-
-    def chunk_of(block: int) -> int:
-        return (block - 1) // (2 * CHUNK_LAYERS) if block < graph.n_blocks - 1 else -1
-
-    def start_chunk(block: int) -> None:
-        # One product for the contributions of every row written so far to every reader of the chunk.
-        blocks = [b for b in sorted(wanted) if chunk_of(b) == chunk_of(block)]
-        sums = None
-        if n_rows and blocks:
-            readers = torch.cat([wanted[b] for b in blocks])
-            sub = mask_rows[..., :n_rows, :].index_select(-1, readers)
-            summed = _BufferedSum.apply(sub, buffer[:n_rows], *pieces).view(len(readers), batch, length, -1)
-            # One split (its backward is one concatenation), not a slice per block (each would zero-fill).
-            sums = dict(zip(blocks, summed.split([len(wanted[b]) for b in blocks])))
-        chunk.update(id=chunk_of(block), rows=n_rows, pieces=len(pieces), sums=sums, blocks=set(blocks))
-
-    def inputs(block: int, readers: Tensor) -> Tensor:
-        """Inputs [n, B, T, D] of these readers of ``block``: base + masked sum of the deltas so far.
-
-        Rows written before the block's chunk of layers come from the chunk's one
-        big product; rows written inside the chunk are summed here.
-        """
-        if chunk_of(block) != chunk["id"] or block not in chunk["blocks"]:
-            start_chunk(block)
-        x = ref.block_inputs[block].expand(batch, -1, -1)[None]
-        if chunk["sums"] is not None:
-            x = x + chunk["sums"][block]
-        first = chunk["rows"]
-        if n_rows > first:
-            sub = mask_rows[..., first:n_rows, :].index_select(-1, readers)
-            local = _BufferedSum.apply(sub, buffer[first:n_rows], *pieces[chunk["pieces"]:])
-            x = x + local.view(len(readers), batch, length, -1)
-        return _probe(x, readers)
-
-    def _probe(x: Tensor, readers: Tensor) -> Tensor:
-        if probes is None:
-            return x
-        probe = torch.zeros((len(readers), *x.shape[1:]), device=device, dtype=x.dtype, requires_grad=True)
-        probes.append(Probe(readers, probe))
-        return x + probe
-
-    z_input = adapter.embed(ctx)
-    add_deltas(graph.sources_of_block(0), torch.zeros(1, dtype=torch.long, device=device), z_input[None])
-
-    for layer in range(model.layout.n_layers):
-        block = 2 * layer + 1
-        sources = graph.sources_of_block(block)
-        if block in active_heads:
-            heads, groups = active_heads[block]
-            x = inputs(block, wanted[block])
-            n_heads, n_groups = len(heads), len(groups)
-            if x.shape[0] == 1:  # every wanted reader reads the same base
-                xq = xk = xv = x
-            else:
-                xq, xk, xv = x[:n_heads], x[n_heads : n_heads + n_groups], x[n_heads + n_groups :]
-            # Map each head to the row of its group among the groups computed.
-            row_of_group = torch.searchsorted(groups, group_of_head[heads])
-            q = adapter.queries(layer, xq, ctx, heads)
-            k = adapter.keys(layer, xk, ctx, groups).index_select(1, row_of_group)
-            v = adapter.values(layer, xv, ctx, groups).index_select(1, row_of_group)
-            computed = adapter.head_outputs(layer, adapter.attend(layer, q, k, v), heads)
-            add_deltas(sources, sources.start + heads, computed)
-        else:
-            add_deltas(sources, torch.zeros(0, dtype=torch.long, device=device), None)
-
-        block = 2 * layer + 2
-        sources = graph.sources_of_block(block)
-        if block in wanted:
-            x = inputs(block, wanted[block])
-            add_deltas(sources, torch.tensor([sources.start], device=device), adapter.mlp(layer, x[0])[None])
-        else:
-            add_deltas(sources, torch.zeros(0, dtype=torch.long, device=device), None)
-
-    block = graph.n_blocks - 1
-    logits_reader = wanted[block]
-    if positions is None:
-        x = inputs(block, logits_reader)[0]
-    else:  # the logits reader only at each example's answer position: [B, 1, D]
-        rows = torch.arange(batch, device=device)
-        positions = positions.to(device)
-        base = ref.block_inputs[block].expand(batch, -1, -1)[rows, positions]  # [B, D]
-        if n_rows:
-            at_answer = torch.cat([piece.expand(-1, batch, -1, -1)[:, rows, positions] for piece in pieces])
-            sub = mask_rows[..., :n_rows, -1]  # [(B,) C]
-            pattern = "cbd,c->bd" if sub.dim() == 1 else "cbd,bc->bd"
-            base = base + torch.einsum(pattern, at_answer, sub)
-        x = _probe(base[None, :, None], logits_reader)[0]
-    logits = adapter.unembed(x)
-    if positions is not None:
-        logits = logits[:, 0]
-    return logits, recorded
+    return _MaskedRun(model, graph, input_ids, reference, mask, plan, record, output_scale, probes).run(positions)
 
 
 def run_masked(

@@ -27,7 +27,9 @@ farther than ``converge_tolerance`` from the target (only possible when the
 warm-up lasts the whole run) goes on at the target, for at most
 ``max_extra_steps`` more; the result says whether it got there.
 
-Every step runs the ablation primitive once with the sampled masks. Batches
+Every step runs the ablation primitive once with the sampled masks, over the
+plan of the edges whose sampled gate is not exactly 0 (a clamped gate adds
+nothing and has no gradient), so a step gets cheaper as the masks sparsify. Batches
 (references and the full model's logits) come from a ``TaskBatches``, made on
 demand and kept within a memory budget. With a ``live`` set (HAP's
 candidates), the compute plan skips every source and reader the live edges
@@ -355,7 +357,7 @@ def prune(
             f"{config.target_sparsity} keeps; raise --candidates or the target sparsity"
         )
     sources, readers = live.nonzero(as_tuple=True)
-    plan = ComputePlan.build(graph, live, AblationKind(config.ablation))
+    kind = AblationKind(config.ablation)
     fingerprint = {"model": model.name, "task": task.name, "n_examples": len(task), "n_live": int(live.sum()),
                    "monitor": len(monitor.batch.clean) if monitor is not None else 0, **config.to_dict()}
 
@@ -400,7 +402,10 @@ def prune(
             if state.node_log_alpha is not None:
                 node_gates = gate_sample(state.node_log_alpha, config.beta, state.generator)
                 mask = mask * node_gates.to(model.dtype)[:, None]
-            logits = run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions)
+            # A gate sampled exactly 0 is clamped: it adds nothing and its gradient is 0, so this step's plan
+            # leaves its edge out (exact), and the sums shrink as the masks sparsify.
+            step_plan = ComputePlan.build(graph, live & (mask != 0).cpu(), kind)
+            logits = run_masked(model, graph, batch.clean, batch.reference, mask, step_plan, batch.positions)
             kl = kl_divergence(batch.clean_logits, logits).mean()
             target = _target(state, config, step)
             expected = _expected_sparsity(state, config, graph.n_edges)

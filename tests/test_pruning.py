@@ -247,3 +247,25 @@ def test_the_held_out_monitor_logs_the_final_circuit(tiny_llama, tmp_path):
     final = hap.evaluate(tiny_llama, result.in_graph, test.slice(0, 8), batch_size=8)
     assert log[-1]["test_kl"] == pytest.approx(final.kl, rel=1e-6)
     assert log[-1]["test_faithfulness"] == pytest.approx(final.faithfulness, rel=1e-6)
+
+
+def test_leaving_out_gates_sampled_at_zero_changes_nothing(tiny_llama):
+    # The step plan drops edges whose gate is exactly 0: same logits, same log-alpha gradients.
+    graph = hap.Graph.from_model(tiny_llama)
+    task = load_task("ioi", tiny_llama.tokenizer, 4, seed=0)
+    reference = hap.interchange_reference(tiny_llama, task.corrupted_ids)
+    sources, readers = graph.real.nonzero(as_tuple=True)
+    log_alpha = torch.randn(len(sources), generator=torch.Generator().manual_seed(3)).mul(3).requires_grad_(True)
+    gates = gate_sample(log_alpha, 2 / 3, torch.Generator().manual_seed(4))
+    assert 0.1 < float((gates == 0).float().mean()) < 0.9
+    mask = torch.zeros(graph.real.shape).index_put((sources, readers), gates)
+    positions = task.lengths - 1
+    plans = [None, hap.ComputePlan.build(graph, graph.real & (mask != 0), hap.AblationKind.INTERCHANGE)]
+    results = []
+    for plan in plans:
+        logits = hap.run_masked(tiny_llama, graph, task.clean_ids, reference, mask, plan, positions)
+        (grad,) = torch.autograd.grad(logits.logsumexp(-1).sum(), log_alpha, retain_graph=True)
+        results.append((logits.detach(), grad))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+    assert float(results[0][1].abs().sum()) > 0

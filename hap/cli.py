@@ -95,7 +95,8 @@ def _discover(args: argparse.Namespace) -> int:
         "max_extra_steps": args.max_extra_steps, "node_sparsity": args.node_sparsity, "candidates": args.candidates,
         "attribution": args.attribution, "attribution_examples": args.attribution_examples,
         "warm_start": args.warm_start, "eval_every": args.eval_every, "monitor_examples": args.monitor_examples,
-        "checkpoint_every": args.checkpoint_every, "cache_dir": args.cache_dir,
+        "checkpoint_every": args.checkpoint_every, "snapshot_every": args.snapshot_every,
+        "cache_dir": args.cache_dir,
         "reference_memory": args.reference_memory,
         "device": args.device, "dtype": args.dtype, "force": args.force, "resume": args.resume is not None,
         "report": not args.no_report,
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"held-out examples measured during training (default {defaults.monitor_examples})")
     pruning.add_argument("--checkpoint-every", type=int, default=None,
                          help="save a checkpoint every N steps (default: every 3 minutes of work)")
+    pruning.add_argument("--snapshot-every", type=int, default=None,
+                         help="also keep the masks every N steps in DIR/snapshots/ (default: never)")
     pruning.add_argument("--reference-memory", type=float, default=None, metavar="GIB",
                          help=f"memory for corrupted activations kept between steps (default "
                          f"{defaults.reference_memory:g} GiB; batches beyond it are recomputed)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -36,7 +37,8 @@ ATTRIBUTION_METHODS = tuple(method.value for method in Method)
 PRUNING_METHODS = ("ep", "hap")
 METHODS = ATTRIBUTION_METHODS + PRUNING_METHODS
 # Settings that may differ between a run and its resumption.
-NOT_COMPARED_ON_RESUME = ("resume", "force", "command", "report", "out", "device", "cache_dir", "reference_memory")
+NOT_COMPARED_ON_RESUME = ("resume", "force", "command", "report", "out", "device", "cache_dir", "reference_memory",
+                          "snapshot_every", "checkpoint_every")
 # Training examples by default: attribution methods score every example; pruning draws batches from them
 # (its per-step cost does not depend on their number; see README "Budget").
 DEFAULT_N_EXAMPLES = {"attribution": 64, "pruning": 512}
@@ -86,6 +88,7 @@ class DiscoverConfig:
     eval_every: int | None = None
     monitor_examples: int = 32
     checkpoint_every: int | None = None
+    snapshot_every: int | None = None
     cache_dir: str | None = None
     reference_memory: float = DEFAULT_REFERENCE_MEMORY_GIB
     # Running
@@ -128,6 +131,8 @@ class DiscoverConfig:
             raise HapError(f"--monitor-examples must be at least 1, got {self.monitor_examples}")
         if self.eval_every is not None and self.eval_every < 1:
             raise HapError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if self.snapshot_every is not None and self.snapshot_every < 1:
+            raise HapError(f"--snapshot-every must be at least 1, got {self.snapshot_every}")
         if self.max_extra_steps is not None and self.max_extra_steps < 0:
             raise HapError(f"--max-extra-steps must be 0 or more, got {self.max_extra_steps}")
         if self.reference_memory < 0:
@@ -225,7 +230,8 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
             ablation=config.ablation, seed=config.seed, max_extra_steps=config.max_extra_steps,
             eval_every=config.eval_every,
         )
-        checkpoints = {"checkpoint_every": config.checkpoint_every, "run_dir": config.out, "resume": config.resume}
+        checkpoints = {"checkpoint_every": config.checkpoint_every, "run_dir": config.out, "resume": config.resume,
+                       "snapshot_every": config.snapshot_every}
         if config.method == "ep":
             started = time.perf_counter()
             result = prune(model, task, pruning, data=data, progress=True, monitor=monitor, **checkpoints)
@@ -291,6 +297,7 @@ def discover(config: DiscoverConfig) -> Circuit:
     if not config.resume:
         for stale in ("train_log.jsonl", "checkpoint.pt", "attribution.pt"):
             (out / stale).unlink(missing_ok=True)  # only reached with --force or a fresh directory
+        shutil.rmtree(out / "snapshots", ignore_errors=True)
     write_atomically(out / "run.json", json.dumps(config.to_dict(), indent=1))
     runtime: dict[str, float] = {}
     started = time.perf_counter()

@@ -144,6 +144,7 @@ def hybrid(
     on_step: Callable[[int], None] | None = None,
     data: TaskBatches | None = None,
     monitor: HeldOutMonitor | None = None,
+    snapshot_every: int | None = None,
 ) -> Circuit:
     """Run HAP; returns the circuit (scores: the learned gate values on the candidates).
 
@@ -173,7 +174,8 @@ def hybrid(
     started = time.perf_counter()
     result = prune(model, task, config.pruning, live=candidates, init_log_alpha=init, run_dir=run_path,
                    resume=resume, checkpoint_seconds=checkpoint_seconds, checkpoint_every=checkpoint_every,
-                   progress=progress, on_step=on_step, data=data, monitor=monitor)
+                   progress=progress, on_step=on_step, data=data, monitor=monitor,
+                   snapshot_every=snapshot_every)
     runtime["pruning"] = time.perf_counter() - started
     circuit = pruned_circuit(model, task, "hap", result, {
         **config.to_dict(), "n_candidates": int(candidates.sum()),

@@ -336,6 +336,7 @@ def prune(
     on_step: Callable[[int], None] | None = None,
     progress: bool = False,
     monitor: HeldOutMonitor | None = None,
+    snapshot_every: int | None = None,
 ) -> PruningResult:
     """Learn edge masks over the ``live`` edges (default: every real edge) and binarise them.
 
@@ -346,6 +347,9 @@ def prune(
     interrupt); ``resume`` continues from it. ``data``: the task's batches
     (default: a ``TaskBatches`` within the default memory budget).
     ``monitor``: held-out examples measured every ``config.eval_period`` steps.
+    ``snapshot_every``: also keep the masks every N steps in ``run_dir/snapshots/``
+    (``step-000100.pt``: step, log alpha [E] and the live edges' indices), to
+    look at or re-time the circuit as it was then.
     """
     graph = Graph.from_model(model)
     device = model.device
@@ -445,6 +449,8 @@ def prune(
             if run_path is not None:
                 with open(run_path / "train_log.jsonl", "a") as log:
                     log.write(json.dumps(line) + "\n")
+                if snapshot_every is not None and state.step % snapshot_every == 0:
+                    _save_snapshot(run_path / "snapshots" / f"step-{state.step:06d}.pt", state, sources, readers)
                 due = (checkpoint_every is not None and state.step % checkpoint_every == 0) or (
                     checkpoint_every is None and time.perf_counter() - last_save > checkpoint_seconds)
                 if due:
@@ -505,6 +511,14 @@ def _read_off(graph: Graph, live: Tensor, state: PruningState, config: PruningCo
     converged = abs(expected - config.target_sparsity) <= config.converge_tolerance
     return PruningResult(kept, dense, expected, config.target_sparsity, converged, int(chosen.sum() - kept.sum()),
                          state.step, seconds_per_step, state.seconds)
+
+
+def _save_snapshot(path: Path, state: PruningState, sources: Tensor, readers: Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save({"step": state.step, "log_alpha": state.log_alpha.detach().cpu().clone(), "sources": sources,
+                "readers": readers}, temporary)
+    temporary.replace(path)
 
 
 def _truncate_log(path: Path, step: int) -> None:

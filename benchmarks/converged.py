@@ -3,8 +3,9 @@
 ``run`` trains, one after another, on the same training split and measures on the same held-out test
 split (templates and names no training example uses):
 
-* ``hap``: HAP with warm start (EAP-IG on the first 128 training examples, candidates 1.5x the
-  circuit), ``--hap-steps`` steps (default 1000, the MIB shared-task recipe);
+* ``hap``: HAP with warm start (EAP-IG on the first 64 training examples, candidates 1.5x the
+  circuit, target warm-up over the first third), ``--hap-steps`` steps (default 1000, the MIB
+  shared-task recipe);
 * ``ep``: Edge Pruning with the published schedule (3000 steps, target warm-up 2500, lr 0.8 with
   warm-up 200; constant after it here, where the published code decays it linearly);
 * ``eap-ig``: EAP-IG top-N at the same N, on all the training examples (a reference row).
@@ -137,7 +138,7 @@ def retime(args: argparse.Namespace) -> None:
             print(f"{method} step {steps[-1]}: {seconds[-1]:.3f} s/step", flush=True)
         timing[method] = {"steps": steps, "seconds_per_step": seconds}
     circuit = Circuit.load(out / "hap")
-    n = circuit.config.get("attribution_examples", 128)
+    n = circuit.config.get("attribution_examples", 64)
     started = time.perf_counter()
     hap.attribute(model, train.slice(0, n), "eap-ig-inputs",
                   hap.AttributionConfig(batch_size=settings["batch_size"]),

@@ -23,7 +23,7 @@ from .graph import Graph
 from .hybrid import HybridConfig, hybrid
 from .models import DEFAULT_MODEL, Model, load_model
 from .pruning import PruningConfig, prune
-from .tasks import TaskData, load_task
+from .tasks import TaskData, TaskSpec, load_split, load_task, task_splits
 
 __version__ = "0.1.0"
 
@@ -36,11 +36,14 @@ __all__ = [
     "PruningConfig",
     "Scores",
     "TaskData",
+    "TaskSpec",
     "attribute",
     "evaluate",
     "faithfulness_curve",
     "hybrid",
+    "load_split",
     "load_task",
+    "task_splits",
     "prune",
     "ComputePlan",
     "DEFAULT_MODEL",

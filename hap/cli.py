@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--edges", type=int, help="keep this many edges")
     size.add_argument("--sparsity", type=float, help="fraction of edges removed, in (0, 1)")
     discover.add_argument("--n-examples", type=int, default=None,
-                          help="training examples (default 512 for ep/hap, 64 for attribution methods)")
+                          help="training examples (default 256 for ep/hap, 64 for attribution methods)")
     discover.add_argument("--n-test", type=int, default=None,
                           help=f"held-out test examples every metric is measured on (default {defaults.n_test})")
     discover.add_argument("--test-task", default=None, metavar="FILE",
@@ -212,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--lr", type=float, default=None, help="mask learning rate (default 0.8)")
     pruning.add_argument("--lambda-lr", type=float, default=None, help="Lagrangian learning rate (default 0.8)")
     pruning.add_argument("--lr-warmup", type=int, default=None, help="default steps/15")
-    pruning.add_argument("--sparsity-warmup", type=int, default=None, help="default 5/6 of the steps")
+    pruning.add_argument("--sparsity-warmup", type=int, default=None,
+                         help="steps over which the target sparsity warms up (default: 5/6 of the steps for ep, "
+                         "1/3 for hap, which starts near the target)")
     pruning.add_argument("--max-extra-steps", type=int, default=None,
                          help="steps allowed past --steps, at the target, until the expected sparsity is within "
                          "0.5 pp of it (default steps/2)")

@@ -41,15 +41,15 @@ NOT_COMPARED_ON_RESUME = ("resume", "force", "command", "report", "out", "device
                           "snapshot_every", "checkpoint_every")
 # Training examples by default: attribution methods score every example; pruning draws batches from them
 # (its per-step cost does not depend on their number; see README "Budget").
-DEFAULT_N_EXAMPLES = {"attribution": 64, "pruning": 512}
+DEFAULT_N_EXAMPLES = {"attribution": 64, "pruning": 256}
 
 
 @dataclass(frozen=True)
 class DiscoverConfig:
     """Every setting of a discovery run (what ``circuit.json`` records under ``config``).
 
-    The pruning defaults (150 steps, 512 training examples, candidates 1.5x the circuit, warm start) are
-    a budget that runs ``make demo`` on a 2-core CPU in under 10 minutes; the
+    The pruning defaults (120 steps, 256 training examples, HAP's stage 1 on 64 of them, candidates 1.5x
+    the circuit, warm start) are a budget that runs ``make demo`` on a 2-core CPU in under 10 minutes; the
     published Edge Pruning settings are ``--steps 3000 --batch-size 32``
     (README: what GPU users should raise). ``n_examples`` is the size of the
     training split, ``n_test`` of the held-out test split.
@@ -73,7 +73,7 @@ class DiscoverConfig:
     edges_subset: tuple[str, ...] | None = None
     curve: bool = False
     # Edge Pruning and HAP
-    steps: int = 150
+    steps: int = 120
     lr: float = 0.8
     lambda_lr: float = 0.8
     lr_warmup: int | None = None
@@ -83,7 +83,7 @@ class DiscoverConfig:
     node_sparsity: float = 0.0
     candidates: float | None = None  # default: 1.5 x the circuit's share of the edges
     attribution: str = "eap-ig-inputs"
-    attribution_examples: int = 128
+    attribution_examples: int = 64
     warm_start: bool = True
     eval_every: int | None = None
     monitor_examples: int = 32

@@ -55,16 +55,18 @@ def test_discover_then_evaluate_end_to_end(tmp_path, capsys):
 
     out = tmp_path / "ioi-eapig"
     assert main(["discover", "--model", "smollm2-135m", "--task", "ioi", "--method", "eap-ig-inputs",
-                 "--edges", "200", "--n-examples", "16", "--out", str(out), "--no-report"]) == 0
+                 "--edges", "200", "--n-examples", "16", "--n-test", "16", "--out", str(out), "--no-report"]) == 0
     summary = capsys.readouterr().out
-    assert "edges kept" in summary and "faithfulness" in summary
+    assert "edges kept" in summary and "faithfulness" in summary and "test (held out)" in summary
     document = json.loads((out / "circuit.json").read_text())
+    assert document["format"] == "hap-circuit/2" and document["splits"]["test"]["split"] == "test"
     assert document["model"] == "smollm2-135m" and document["graph"]["n_edges"] == 70651
     assert 0 < document["graph"]["n_edges_in_graph"] <= 200
-    assert main(["evaluate", str(out / "circuit.json"), "--n-examples", "16", "--json"]) == 0
+    assert main(["evaluate", str(out / "circuit.json"), "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["seed"] == 1 and line["n_examples"] == 16
-    assert line["full_model"]["logit_diff"] > 1.0  # SmolLM2 solves IOI
+    assert line["split"] == document["splits"]["test"] and line["n_examples"] == 16
+    assert line["kl"] == document["metrics"]["test"]["kl"]  # the same examples: the number discover printed
+    assert line["full_model"]["logit_diff"] > 1.0  # SmolLM2 solves IOI, on held-out templates and names too
     assert line["empty_circuit"]["logit_diff"] < line["full_model"]["logit_diff"]
 
 
@@ -74,8 +76,8 @@ def test_hap_demo_pipeline_on_a_small_budget(tmp_path, capsys):
 
     out = tmp_path / "demo"
     assert main(["discover", "--model", "smollm2-135m", "--task", "ioi", "--method", "hap", "--sparsity", "0.95",
-                 "--n-examples", "8", "--batch-size", "8", "--steps", "4", "--ig-steps", "2",
-                 "--out", str(out)]) == 0
+                 "--n-examples", "8", "--n-test", "8", "--monitor-examples", "8", "--batch-size", "8",
+                 "--steps", "4", "--ig-steps", "2", "--out", str(out)]) == 0
     names = {path.name for path in out.iterdir()}
     assert {"circuit.json", "train_log.jsonl", "run.json", "report.html", "circuit.svg"} <= names
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 4

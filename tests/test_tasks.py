@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 from hap.errors import DataError
 from hap.models.tiny import tiny_tokenizer
 from hap.models.tiny_vocab import tiny_vocabulary
-from hap.tasks import BUILT_IN_TASKS, Metric, TaskData, YearScheme, load_task, year_tokens
+from hap.tasks import BUILT_IN_TASKS, Metric, TaskData, YearScheme, load_split, load_task, task_splits, year_tokens
 from hap.tasks.base import encode, make_task_data
 from hap.tasks.ioi import NAMES as IOI_NAMES
 
@@ -337,6 +337,11 @@ def smollm2_tokenizer():
 @pytest.mark.slow
 def test_ioi_with_smollm2_tokenizer(smollm2_tokenizer):
     tokenizer = smollm2_tokenizer
+    # Every template with every name of both splits tokenises to equal clean/corrupted lengths
+    # (make_task_data refuses a pair that does not): many examples reach every template.
+    train_spec, test_spec = task_splits("ioi", tokenizer, 2000, 600)
+    assert len(load_split(train_spec, tokenizer)) == 2000 and len(load_split(test_spec, tokenizer)) == 600
+    assert len(test_spec.vocabulary["names"]) >= 20
     data = load_task("ioi", tokenizer, 60)
     for i in range(len(data)):
         n = int(data.lengths[i])
@@ -357,6 +362,7 @@ def test_greater_than_with_smollm2_tokenizer(smollm2_tokenizer):
     for i in range(len(data)):
         n = int(data.lengths[i])
         assert len(encode(tokenizer, data.clean_prompts[i])) == n == len(encode(tokenizer, data.corrupted_prompts[i]))
-        assert tokenizer.convert_ids_to_tokens(data.clean_ids[i, n - 3 : n].tolist()) == ["Ġ", "1", "7"]
+        century = data.clean_prompts[i][-2:]
+        assert tokenizer.convert_ids_to_tokens(data.clean_ids[i, n - 3 : n].tolist()) == ["Ġ", "1", century[1]]
         tens = start_year(data.clean_prompts[i]) // 10
         assert data.good_mask[i].nonzero()[:, 0].tolist() == list(range(tens + 1, 10))

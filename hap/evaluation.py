@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .ablation import AblationKind, ComputePlan, run_masked
-from .batches import Batch, batches, make_batch
+from .batches import Batch, ReferenceCache, TaskBatches, batches
 from .circuit import Circuit, Scores
 from .errors import HapError
 from .graph import Graph
@@ -207,12 +207,12 @@ def faithfulness_curve(
 class HeldOutMonitor:
     """A fixed batch of held-out examples on which a training run measures its current circuit.
 
-    Built once (its reference, the full model and the empty circuit on it);
-    ``measure`` then costs one masked forward that skips what the circuit
-    cannot change.
+    Built once (the batch's reference, kept compact, and the full model and the
+    empty circuit on it); ``measure`` then costs one masked forward that skips
+    what the circuit cannot change.
     """
 
-    batch: Batch
+    data: TaskBatches  # one batch
     kind: AblationKind
     full: dict[str, float]
     empty: dict[str, float]
@@ -223,16 +223,22 @@ class HeldOutMonitor:
         """The first ``n_examples`` of ``task`` (a test split) as one batch."""
         graph = Graph.from_model(model)
         kind = AblationKind(ablation)
-        batch = make_batch(model, graph, task.slice(0, min(n_examples, len(task))), kind)
-        _, full, empty, _ = _evaluate_masks(model, graph, [batch], [], kind, False, "monitor")
-        return cls(batch, kind, full, empty)
+        part = task.slice(0, min(n_examples, len(task)))
+        data = TaskBatches(model, graph, part, len(part), kind, cache=ReferenceCache(memory_budget=2**62),
+                           name="monitor")
+        _, full, empty, _ = _evaluate_masks(model, graph, data, [], kind, False, "monitor")
+        return cls(data, kind, full, empty)
+
+    @property
+    def n_examples(self) -> int:
+        return self.data.n_examples
 
     def measure(self, model: Model, kept: Tensor) -> dict[str, float]:
         """``test_kl``, ``test_logit_diff``, ``test_accuracy``, ``test_faithfulness`` of the edges ``kept`` [S, R]."""
         graph = Graph.from_model(model)
         kept = kept.cpu().bool() & graph.real
         plan = ComputePlan.build(graph, kept, self.kind)
-        batch = self.batch
+        batch = self.data[0]
         with torch.no_grad():
             logits = run_masked(model, graph, batch.clean, batch.reference, kept.to(model.device, model.dtype), plan,
                                 batch.positions)

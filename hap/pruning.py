@@ -363,7 +363,7 @@ def prune(
     sources, readers = live.nonzero(as_tuple=True)
     kind = AblationKind(config.ablation)
     fingerprint = {"model": model.name, "task": task.name, "n_examples": len(task), "n_live": int(live.sum()),
-                   "monitor": len(monitor.batch.clean) if monitor is not None else 0, **config.to_dict()}
+                   "monitor": monitor.n_examples if monitor is not None else 0, **config.to_dict()}
 
     run_path = Path(run_dir) if run_dir is not None else None
     checkpoint = run_path / "checkpoint.pt" if run_path is not None else None

@@ -37,12 +37,12 @@ from typing import Any
 import torch
 
 import hap
-from hap.ablation import AblationKind, ComputePlan, run_masked
+from hap.ablation import AblationKind, run_masked
 from hap.batches import ReferenceCache, TaskBatches
 from hap.circuit import Circuit, write_atomically
 from hap.discovery import DiscoverConfig, discover
 from hap.evaluation import kl_divergence
-from hap.pruning import gate_sample
+from hap.pruning import gate_stretched, step_plan_of
 from hap.report.curves import read_train_log
 from hap.tasks import load_split, task_splits
 
@@ -102,10 +102,11 @@ def _step_seconds(model: hap.Model, graph: hap.Graph, batches: TaskBatches, snap
     batch = batches[0]
 
     def step() -> None:
-        gates = gate_sample(log_alpha, 2 / 3, generator)
-        mask = torch.zeros(graph.real.shape).index_put(index, gates)
-        plan = ComputePlan.build(graph, live & (mask != 0), AblationKind.INTERCHANGE)
-        logits = run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions)
+        stretched = gate_stretched(log_alpha, 2 / 3, generator)
+        mask = torch.zeros(graph.real.shape).index_put(index, stretched.clamp(0, 1))
+        plan, entries = step_plan_of(graph, live, stretched, None, AblationKind.INTERCHANGE)
+        logits = run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions,
+                            grad_entries=entries)
         # (+ 0 * sum: the sparsity penalty's path, so a step whose sampled gates are all 0 still backpropagates)
         (kl_divergence(batch.clean_logits, logits).mean() + 0 * log_alpha.sum()).backward()
 

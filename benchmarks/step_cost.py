@@ -19,11 +19,11 @@ import time
 import torch
 
 import hap
-from hap.ablation import AblationKind, ComputePlan, run_masked
+from hap.ablation import AblationKind, run_masked
 from hap.batches import ReferenceCache, TaskBatches
 from hap.evaluation import kl_divergence
 from hap.hybrid import select_candidates, warm_start_log_alpha
-from hap.pruning import gate_sample
+from hap.pruning import gate_stretched, step_plan_of
 
 
 def timed(function, repeats: int) -> float:
@@ -60,10 +60,11 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
 
         def step() -> None:
-            gates = gate_sample(log_alpha, 2 / 3, generator)
-            mask = torch.zeros(graph.real.shape).index_put((sources, readers), gates)
-            plan = ComputePlan.build(graph, live & (mask != 0), kind)
-            logits = run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions)
+            stretched = gate_stretched(log_alpha, 2 / 3, generator)
+            mask = torch.zeros(graph.real.shape).index_put((sources, readers), stretched.clamp(0, 1))
+            plan, entries = step_plan_of(graph, live, stretched, None, kind)
+            logits = run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions,
+                                grad_entries=entries)
             kl_divergence(batch.clean_logits, logits).mean().backward()
 
         return step

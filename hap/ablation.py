@@ -413,16 +413,18 @@ class _BufferedSum(torch.autograd.Function):
     ``region`` [s, B, T*D] is a view of the run's delta buffer, which holds the
     values of ``pieces`` (the per-block delta tensors, in row order); ``rows``
     (None: all s) are the rows with a live entry, ``sub`` [u, n] (or per example
-    [B, u, n]) their mask entries. The buffer is written once per row and never
-    rewritten, so backward can read ``region`` again; its gradient is routed
-    back onto ``pieces`` (None for a piece with no row used), which is how
-    gradients reach the sources' computations. No copy of the deltas is kept
-    for backward.
+    [B, u, n]) their mask entries; ``wanted`` [u, n] bool (None: all) the
+    entries whose gradient is needed (2-D only). The buffer is written once per
+    row and never rewritten, so backward can read ``region`` again; its gradient
+    is routed back onto ``pieces`` (None for a piece with no row used), which is
+    how gradients reach the sources' computations. No copy of the deltas is
+    kept for backward.
     """
 
     @staticmethod
-    def forward(ctx, sub: Tensor, region: Tensor, rows: Tensor | None, *pieces: Tensor) -> Tensor:
-        ctx.region, ctx.rows = region, rows  # deliberately not saved: later rows of the buffer are written
+    def forward(ctx, sub: Tensor, region: Tensor, rows: Tensor | None, wanted: Tensor | None,
+                *pieces: Tensor) -> Tensor:
+        ctx.region, ctx.rows, ctx.wanted = region, rows, wanted  # region not saved: later rows get written
         ctx.piece_sizes = [piece.shape[0] for piece in pieces]
         ctx.piece_shapes = [piece.shape for piece in pieces]
         ctx.save_for_backward(sub)
@@ -440,7 +442,7 @@ class _BufferedSum(torch.autograd.Function):
         grad_sub = None
         if sub.dim() == 2:
             if ctx.needs_input_grad[0]:
-                grad_sub = data.flatten(1) @ grad.transpose(0, 1)
+                grad_sub = _mask_gradient(data.flatten(1), grad, ctx.wanted)
             grad_used = sub @ grad  # [u, B*T*D]
         else:
             batch = sub.shape[0]
@@ -450,8 +452,25 @@ class _BufferedSum(torch.autograd.Function):
             grad_used = (sub @ g).transpose(0, 1).contiguous()
         if rows is None:
             parts = grad_used.split(ctx.piece_sizes)
-            return (grad_sub, None, None, *(part.view(shape) for part, shape in zip(parts, ctx.piece_shapes)))
-        return (grad_sub, None, None, *_route_rows(grad_used, rows, ctx.piece_sizes, ctx.piece_shapes))
+            return (grad_sub, None, None, None, *(part.view(shape) for part, shape in zip(parts, ctx.piece_shapes)))
+        return (grad_sub, None, None, None, *_route_rows(grad_used, rows, ctx.piece_sizes, ctx.piece_shapes))
+
+
+def _mask_gradient(data: Tensor, grad: Tensor, wanted: Tensor | None) -> Tensor:
+    """d(out)/d(sub) = data [u, F] @ grad [n, F]^T, computed only over the rows and columns that hold a
+    wanted entry (the rest left 0)."""
+    if wanted is None:
+        return data @ grad.transpose(0, 1)
+    rows, columns = wanted.any(1).nonzero().flatten(), wanted.any(0).nonzero().flatten()
+    result = data.new_zeros(data.shape[0], grad.shape[0])
+    if len(rows) == 0:
+        return result
+    device = data.device
+    part_rows = data if len(rows) == data.shape[0] else data.index_select(0, rows.to(device))
+    part_columns = grad if len(columns) == grad.shape[0] else grad.index_select(0, columns.to(device))
+    block = part_rows @ part_columns.transpose(0, 1)
+    result[rows.to(device)[:, None], columns.to(device)[None, :]] = block
+    return result * wanted.to(device=device, dtype=result.dtype)
 
 
 def _route_rows(grad_used: Tensor, rows: Tensor, sizes: list[int], shapes: list) -> list[Tensor | None]:
@@ -486,7 +505,8 @@ class _MaskedRun:
     """
 
     def __init__(self, model: Model, graph: Graph, input_ids: Tensor, reference: Reference, mask: Tensor,
-                 plan: ComputePlan, record: bool, output_scale: Tensor | None, probes: list[Probe] | None) -> None:
+                 plan: ComputePlan, record: bool, output_scale: Tensor | None, probes: list[Probe] | None,
+                 grad_entries: Tensor | None = None) -> None:
         self.model, self.graph, self.plan = model, graph, plan
         self.adapter, self.device = model.adapter, model.device
         self.batch, self.length = input_ids.shape
@@ -499,6 +519,8 @@ class _MaskedRun:
         # fixed ablated whatever the caller's mask says.
         row_source = plan.contributing.nonzero().flatten()
         self.live_rows = plan.live[row_source]  # [rows, R] bool, on the CPU (it decides shapes)
+        # Entries whose mask gradient is wanted (None: all), by buffer row.
+        self.grad_rows = None if grad_entries is None else (grad_entries.cpu().bool() & plan.live)[row_source]
         live = plan.live.to(device=self.device, dtype=model.dtype)
         self.mask_rows = (mask.to(device=self.device, dtype=model.dtype) * live).index_select(
             -2, row_source.to(self.device))
@@ -570,7 +592,10 @@ class _MaskedRun:
         if len(used_rows) < len(live):
             rows = used_rows.to(self.device)
             sub = sub.index_select(-2, rows)
-        summed = _BufferedSum.apply(sub, self.buffer[first : self.n_rows], rows, *self.pieces[first_piece:])
+        wanted = None
+        if self.grad_rows is not None:
+            wanted = self.grad_rows[first : self.n_rows][:, readers.cpu()[used_readers]][used_rows]  # [u, n'] bool
+        summed = _BufferedSum.apply(sub, self.buffer[first : self.n_rows], rows, wanted, *self.pieces[first_piece:])
         return used_readers.to(self.device), summed.view(len(used_readers), self.batch, self.length, -1)
 
     # -- reader inputs -----------------------------------------------------
@@ -696,8 +721,10 @@ def _run(
     record: bool,
     output_scale: Tensor | None = None,
     probes: list[Probe] | None = None,
+    grad_entries: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    return _MaskedRun(model, graph, input_ids, reference, mask, plan, record, output_scale, probes).run(positions)
+    return _MaskedRun(model, graph, input_ids, reference, mask, plan, record, output_scale, probes,
+                      grad_entries).run(positions)
 
 
 def run_masked(
@@ -708,6 +735,7 @@ def run_masked(
     mask: Tensor,
     plan: ComputePlan | None = None,
     positions: Tensor | None = None,
+    grad_entries: Tensor | None = None,
 ) -> Tensor:
     """Forward pass in which every reader reads its masked mix of sources.
 
@@ -717,7 +745,10 @@ def run_masked(
     real edges are read; with a ``plan``, only its live edges). ``positions``
     [B]: return logits [B, V] at one position per example instead of [B, T, V]
     (cheaper: the unembedding runs on B vectors). Without a plan every real
-    edge is live and every source is recomputed.
+    edge is live and every source is recomputed. ``grad_entries`` [S, R] bool
+    (2-D masks only): the entries whose gradient the caller will use; the
+    mask's gradient is left at 0 elsewhere, which skips work (Edge Pruning:
+    a gate clamped at 0 or 1 has no gradient anyway).
     """
     expected = (graph.n_sources, graph.n_readers)
     if tuple(mask.shape[-2:]) != expected or mask.dim() not in (2, 3):
@@ -725,9 +756,12 @@ def run_masked(
                                f"got {list(mask.shape)}")
     if mask.dim() == 3 and mask.shape[0] != input_ids.shape[0]:
         raise InvalidMaskError(f"per-example mask has {mask.shape[0]} rows but the batch has {input_ids.shape[0]}")
+    if grad_entries is not None and (mask.dim() != 2 or tuple(grad_entries.shape) != expected):
+        raise InvalidMaskError(f"grad_entries must be a [{expected[0]}, {expected[1]}] bool tensor with a 2-D mask")
     if plan is None:
         plan = ComputePlan.build(graph, None, reference.kind)
-    logits, _ = _run(model, graph, input_ids, reference, mask, plan, positions, record=False)
+    logits, _ = _run(model, graph, input_ids, reference, mask, plan, positions, record=False,
+                     grad_entries=grad_entries)
     return logits
 
 

@@ -130,11 +130,16 @@ class PruningConfig:
 # ---------------------------------------------------------------------------
 
 
-def gate_sample(log_alpha: Tensor, beta: float, generator: torch.Generator) -> Tensor:
-    """A stretched, clamped hard-concrete sample in [0, 1] per gate."""
+def gate_stretched(log_alpha: Tensor, beta: float, generator: torch.Generator) -> Tensor:
+    """A stretched hard-concrete sample per gate, before clamping to [0, 1]."""
     u = torch.rand(log_alpha.shape, generator=generator).clamp(1e-6, 1 - 1e-6).to(log_alpha.device)
     s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / beta)
-    return (s * (STRETCH_HIGH - STRETCH_LOW) + STRETCH_LOW).clamp(0.0, 1.0)
+    return s * (STRETCH_HIGH - STRETCH_LOW) + STRETCH_LOW
+
+
+def gate_sample(log_alpha: Tensor, beta: float, generator: torch.Generator) -> Tensor:
+    """A stretched, clamped hard-concrete sample in [0, 1] per gate."""
+    return gate_stretched(log_alpha, beta, generator).clamp(0.0, 1.0)
 
 
 def gate_deterministic(log_alpha: Tensor) -> Tensor:
@@ -311,6 +316,29 @@ def project_to_sparsity(log_alpha: Tensor, target: float, n_edges: int, beta: fl
     return (log_alpha + (low + high) / 2).clamp(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
 
 
+def step_plan_of(graph: Graph, live: Tensor, stretched: Tensor, node_stretched: Tensor | None,
+                 kind: AblationKind) -> tuple[ComputePlan, Tensor]:
+    """The plan of one training step and the mask entries whose gradient it needs, from its gate samples.
+
+    ``stretched`` [E] are the live edges' samples before clamping (in ``live``'s
+    order), ``node_stretched`` [S] the sources' ones. A gate whose sample fell
+    outside [0, 1] is clamped and has no gradient: one clamped at 0 also adds
+    nothing, so the plan leaves its edge out (the sums shrink as the masks
+    sparsify); one clamped at 1 needs no mask gradient. Both are exact: clamp's
+    gradient passes at the bounds, so a sample exactly at 0 or 1 still counts.
+    Returns (plan, ``grad_entries`` [S, R] bool).
+    """
+    index = live.nonzero(as_tuple=True)
+    stretched = stretched.detach().cpu()
+    step_live = torch.zeros_like(live).index_put(index, stretched >= 0)
+    grad_entries = torch.zeros_like(live).index_put(index, (stretched >= 0) & (stretched <= 1))
+    if node_stretched is not None:
+        node = node_stretched.detach().cpu()
+        step_live &= (node >= 0)[:, None]
+        grad_entries = (grad_entries | ((node >= 0) & (node <= 1))[:, None]) & step_live
+    return ComputePlan.build(graph, step_live, kind), grad_entries
+
+
 def _done(state: PruningState, config: PruningConfig, n_edges: int) -> bool:
     """Planned steps done and the expected sparsity within tolerance of the target, or the extra steps spent."""
     if state.step < config.steps:
@@ -401,15 +429,16 @@ def prune(
             step_started = time.perf_counter()
             step = state.step
             batch = data[int(order[step % len(data)])]
-            gates = gate_sample(state.log_alpha, config.beta, state.generator)
-            mask = torch.zeros(graph.real.shape, device=device, dtype=model.dtype).index_put(index, gates.to(model.dtype))
+            stretched = gate_stretched(state.log_alpha, config.beta, state.generator)
+            mask = torch.zeros(graph.real.shape, device=device, dtype=model.dtype).index_put(
+                index, stretched.clamp(0.0, 1.0).to(model.dtype))
+            node_stretched = None
             if state.node_log_alpha is not None:
-                node_gates = gate_sample(state.node_log_alpha, config.beta, state.generator)
-                mask = mask * node_gates.to(model.dtype)[:, None]
-            # A gate sampled exactly 0 is clamped: it adds nothing and its gradient is 0, so this step's plan
-            # leaves its edge out (exact), and the sums shrink as the masks sparsify.
-            step_plan = ComputePlan.build(graph, live & (mask != 0).cpu(), kind)
-            logits = run_masked(model, graph, batch.clean, batch.reference, mask, step_plan, batch.positions)
+                node_stretched = gate_stretched(state.node_log_alpha, config.beta, state.generator)
+                mask = mask * node_stretched.clamp(0.0, 1.0).to(model.dtype)[:, None]
+            step_plan, grad_entries = step_plan_of(graph, live, stretched, node_stretched, kind)
+            logits = run_masked(model, graph, batch.clean, batch.reference, mask, step_plan, batch.positions,
+                                grad_entries=grad_entries)
             kl = kl_divergence(batch.clean_logits, logits).mean()
             target = _target(state, config, step)
             expected = _expected_sparsity(state, config, graph.n_edges)

@@ -15,9 +15,11 @@ from hap.pruning import (
     gate_deterministic,
     gate_keep_probability,
     gate_sample,
+    gate_stretched,
     log_alpha_for_probability,
     project_to_sparsity,
     prune,
+    step_plan_of,
 )
 from hap.evaluation import HeldOutMonitor
 from hap.tasks import load_task
@@ -249,23 +251,35 @@ def test_the_held_out_monitor_logs_the_final_circuit(tiny_llama, tmp_path):
     assert log[-1]["test_faithfulness"] == pytest.approx(final.faithfulness, rel=1e-6)
 
 
-def test_leaving_out_gates_sampled_at_zero_changes_nothing(tiny_llama):
-    # The step plan drops edges whose gate is exactly 0: same logits, same log-alpha gradients.
+@pytest.mark.parametrize("node_masks", [False, True])
+def test_a_step_plan_without_clamped_gates_changes_nothing(tiny_llama, node_masks):
+    # The step plan drops edges whose gate is clamped at 0 and asks no gradient of gates clamped at
+    # 0 or 1: the logits and the log-alpha gradients equal those of the full run.
     graph = hap.Graph.from_model(tiny_llama)
     task = load_task("ioi", tiny_llama.tokenizer, 4, seed=0)
     reference = hap.interchange_reference(tiny_llama, task.corrupted_ids)
     sources, readers = graph.real.nonzero(as_tuple=True)
-    log_alpha = torch.randn(len(sources), generator=torch.Generator().manual_seed(3)).mul(3).requires_grad_(True)
-    gates = gate_sample(log_alpha, 2 / 3, torch.Generator().manual_seed(4))
-    assert 0.1 < float((gates == 0).float().mean()) < 0.9
+    log_alpha = torch.randn(len(sources), generator=torch.Generator().manual_seed(3)).mul(4).requires_grad_(True)
+    node_log_alpha = torch.randn(graph.n_sources, generator=torch.Generator().manual_seed(5)).mul(4)
+    node_log_alpha.requires_grad_(True)
+    stretched = gate_stretched(log_alpha, 2 / 3, torch.Generator().manual_seed(4))
+    gates = stretched.clamp(0, 1)
+    assert 0.1 < float((gates == 0).float().mean()) < 0.6 and float((gates == 1).float().mean()) > 0.1
     mask = torch.zeros(graph.real.shape).index_put((sources, readers), gates)
+    node_stretched = None
+    if node_masks:
+        node_stretched = gate_stretched(node_log_alpha, 2 / 3, torch.Generator().manual_seed(6))
+        mask = mask * node_stretched.clamp(0, 1)[:, None]
+    plan, entries = step_plan_of(graph, graph.real, stretched, node_stretched, hap.AblationKind.INTERCHANGE)
+    assert int(plan.live.sum()) < int(graph.real.sum()) and int(entries.sum()) < int(plan.live.sum())
     positions = task.lengths - 1
-    plans = [None, hap.ComputePlan.build(graph, graph.real & (mask != 0), hap.AblationKind.INTERCHANGE)]
+    parameters = [log_alpha, node_log_alpha] if node_masks else [log_alpha]
     results = []
-    for plan in plans:
-        logits = hap.run_masked(tiny_llama, graph, task.clean_ids, reference, mask, plan, positions)
-        (grad,) = torch.autograd.grad(logits.logsumexp(-1).sum(), log_alpha, retain_graph=True)
-        results.append((logits.detach(), grad))
+    for plan_used, entries_used in ((None, None), (plan, entries)):
+        logits = hap.run_masked(tiny_llama, graph, task.clean_ids, reference, mask, plan_used, positions,
+                                grad_entries=entries_used)
+        grads = torch.autograd.grad(logits.logsumexp(-1).sum(), parameters, retain_graph=True)
+        results.append((logits.detach(), grads))
     assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
-    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
-    assert float(results[0][1].abs().sum()) > 0
+    for full, planned in zip(results[0][1], results[1][1]):
+        assert torch.allclose(full, planned, atol=1e-6) and float(full.abs().sum()) > 0

@@ -4,6 +4,8 @@ Steps are timed exactly as ``hap.pruning.prune`` runs them (gates sampled, the s
 the gates that are not exactly 0, masked run, KL, backward) at three points of a run:
 
 * EP, start: every edge live, gates open (log alpha ~ N(10, 0.01));
+* EP, middle: every edge live, half of them open (log alpha +5 on the top half by |EAP score|, -5 on
+  the rest), as around the middle of the published schedule;
 * EP, end: every edge live, expected sparsity 0.95: log alpha high on a circuit of 5% of the edges
   (the top |EAP score|, so concentrated as a trained circuit is) and -10 on the rest;
 * HAP: the candidates (1.5x the circuit, top |EAP score|) live, warm-started masks.
@@ -73,6 +75,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1)
     ep_start = step_with(graph.real, 10 + 0.01 * torch.randn(n_real, generator=generator))
     scores = hap.attribute(model, task, "eap").values
+    half = select_candidates(graph, scores, 0.5)
+    ep_middle = step_with(graph.real, torch.where(half, 5.0, -5.0)[graph.real])
     circuit = select_candidates(graph, scores, 0.05)
     ep_end = step_with(graph.real, torch.where(circuit, 5.0, -10.0)[graph.real])
     candidates = select_candidates(graph, scores, 0.075)
@@ -80,13 +84,13 @@ def main() -> None:
     hap_step = step_with(candidates, warm[candidates])
 
     results = {}
-    for name, function in (("plain", plain), ("ep_start", ep_start), ("ep_end", ep_end), ("hap", hap_step),
-                           ("plain_again", plain)):
+    for name, function in (("plain", plain), ("ep_start", ep_start), ("ep_middle", ep_middle), ("ep_end", ep_end),
+                           ("hap", hap_step), ("plain_again", plain)):
         results[name] = timed(function, args.repeats)
         print(f"{name:12s} {results[name]:.3f} s", flush=True)
     base = (results["plain"] + results["plain_again"]) / 2
     print(f"\nbatch {tuple(batch.clean.shape)}, {n_real} edges, {int(candidates.sum())} HAP candidates")
-    for name in ("ep_start", "ep_end", "hap"):
+    for name in ("ep_start", "ep_middle", "ep_end", "hap"):
         print(f"{name:12s} / plain fwd+bwd: {results[name] / base:.2f}")
 
 

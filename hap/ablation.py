@@ -519,8 +519,18 @@ class _MaskedRun:
         # fixed ablated whatever the caller's mask says.
         row_source = plan.contributing.nonzero().flatten()
         self.live_rows = plan.live[row_source]  # [rows, R] bool, on the CPU (it decides shapes)
-        # Entries whose mask gradient is wanted (None: all), by buffer row.
-        self.grad_rows = None if grad_entries is None else (grad_entries.cpu().bool() & plan.live)[row_source]
+        # Entries whose mask gradient is wanted, by buffer row: none without autograd, else grad_entries or all.
+        if not (mask.requires_grad and torch.is_grad_enabled()):
+            self.grad_rows: Tensor | None = torch.zeros_like(plan.live)[row_source]
+        elif grad_entries is None:
+            self.grad_rows = None
+        else:
+            self.grad_rows = (grad_entries.cpu().bool() & plan.live)[row_source]
+        # Live entries whose mask is exactly 1 (for every example): a reader whose entries are mostly ones is
+        # cheaper as "all deltas minus the (1 - m) share" (see _masked_sum).
+        ones = mask.detach().cpu() == 1
+        self.one_rows = ((ones.all(0) if ones.dim() == 3 else ones) & plan.live)[row_source]
+        self._piece_totals: list[Tensor] = []  # sum over each piece's rows [B, T, D], made when first needed
         live = plan.live.to(device=self.device, dtype=model.dtype)
         self.mask_rows = (mask.to(device=self.device, dtype=model.dtype) * live).index_select(
             -2, row_source.to(self.device))
@@ -579,24 +589,51 @@ class _MaskedRun:
 
     def _masked_sum(self, first: int, first_piece: int, readers: Tensor) -> tuple[Tensor, Tensor] | None:
         """Sums over buffer rows ``first`` .. written so far for the ``readers`` that have a live entry
-        there: (their positions in ``readers`` [u'], sums [u', B, T, D]), or None when none has one."""
+        there: (their positions in ``readers`` [u'], sums [u', B, T, D]), or None when none has one.
+
+        Two exact forms, whichever needs fewer buffer rows: sum m * delta over the rows with a live entry,
+        or (when most entries are exactly 1, as early in Edge Pruning) the sum of all the rows' deltas minus
+        (1 - m) * delta over the rows with an entry that is not 1 (ablated entries count with m = 0).
+        """
         if self.n_rows <= first:
             return None
-        live = self.live_rows[first : self.n_rows][:, readers.cpu()]  # [r, n]
-        used_rows = live.any(1).nonzero().flatten()
+        readers_cpu = readers.cpu()
+        live = self.live_rows[first : self.n_rows][:, readers_cpu]  # [r, n]
         used_readers = live.any(0).nonzero().flatten()
-        if len(used_rows) == 0:
+        if len(used_readers) == 0:
             return None
-        sub = self.mask_rows[..., first : self.n_rows, :].index_select(-1, readers[used_readers.to(self.device)])
+        live = live[:, used_readers]
+        not_one = ~self.one_rows[first : self.n_rows][:, readers_cpu[used_readers]]
+        wanted_entries = live if self.grad_rows is None else \
+            self.grad_rows[first : self.n_rows][:, readers_cpu[used_readers]]
+        # The complement form keeps every row with an entry that is not 1, or whose gradient is wanted.
+        direct_rows, complement_rows = live.any(1), (not_one | wanted_entries).any(1)
+        complement = int(complement_rows.sum()) < int(direct_rows.sum())
+        used_rows = (complement_rows if complement else direct_rows).nonzero().flatten()
+        device = self.device
+        readers_used = used_readers.to(device)
+        shape = (len(used_readers), self.batch, self.length, -1)
+        total = self._delta_total(first_piece)[None] if complement else None
+        if len(used_rows) == 0:  # complement form with every entry at 1: all the deltas
+            return readers_used, total.expand(len(used_readers), -1, -1, -1)
+        sub = self.mask_rows[..., first : self.n_rows, :].index_select(-1, readers[readers_used])
         rows = None
-        if len(used_rows) < len(live):
-            rows = used_rows.to(self.device)
+        if len(used_rows) < self.n_rows - first:
+            rows = used_rows.to(device)
             sub = sub.index_select(-2, rows)
-        wanted = None
-        if self.grad_rows is not None:
-            wanted = self.grad_rows[first : self.n_rows][:, readers.cpu()[used_readers]][used_rows]  # [u, n'] bool
-        summed = _BufferedSum.apply(sub, self.buffer[first : self.n_rows], rows, wanted, *self.pieces[first_piece:])
-        return used_readers.to(self.device), summed.view(len(used_readers), self.batch, self.length, -1)
+        wanted = None if self.grad_rows is None else wanted_entries[used_rows]  # [u, n'] bool
+        weights = 1 - sub if complement else sub
+        summed = _BufferedSum.apply(weights, self.buffer[first : self.n_rows], rows, wanted,
+                                    *self.pieces[first_piece:]).view(shape)
+        return readers_used, (total - summed if complement else summed)
+
+    def _delta_total(self, first_piece: int) -> Tensor:
+        """The sum of every delta written from piece ``first_piece`` on: [B, T, D]."""
+        while len(self._piece_totals) < len(self.pieces):
+            piece = self.pieces[len(self._piece_totals)]
+            self._piece_totals.append(piece.sum(0).expand(self.batch, -1, -1))
+        totals = self._piece_totals[first_piece:]
+        return torch.stack(totals).sum(0) if len(totals) > 1 else totals[0]
 
     # -- reader inputs -----------------------------------------------------
     def _chunk_of(self, block: int) -> int:

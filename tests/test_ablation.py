@@ -82,6 +82,23 @@ def test_per_example_masks_match_the_slow_twin(tiny_model, chunk_layers):
         assert torch.allclose(fast[1], tiny_model.hf_model(clean[1:2]).logits[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("share_of_ones", [0.5, 0.95])
+def test_masks_mostly_at_one_match_the_slow_twin(tiny_model, chunk_layers, share_of_ones):
+    graph = hap.Graph.from_model(tiny_model)
+    clean, corrupted = _batch(tiny_model, 23)
+    reference = interchange_reference(tiny_model, corrupted)
+    generator = torch.Generator().manual_seed(24)
+    mask = torch.rand(graph.real.shape, generator=generator)
+    mask[torch.rand(graph.real.shape, generator=generator) < share_of_ones] = 1.0
+    masks = mask.expand(clean.shape[0], -1, -1).clone()
+    masks[(0, *graph.edge_index("input->logits"))] = 0.3  # per example, too
+    with torch.no_grad():
+        for m in (mask, masks):
+            fast = run_masked(tiny_model, graph, clean, reference, m)
+            slow = naive_masked_logits(tiny_model, graph, clean, reference.outputs, m)
+            assert torch.allclose(fast, slow, atol=1e-5)
+
+
 def test_sparse_plans_with_per_example_masks_match_the_slow_twin(tiny_model, chunk_layers):
     # A sparse live set: the sums run over a subset of buffer rows and readers, per example.
     graph = hap.Graph.from_model(tiny_model)
@@ -126,15 +143,20 @@ def test_answer_positions_give_the_same_logits(tiny_model):
     assert torch.allclose(picked, full[torch.arange(3), positions], atol=1e-6)
 
 
-def test_mask_gradient_matches_finite_differences(tiny_gpt2_64, chunk_layers):
+@pytest.mark.parametrize("share_of_ones", [0.0, 0.9])
+def test_mask_gradient_matches_finite_differences(tiny_gpt2_64, chunk_layers, share_of_ones):
     # GPT-2's LayerNorm is truly float64 (HF's Llama RMSNorm computes in float32), so a
     # central difference is exact to ~1e-9 here; the masking code is the same for every family.
+    # Masks mostly at exactly 1 take the complement form of the sums (all deltas minus the (1 - m) share).
     model = tiny_gpt2_64
     graph = hap.Graph.from_model(model)
     clean, corrupted = _batch(model, 9)
     reference = interchange_reference(model, corrupted)
     generator = torch.Generator().manual_seed(10)
     base = (0.2 + 0.6 * torch.rand(graph.real.shape, generator=generator)).double()
+    ones = torch.rand(graph.real.shape, generator=generator) < share_of_ones
+    base = torch.where(ones, torch.ones_like(base), base)
+    base[graph.edge_index("a0.h1->a1.h0<q>")] = 1.0  # an entry at exactly 1 whose gradient is checked
 
     def logit_diff(mask: torch.Tensor) -> torch.Tensor:
         logits = run_masked(model, graph, clean, reference, mask, positions=torch.full((3,), 6))

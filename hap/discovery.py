@@ -294,11 +294,6 @@ def discover(config: DiscoverConfig) -> Circuit:
     """The whole ``hap discover`` pipeline; writes the run directory and returns the circuit."""
     config.check()
     out = Path(config.out)
-    if not config.resume:
-        for stale in ("train_log.jsonl", "checkpoint.pt", "attribution.pt"):
-            (out / stale).unlink(missing_ok=True)  # only reached with --force or a fresh directory
-        shutil.rmtree(out / "snapshots", ignore_errors=True)
-    write_atomically(out / "run.json", json.dumps(config.to_dict(), indent=1))
     runtime: dict[str, float] = {}
     started = time.perf_counter()
     model = load_model(config.model, device=config.device, dtype=config.dtype)
@@ -307,8 +302,15 @@ def discover(config: DiscoverConfig) -> Circuit:
     train_spec, test_spec = split_specs(config, model)
     train_task, test_task = load_split(train_spec, model.tokenizer), load_split(test_spec, model.tokenizer)
     runtime["task"] = time.perf_counter() - started
-
     graph = Graph.from_model(model)
+    target_sparsity(config, graph)  # refuses --edges beyond the graph
+    # The inputs are good: only now is the run directory touched (a mistake above leaves it as it was).
+    if not config.resume:
+        for stale in ("train_log.jsonl", "checkpoint.pt", "attribution.pt"):
+            (out / stale).unlink(missing_ok=True)  # only reached with --force or a fresh directory
+        shutil.rmtree(out / "snapshots", ignore_errors=True)
+    write_atomically(out / "run.json", json.dumps(config.to_dict(), indent=1))
+
     cache = _cache(config)
     train = TaskBatches(model, graph, train_task, config.batch_size, config.ablation, cache=cache, name="train")
     test = TaskBatches(model, graph, test_task, config.batch_size, config.ablation, cache=cache, name="test")

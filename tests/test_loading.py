@@ -119,6 +119,24 @@ def test_cli_user_errors_are_one_line_without_traceback(capsys, argv, words):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--model", "no-such-model-xyz", "--edges", "5"], "unknown model"),
+        (["--task", "missing.jsonl", "--edges", "5"], "missing.jsonl"),
+        (["--edges", "10000000"], "more than the model's"),
+        (["--task", "greater-than", "--test-task", "missing.jsonl", "--edges", "5"], "missing.jsonl"),
+    ],
+)
+def test_a_discover_that_fails_on_its_inputs_leaves_no_run_directory(tmp_path, capsys, extra, words):
+    out = tmp_path / "run"
+    argv = ["discover", "--model", "tiny-llama", "--method", "eap", "--n-examples", "8", "--out", str(out)]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hap: error:") and words in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # the corrected command then just works, without --force
+
+
 def test_cli_verify_fails_when_the_adapter_is_wrong(capsys, monkeypatch):
     # Break the adapter: the MLPs write twice their output. verify must notice and exit 1.
     original = loading.load_model

@@ -192,7 +192,7 @@ def _plain_run(
         q = adapter.queries(layer, xq, ctx)
         k = adapter.keys(layer, xk, ctx).index_select(1, group_of_head)
         v = adapter.values(layer, xv, ctx).index_select(1, group_of_head)
-        mixed = adapter.attend(layer, q, k, v)
+        mixed = adapter.attend(layer, q, k, v, ctx)
         if keep_mixed:
             kept_mixed.append(mixed)
         if record or output_scale is not None:
@@ -717,7 +717,7 @@ class _MaskedRun:
         q = adapter.queries(layer, xq, self.ctx, heads)
         k = adapter.keys(layer, xk, self.ctx, groups).index_select(1, row_of_group)
         v = adapter.values(layer, xv, self.ctx, groups).index_select(1, row_of_group)
-        computed = adapter.head_outputs(layer, adapter.attend(layer, q, k, v), heads)
+        computed = adapter.head_outputs(layer, adapter.attend(layer, q, k, v, self.ctx), heads)
         self.add_deltas(sources, sources.start + heads, computed)
 
     def _logits_input(self, positions: Tensor | None) -> Tensor:

@@ -15,6 +15,8 @@ figure exceeds 1e-4, verify measures that noise floor (one float64 forward of
 the Hugging Face model, for models of up to 2e9 parameters) and also accepts a
 figure within 1e-4 + floor; the floor is printed as ``float32_noise_floor``.
 
+A tracr model gets its own inputs: BOS, tokens of its vocabulary, padding.
+
 Prompts are plain sentences by default. On random token ids SmolLM2 grows
 extra "massive activations" (|x| ~ 10^4) at arbitrary positions, where float32
 itself is only good to ~1e-3 (the Hugging Face forward in float32 differs from
@@ -31,6 +33,7 @@ import torch
 from .ablation import ComputePlan, interchange_reference, run_masked, trace
 from .graph import Graph
 from .models.loading import Model
+from .models.tracr import TracrTransformer, sample_inputs
 
 # Same-length pairs are made by truncating all prompts to the shortest one.
 SENTENCES = [
@@ -50,6 +53,10 @@ TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 1e-1, torc
 def verify_prompts(model: Model, random_tokens: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean and corrupted token ids [4, T] of equal length for the invariants."""
     generator = torch.Generator().manual_seed(seed)
+    if isinstance(model.hf_model, TracrTransformer):  # BOS, the program's tokens, padding; pairs share lengths
+        config = model.hf_model.config
+        lengths = torch.randint(1, config.max_seq_len + 1, (4,), generator=generator)
+        return sample_inputs(config, lengths, generator), sample_inputs(config, lengths, generator)
     if random_tokens:
         ids = torch.randint(0, model.layout.vocab_size, (8, 16), generator=generator)
     else:
@@ -97,7 +104,8 @@ def verify_model(model: Model, random_tokens: bool = False, seed: int = 0) -> di
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "n_edges": graph.n_edges,
-        "prompts": "random-tokens" if random_tokens else "sentences",
+        "prompts": ("program-inputs" if isinstance(model.hf_model, TracrTransformer)
+                    else "random-tokens" if random_tokens else "sentences"),
         "batch": list(clean.shape),
         **figures,
         "tolerance": tolerance,

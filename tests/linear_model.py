@@ -40,7 +40,7 @@ class LinearAdapter(ModelAdapter):
     def embed(self, ctx: RunContext) -> Tensor:
         return self.hf_model.embedding[ctx.input_ids]
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, ctx: RunContext) -> Tensor:
         length = v.shape[2]
         causal_mean = torch.tril(torch.ones(length, length, dtype=v.dtype)) / torch.arange(1, length + 1)[:, None]
         return torch.einsum("ts,bhsk->bhtk", causal_mean, v) + 0.5 * q + 0.25 * k

@@ -43,7 +43,7 @@ def naive_masked_logits(
             v_reader = readers.start + layout.n_heads + layout.n_kv_heads + group
             k = adapter.keys(layer, reader_input(k_reader)[None], ctx, one_group)
             v = adapter.values(layer, reader_input(v_reader)[None], ctx, one_group)
-            outputs[sources.start + head] = adapter.head_outputs(layer, adapter.attend(layer, q, k, v), one_head)[0]
+            outputs[sources.start + head] = adapter.head_outputs(layer, adapter.attend(layer, q, k, v, ctx), one_head)[0]
         mlp_source = graph.sources_of_block(2 * layer + 2).start
         mlp_reader = graph.readers_of_block(2 * layer + 2).start
         outputs[mlp_source] = adapter.mlp(layer, reader_input(mlp_reader))

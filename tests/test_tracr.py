@@ -12,7 +12,8 @@ from naive import naive_masked_logits
 
 import hap
 from hap.ablation import interchange_reference, run_masked, zero_reference
-from hap.errors import ModelNotFoundError
+from hap.errors import DataError, ModelNotFoundError
+from hap.ground_truth import read_ground_truth, recovery, roc_curve
 from hap.models import BUILT_IN_MODELS
 from hap.models.tracr import (
     PROGRAMS_DIR,
@@ -151,3 +152,50 @@ def test_a_copied_directory_loads_like_the_shipped_name(tmp_path):
     with torch.no_grad():
         assert torch.equal(copy.hf_model(ids).logits, shipped.hf_model(ids).logits)
     assert copy.origin == "tracr"
+
+
+def _pairwise_auc(scores: torch.Tensor, truth: torch.Tensor) -> float:
+    """The slow twin: the share of (true, false) pairs the true edge wins, ties counting half."""
+    wins = 0.0
+    for t in scores[truth].tolist():
+        for f in scores[~truth].tolist():
+            wins += 1.0 if t > f else 0.5 if t == f else 0.0
+    return wins / (int(truth.sum()) * int((~truth).sum()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auc_equals_pairwise_counting_with_ties(seed):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (40,), generator=generator).double()  # many ties
+    truth = torch.rand(40, generator=generator) < 0.3
+    fpr, tpr, auc = roc_curve(scores, truth)
+    assert auc == pytest.approx(_pairwise_auc(scores, truth), abs=1e-12)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert all(a <= b for a, b in zip(fpr, fpr[1:])) and all(a <= b for a, b in zip(tpr, tpr[1:]))
+
+
+def test_recovery_of_the_true_circuit_and_of_a_wrong_one():
+    model = hap.load_model("tracr-reverse")
+    graph = hap.Graph.from_model(model)
+    truth = read_ground_truth(PROGRAMS_DIR / "reverse" / "ground_truth.json", graph)
+    perfect = recovery(graph, truth, truth.double() + 0.1 * graph.real, truth)
+    assert perfect.exact and perfect.precision == perfect.recall == perfect.auc == 1.0
+    one_missed = truth.clone()
+    one_missed[truth.nonzero()[0][0], truth.nonzero()[0][1]] = False
+    extra = graph.real & ~truth
+    wrong_choice = one_missed | (extra & (torch.rand(extra.shape, generator=torch.Generator().manual_seed(0)) < 0.1))
+    result = recovery(graph, wrong_choice, -truth.double(), truth)  # |score| ranks the true edges first still
+    assert not result.exact and result.recall == pytest.approx((result.n_true - 1) / result.n_true)
+    assert result.precision == pytest.approx(result.true_positives / result.n_chosen) and result.precision < 1
+    assert result.auc == 1.0
+    inverted = recovery(graph, truth, (~truth).double() * graph.real, truth)  # false edges outrank true ones
+    assert inverted.auc == 0.0
+
+
+def test_a_ground_truth_file_of_another_model_is_refused(tmp_path):
+    graph = hap.Graph.from_model(hap.load_model("tracr-hist"))  # one layer: no a3
+    with pytest.raises(DataError, match="input->m1.*another model"):
+        read_ground_truth(PROGRAMS_DIR / "reverse" / "ground_truth.json", graph)
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(DataError, match="non-empty list"):
+        read_ground_truth(tmp_path / "empty.json", graph)

@@ -29,7 +29,7 @@ from .models.loading import Model
 from .tasks import TaskData
 
 GIB = 2**30
-DEFAULT_REFERENCE_MEMORY_GIB = 2.0
+DEFAULT_REFERENCE_MEMORY_GIB = 1.5
 
 
 class Loss(str, Enum):

@@ -64,7 +64,8 @@ def test_verify_is_exact(program):
 
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_ground_truth_from_weights_equals_the_compilers_labels(program):
-    """The compile script derives the circuit from tracr's residual labels; the loader from the weights."""
+    """The compile script derives the circuit from tracr's parameter arrays; the loader from the loaded
+    torch model: agreement checks the export and loading (transposes, head slices)."""
     model = hap.load_model(f"tracr-{program}")
     shipped = json.loads((PROGRAMS_DIR / program / "ground_truth.json").read_text())["edges"]
     assert true_edges(model.hf_model) == set(shipped)

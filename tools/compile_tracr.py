@@ -18,9 +18,10 @@ The directory holds
 * ``weights.safetensors``: the compiled weights, named as ``hap.models.tracr`` reads them;
 * ``examples.json``: inputs and the outputs tracr's own compiled model gives (the loader's tests check
   the torch forward against them, so no jax is needed to test);
-* ``ground_truth.json``: the true circuit as edge names of hap's graph, derived from which residual
-  labels each component writes and reads (see ``hap.models.tracr.true_edges``, which derives the same
-  set from the weights; the tests check they agree).
+* ``ground_truth.json``: the true circuit as edge names of hap's graph: the residual labels each
+  component writes and reads, read off the non-zero rows of tracr's parameter arrays
+  (``hap.models.tracr.true_edges`` applies the same rule to the loaded torch model; the tests check
+  they agree, which checks export and loading).
 """
 
 from __future__ import annotations

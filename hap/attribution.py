@@ -140,7 +140,8 @@ def _gradient_scores(model: Model, graph: Graph, batch: Batch, config: Attributi
             clean_outputs = trace(model, batch.clean).outputs
     for probe, total in zip(probes, summed):
         probe.tensor.grad = total / len(points)
-    differences = batch.reference.outputs.expand(-1, len(batch.clean), -1, -1) - clean_outputs
+    reference = batch.reference.fit(*batch.clean.shape)  # mean/zero: one reference cut to this batch's width
+    differences = reference.outputs.expand(-1, len(batch.clean), -1, -1) - clean_outputs
     _probe_scores(graph, differences, probes, batch.positions, scores, weight)
 
 

@@ -65,7 +65,7 @@ def make_batch(model: Model, graph: Graph, part: TaskData, kind: AblationKind, c
     """One batch of ``part`` with its reference (``shared`` for mean/zero) and, if asked, the full model's
     logits at the answer positions."""
     clean = part.clean_ids.to(model.device)
-    positions = (part.lengths - 1).to(model.device)
+    positions = part.answer_positions.to(model.device)
     reference = shared or make_reference(model, graph, part, part.corrupted_ids.to(model.device), kind)
     logits = answer_logits(model, clean, positions) if clean_logits else None
     return Batch(clean, positions, part, reference, logits)
@@ -179,7 +179,7 @@ class TaskBatches(Sequence[Batch]):
         if isinstance(reference, CompactReference):
             reference = reference.expand(self.model)
         clean = part.clean_ids.to(self.model.device)
-        return Batch(clean, (part.lengths - 1).to(self.model.device), part, reference, stored.clean_logits)
+        return Batch(clean, part.answer_positions.to(self.model.device), part, reference, stored.clean_logits)
 
     def _make(self, part: TaskData) -> _Stored:
         model = self.model
@@ -191,7 +191,7 @@ class TaskBatches(Sequence[Batch]):
             reference = self._shared
         logits = None
         if self.clean_logits:
-            logits = answer_logits(model, part.clean_ids.to(model.device), (part.lengths - 1).to(model.device))
+            logits = answer_logits(model, part.clean_ids.to(model.device), part.answer_positions.to(model.device))
         return _Stored(reference, logits, shared=self.kind is not AblationKind.INTERCHANGE)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -207,8 +207,26 @@ class TaskBatches(Sequence[Batch]):
         return head
 
 
+def kl_divergence(reference_logits: Tensor, logits: Tensor) -> Tensor:
+    """KL(reference || logits) per example, [N, V] -> [N]."""
+    reference = F.log_softmax(reference_logits.float(), -1)
+    kl = (reference.exp() * (reference - F.log_softmax(logits.float(), -1))).sum(-1)
+    return kl.clamp_min(0.0)  # rounding can give -1e-8 for identical distributions
+
+
+def divergence(reference_logits: Tensor, logits: Tensor) -> Tensor:
+    """How far a run is from the full model per example, [N, V] -> [N]: KL(reference || run) when the
+    model outputs a distribution; for one numerical output (V = 1: tracr's numerical programs, where a
+    softmax is constant and KL always 0) the squared error. Metrics report it as ``kl``."""
+    if logits.shape[-1] == 1:
+        return (logits.float() - reference_logits.float()).square()[:, 0]
+    return kl_divergence(reference_logits, logits)
+
+
 def loss_function(loss: Loss, batch: Batch) -> Callable[[Tensor], Tensor]:
-    """L(logits [B, V]) -> scalar, the mean over the batch."""
+    """L(logits [B, V]) -> scalar, the mean over the batch (``Loss.KL``: of ``divergence``)."""
+    if loss is Loss.KL and batch.clean_logits.shape[-1] == 1:
+        return lambda logits: divergence(batch.clean_logits, logits).mean()
     if loss is Loss.KL:
         clean_log_probs = F.log_softmax(batch.clean_logits.float(), dim=-1)
 

@@ -90,7 +90,7 @@ def _discover(args: argparse.Namespace) -> int:
         "sparsity": args.sparsity, "n_examples": args.n_examples, "n_test": args.n_test, "test_task": args.test_task,
         "test_fraction": args.test_fraction, "batch_size": args.batch_size, "seed": args.seed,
         "ig_steps": args.ig_steps, "loss": args.loss, "ablation": args.ablation, "edges_subset": subset,
-        "curve": args.curve, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
+        "curve": args.curve, "ground_truth": args.ground_truth, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
         "lr_warmup": args.lr_warmup, "sparsity_warmup": args.sparsity_warmup, "node_masks": args.node_masks,
         "max_extra_steps": args.max_extra_steps, "node_sparsity": args.node_sparsity, "candidates": args.candidates,
         "attribution": args.attribution, "attribution_examples": args.attribution_examples,
@@ -109,9 +109,13 @@ def _discover(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .batches import TaskBatches
     from .circuit import Circuit
     from .discovery import format_summary
     from .evaluation import evaluate
+    from .graph import Graph
+    from .ground_truth import judge, read_ground_truth
+    from .models.tracr import TracrTransformer
 
     circuit = Circuit.load(args.circuit, model=args.model)
     model = load_model(circuit.model, device=args.device, dtype=args.dtype)
@@ -119,14 +123,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     ablation = args.ablation or circuit.config.get("ablation", "interchange")
     batch_size = args.batch_size or int(circuit.config.get("batch_size", 16))
+    graph = Graph.from_model(model)
+    if args.ground_truth is not None:
+        read_ground_truth(args.ground_truth, graph)  # refuse a bad file before the work
     metrics = evaluate(model, circuit, task, batch_size, ablation, progress=not args.json).to_dict()
     metrics["n_full_model_wrong"] = round((1.0 - metrics["full_model"]["accuracy"]) * len(task))
+    recovery = None
+    if args.ground_truth is not None or isinstance(model.hf_model, TracrTransformer):
+        recovery = judge(model, graph, circuit.in_graph, circuit.scores,
+                         TaskBatches(model, graph, task, batch_size, ablation), ablation,
+                         args.ground_truth)
     if args.json:
         print(json.dumps({"circuit": str(args.circuit), "model": circuit.model, "task": task.name, "split": split,
-                          **metrics}))
+                          **metrics, **({"ground_truth": recovery} if recovery else {})}))
     else:
         label = "train" if split.get("split") == "train" else "test"
-        circuit.metrics = {label: metrics}
+        circuit.metrics = {label: metrics, **({"ground_truth": recovery} if recovery else {})}
         circuit.splits = {}
         circuit.runtime_s = {"evaluation": time.perf_counter() - started}
         print(format_summary(circuit))
@@ -184,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         "CPU budget (make demo runs in under 10 minutes on 2 cores); the published Edge Pruning settings are "
         "--steps 3000 --batch-size 32 --n-examples 200.")
     _add_model_options(discover)
-    discover.add_argument("--task", default=None, help="ioi, greater-than, or a .jsonl file (default ioi)")
+    discover.add_argument("--task", default=None, help="ioi, greater-than, a .jsonl file, or for a tracr model "
+                          "its program (default: ioi; a tracr model's own program)")
     discover.add_argument("--method", default=None, choices=METHODS, help="default eap-ig-inputs")
     size = discover.add_mutually_exclusive_group()
     size.add_argument("--edges", type=int, help="keep this many edges")
@@ -207,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--ablation", default=None, choices=("interchange", "mean", "zero"))
     discover.add_argument("--edges-subset", help="exact only: comma-separated edge names, e.g. a3.h1->m5")
     discover.add_argument("--curve", action="store_true", default=None, help="also compute the MIB curve")
+    discover.add_argument("--ground-truth", default=None, metavar="FILE",
+                          help="true edges (JSON list or {\"edges\": [...]}): report precision, recall, exact "
+                          "recovery and ROC AUC (automatic for tracr models)")
     pruning = discover.add_argument_group("Edge Pruning and HAP")
     pruning.add_argument("--steps", type=int, default=None, help=f"training steps (default {defaults.steps})")
     pruning.add_argument("--lr", type=float, default=None, help="mask learning rate (default 0.8)")
@@ -256,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_options(evaluate)
     evaluate.add_argument("--ablation", default=None, choices=("interchange", "mean", "zero"))
     evaluate.add_argument("--json", action="store_true", help="one JSON line instead of a table")
+    evaluate.add_argument("--ground-truth", default=None, metavar="FILE",
+                          help="true edges (JSON list or {\"edges\": [...]}): precision, recall, exact recovery, "
+                          "ROC AUC of the circuit's scores (automatic for tracr models)")
     evaluate.set_defaults(run=_evaluate)
 
     curve = commands.add_parser("curve", help="MIB faithfulness curve (CPR, CMD) of a circuit file's scores",

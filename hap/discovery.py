@@ -30,15 +30,17 @@ from .circuit import Circuit, Scores, edges_for_sparsity, generalisation_gap, wr
 from .errors import HapError
 from .evaluation import HeldOutMonitor, evaluate, faithfulness_curve
 from .graph import Graph
+from .ground_truth import describe_recovery, judge, read_ground_truth
 from .models.loading import DEFAULT_MODEL, Model, load_model
-from .tasks import DEFAULT_TEST_FRACTION, TaskData, TaskSpec, load_split, task_splits
+from .models.tracr import TracrTransformer
+from .tasks import DEFAULT_TEST_FRACTION, TaskData, TaskSpec, is_program_task, load_split, task_splits
 
 ATTRIBUTION_METHODS = tuple(method.value for method in Method)
 PRUNING_METHODS = ("ep", "hap")
 METHODS = ATTRIBUTION_METHODS + PRUNING_METHODS
 # Settings that may differ between a run and its resumption.
 NOT_COMPARED_ON_RESUME = ("resume", "force", "command", "report", "out", "device", "cache_dir", "reference_memory",
-                          "snapshot_every", "checkpoint_every")
+                          "snapshot_every", "checkpoint_every", "ground_truth")
 # Training examples by default: attribution methods score every example; pruning draws batches from them
 # (its per-step cost does not depend on their number; see README "Budget").
 DEFAULT_N_EXAMPLES = {"attribution": 64, "pruning": 256}
@@ -57,7 +59,7 @@ class DiscoverConfig:
 
     out: str
     model: str = DEFAULT_MODEL
-    task: str = "ioi"
+    task: str | None = None  # default: ioi, or a tracr model's own program
     method: str = "eap-ig-inputs"
     edges: int | None = None
     sparsity: float | None = None
@@ -72,6 +74,7 @@ class DiscoverConfig:
     ablation: str = "interchange"
     edges_subset: tuple[str, ...] | None = None
     curve: bool = False
+    ground_truth: str | None = None  # a file of true edges; tracr models know theirs
     # Edge Pruning and HAP
     steps: int = 120
     lr: float = 0.8
@@ -100,6 +103,8 @@ class DiscoverConfig:
     command: str = field(default_factory=lambda: shlex.join(["hap", *sys.argv[1:]]))
 
     def __post_init__(self) -> None:
+        if self.task is None:
+            object.__setattr__(self, "task", self.model if is_program_task(self.model) else "ioi")
         if self.n_examples is None:
             kind = "pruning" if self.method in PRUNING_METHODS else "attribution"
             object.__setattr__(self, "n_examples", DEFAULT_N_EXAMPLES[kind])
@@ -278,6 +283,10 @@ def measure(model: Model, circuit: Circuit, train: TaskBatches, test: TaskBatche
     for values in (held_out, in_sample):
         values["n_full_model_wrong"] = round((1.0 - values["full_model"]["accuracy"]) * values["n_examples"])
     metrics: dict[str, Any] = {"test": held_out, "train": in_sample, "gap": generalisation_gap(held_out, in_sample)}
+    if config.ground_truth is not None or isinstance(model.hf_model, TracrTransformer):
+        graph = Graph.from_model(model)
+        metrics["ground_truth"] = judge(model, graph, circuit.in_graph, circuit.scores, test, config.ablation,
+                                        config.ground_truth)
     runtime["evaluation"] = time.perf_counter() - started
     if config.curve:
         started = time.perf_counter()
@@ -304,6 +313,8 @@ def discover(config: DiscoverConfig) -> Circuit:
     runtime["task"] = time.perf_counter() - started
     graph = Graph.from_model(model)
     target_sparsity(config, graph)  # refuses --edges beyond the graph
+    if config.ground_truth is not None:
+        read_ground_truth(config.ground_truth, graph)  # a bad file is refused before any work
     # The inputs are good: only now is the run directory touched (a mistake above leaves it as it was).
     if not config.resume:
         for stale in ("train_log.jsonl", "checkpoint.pt", "attribution.pt"):
@@ -361,7 +372,10 @@ def format_summary(circuit: Circuit) -> str:
     if shown:
         header = "                " + "".join(f"{label:>19}" for label, _ in shown) + ("        gap" if gap else "")
         lines.append(header)
-        for key, label in (("kl", "KL"), ("logit_diff", "logit diff"), ("accuracy", "accuracy"),
+        numerical = circuit.layout.vocab_size == 1  # one output column: the divergence is the squared error
+        for key, label in (("kl", "sq. error" if numerical else "KL"), ("logit_diff", "value metric" if numerical
+                                                                         else "logit diff"),
+                           ("accuracy", "accuracy"),
                            ("faithfulness", "faithfulness")):
             row = f"  {label:<14}" + "".join(f"{_number(values.get(key)):>19}" for _, values in shown)
             lines.append(row + (f"{_signed(gap.get(key)):>11}" if gap else ""))
@@ -374,6 +388,8 @@ def format_summary(circuit: Circuit) -> str:
         lines.append("  examples      " + "".join(
             f"{str(values.get('n_examples', 'n/a')) + ' (' + str(values.get('n_full_model_wrong', '?')) + ' wrong)':>19}"
             for _, values in shown) + "   (full model wrong on)")
+    if "ground_truth" in metrics:
+        lines.append(f"  ground truth  {describe_recovery(metrics['ground_truth'])}")
     if "curve" in metrics:
         lines.append(f"  curve         CPR {metrics['curve']['cpr']:.3f} · CMD {metrics['curve']['cmd']:.3f} "
                      f"({metrics['curve'].get('split', 'unknown')} split)")

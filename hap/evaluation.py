@@ -3,7 +3,8 @@
 For a circuit C (its edges kept, every other edge ablated), at each example's
 answer position:
 
-* ``kl``: KL(full model || circuit), mean over examples;
+* ``kl``: KL(full model || circuit), mean over examples (for a model with one
+  numerical output, the squared error: ``hap.batches.divergence``);
 * ``logit_diff``: the task metric (answer minus wrong logit; probability
   difference for greater-than), mean over examples;
 * ``accuracy``: fraction of examples where the answer beats the wrong token;
@@ -23,12 +24,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .ablation import AblationKind, ComputePlan, run_masked
-from .batches import Batch, ReferenceCache, TaskBatches, batches
+from .batches import Batch, ReferenceCache, TaskBatches, batches, divergence, kl_divergence  # noqa: F401 (kl_divergence re-exported)
 from .circuit import Circuit, Scores
 from .errors import HapError
 from .graph import Graph
@@ -79,13 +79,6 @@ def cpr_cmd(fractions: list[float], signed: list[float], absolute: list[float]) 
     return trapezoid(fractions, signed), trapezoid(fractions, [abs(1.0 - f) for f in absolute])
 
 
-def kl_divergence(reference_logits: Tensor, logits: Tensor) -> Tensor:
-    """KL(reference || logits) per example, [N, V] -> [N]."""
-    reference = F.log_softmax(reference_logits.float(), -1)
-    kl = (reference.exp() * (reference - F.log_softmax(logits.float(), -1))).sum(-1)
-    return kl.clamp_min(0.0)  # rounding can give -1e-8 for identical distributions
-
-
 @dataclass
 class _Sums:
     kl: float = 0.0
@@ -93,7 +86,7 @@ class _Sums:
     correct: float = 0.0
 
     def add(self, batch: Batch, logits: Tensor) -> None:
-        self.kl += float(kl_divergence(batch.clean_logits, logits).sum())
+        self.kl += float(divergence(batch.clean_logits, logits).sum())
         self.metric += float(batch.task.logit_diff(logits).sum())
         self.correct += float(batch.task.correct(logits).float().sum())
 

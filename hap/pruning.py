@@ -53,10 +53,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .ablation import AblationKind, ComputePlan, run_masked
-from .batches import Batch, ReferenceCache, TaskBatches
+from .batches import Batch, ReferenceCache, TaskBatches, divergence
 from .circuit import Circuit, prune_dangling, write_atomically
 from .errors import HapError
-from .evaluation import HeldOutMonitor, kl_divergence
+from .evaluation import HeldOutMonitor
 from .graph import Graph
 from .models.loading import Model
 from .tasks import TaskData
@@ -439,7 +439,7 @@ def prune(
             step_plan, grad_entries = step_plan_of(graph, live, stretched, node_stretched, kind)
             logits = run_masked(model, graph, batch.clean, batch.reference, mask, step_plan, batch.positions,
                                 grad_entries=grad_entries)
-            kl = kl_divergence(batch.clean_logits, logits).mean()
+            kl = divergence(batch.clean_logits, logits).mean()
             target = _target(state, config, step)
             expected = _expected_sparsity(state, config, graph.n_edges)
             gap = expected - target

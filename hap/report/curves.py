@@ -184,6 +184,28 @@ def training_figure(records: Sequence[dict[str, Any]]) -> Figure:
     return figure
 
 
+def roc_figure(recovery: dict[str, Any], label: str) -> Figure:
+    """The ROC curve of a circuit's score ranking against a known true circuit (``metrics["ground_truth"]``),
+    with the chance diagonal and the circuit's own kept edges as a point."""
+    figure = Figure(figsize=(4.6, 4.2), layout="constrained")
+    axis = figure.subplots()
+    roc = recovery.get("roc") or {}
+    axis.plot([0, 1], [0, 1], "--", color="#bbb", linewidth=1, label="chance")
+    axis.plot(roc.get("fpr", []), roc.get("tpr", []), color=COLOURS[0], linewidth=1.6,
+              label=f"{label} (AUC {recovery.get('auc', float('nan')):.3f})")
+    n_true, n_chosen, hits = recovery.get("n_true"), recovery.get("n_chosen"), recovery.get("true_positives")
+    n_false = recovery.get("n_false")
+    if isinstance(n_true, int) and isinstance(hits, int) and isinstance(n_chosen, int) and n_false:
+        axis.plot([(n_chosen - hits) / n_false], [hits / n_true], "o", color=COLOURS[1], label="kept edges")
+    axis.set_xlabel("false positive rate")
+    axis.set_ylabel("true positive rate")
+    axis.set_xlim(-0.02, 1.02)
+    axis.set_ylim(-0.02, 1.02)
+    axis.grid(True, alpha=0.25)
+    axis.legend(fontsize=8, frameon=False, loc="lower right")
+    return figure
+
+
 def render(figure: Figure) -> tuple[bytes, bytes]:
     """(PNG at 150 dpi, SVG) bytes of a figure; no timestamps, so equal figures give equal files."""
     png, svg = io.BytesIO(), io.BytesIO()

@@ -23,7 +23,7 @@ from .. import __version__
 from ..circuit import Circuit, write_atomically
 from ..errors import HapError
 from ..tasks.splits import TaskSpec
-from .curves import CurveSeries, faithfulness_figure, read_train_log, save_figure, training_figure
+from .curves import CurveSeries, faithfulness_figure, read_train_log, roc_figure, save_figure, training_figure
 from .svg import circuit_elements, draw_circuit
 
 TRAIN_LOG = "train_log.jsonl"
@@ -348,8 +348,29 @@ def _summary(circuit: Circuit, source: Path) -> str:
     return table([], [[Cell(k), Cell(v)] for k, v in facts], cls="facts", table_id="summary")
 
 
+def _ground_truth_section(circuit: Circuit, roc_png: bytes | None) -> str:
+    """Precision, recall, exact recovery and AUC against a known true circuit, with the ROC curve."""
+    recovered = circuit.metrics.get("ground_truth")
+    if not isinstance(recovered, dict):
+        return ""
+    whole = recovered.get("program_edges")
+    facts = [("true circuit", f"{recovered.get('n_true')} edges: {recovered.get('truth')}"
+              + (f" (the program's circuit has {whole})" if whole is not None else "")),
+             ("kept edges", str(recovered.get("n_chosen"))), ("precision", fmt(recovered.get("precision"))),
+             ("recall", fmt(recovered.get("recall"))), ("exact recovery", "yes" if recovered.get("exact") else "no"),
+             ("ROC AUC of the scores", fmt(recovered.get("auc"), 3))]
+    parts = ["<h2>Ground truth</h2>", table([], [[Cell(k), Cell(v)] for k, v in facts], cls="facts",
+                                             table_id="ground-truth"),
+             '<p class="note">The drawing colours kept edges that are true green, kept edges that are not '
+             "orange, and draws true edges the circuit missed in grey. The ROC curve ranks every edge by the "
+             "circuit's |score|.</p>"]
+    if roc_png:
+        parts.append(f'<div class="figure">{png_image(roc_png, "ROC curve against the true circuit")}</div>')
+    return "\n".join(parts)
+
+
 def render_report(circuit: Circuit, source: Path, svg: str, curves_png: bytes | None,
-                  training_png: bytes | None, max_table_edges: int = 2000) -> str:
+                  training_png: bytes | None, max_table_edges: int = 2000, roc_png: bytes | None = None) -> str:
     """The report page of one run as an HTML string (see ``write_report``, which also makes the figures)."""
     title = f"{circuit.model} · {circuit.task} · {circuit.method}"
     command = circuit.config.get("command")
@@ -367,6 +388,7 @@ def render_report(circuit: Circuit, source: Path, svg: str, curves_png: bytes | 
              "<h2>Circuit</h2>",
              '<p class="note">Hover a node to show only its edges; hover an edge for its name and score.</p>',
              f'<div class="figure" id="circuit">{svg}</div>',
+             _ground_truth_section(circuit, roc_png),
              "<h2>Faithfulness curve</h2>",
              f'<p class="note">Measured on the {escape(str((circuit.metrics.get("curve") or {}).get("split", "unrecorded")))} '
              "split.</p>" if curves_png else "",
@@ -425,5 +447,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_drawn_e
     records = read_train_log(source.parent / TRAIN_LOG)
     if records:
         training_png, _, _ = save_figure(training_figure(records), folder / "training")
-    write_atomically(out, render_report(circuit, source, svg, curves_png, training_png, max_table_edges))
+    roc_png = None
+    if isinstance(circuit.metrics.get("ground_truth"), dict):
+        roc_png, _, _ = save_figure(roc_figure(circuit.metrics["ground_truth"], circuit.method), folder / "roc")
+    write_atomically(out, render_report(circuit, source, svg, curves_png, training_png, max_table_edges, roc_png))
     return out

@@ -35,6 +35,7 @@ _SOURCE = re.compile(r"^(?:a(\d+)\.h(\d+)|m(\d+))$")
 
 POSITIVE = "#2166ac"
 NEGATIVE = "#c0392b"
+STATUS_COLOURS = {"found": "#1a9850", "extra": "#e66101", "missed": "#8c8c8c"}  # against a known true circuit
 DASHES = {"q": None, "k": "6 3", "v": "1.6 2.4"}  # how the three attention inputs are told apart
 
 
@@ -57,6 +58,7 @@ class DrawnEdge:
     target: str
     port: str
     score: float
+    status: str = ""  # against a known true circuit: "found", "extra" (kept, not true) or "missed" (true, not kept)
 
 
 @dataclass(frozen=True)
@@ -98,20 +100,36 @@ def _node_of_reader(name: str, n_layers: int) -> tuple[DrawnNode, str]:
     return DrawnNode(f"a{layer}.h{index}", "head", layer, index), port
 
 
-def circuit_elements(circuit: Circuit, max_edges: int | None = None) -> CircuitElements:
+def true_edge_names(circuit: Circuit) -> set[str] | None:
+    """The true circuit recorded with ``circuit`` (``metrics["ground_truth"]["true_edges"]``), if any."""
+    recorded = circuit.metrics.get("ground_truth")
+    names = recorded.get("true_edges") if isinstance(recorded, dict) else None
+    return set(names) if isinstance(names, list) else None
+
+
+def circuit_elements(circuit: Circuit, max_edges: int | None = None,
+                     truth: set[str] | None = None) -> CircuitElements:
     """The kept subgraph of ``circuit`` as named boxes and edges.
 
     Nodes are every source and reader-owning node touched by a drawn edge
     (``input``, heads, MLPs, ``logits``); a node without kept edges is left
     out. With ``max_edges``, only that many edges of largest |score| are kept
     in the view (and only their nodes). Edges come sorted by ascending |score|
-    so that, drawn in order, the strongest lie on top.
+    so that, drawn in order, the strongest lie on top. With ``truth`` (true
+    edge names) every edge gets a status, and true edges the circuit missed
+    are drawn too (``status="missed"``).
     """
     graph = circuit.graph()
-    sources, readers = graph.in_graph.nonzero(as_tuple=True)
+    shown = graph.in_graph.clone()
+    if truth is not None:
+        for name in truth:
+            source, _, reader = name.partition("->")
+            if source in graph.source_names and reader in graph.reader_names:
+                shown[graph.source_names.index(source), graph.reader_names.index(reader)] = True
+    sources, readers = shown.nonzero(as_tuple=True)
     scores = graph.scores[sources, readers]
     order = torch.argsort(scores.abs(), descending=True, stable=True)
-    n_kept = int(order.numel())
+    n_kept = int(graph.in_graph.sum())
     if max_edges is not None:
         order = order[: max(0, int(max_edges))]
     order = order.flip(0)
@@ -126,7 +144,12 @@ def circuit_elements(circuit: Circuit, max_edges: int | None = None) -> CircuitE
         target, port = _node_of_reader(reader_name, n_layers)
         nodes[source.name] = source
         (groups if target.kind == "kv" else nodes)[target.name] = target
-        edges.append(DrawnEdge(f"{source_name}->{reader_name}", source.name, target.name, port, float(scores[i])))
+        name = f"{source_name}->{reader_name}"
+        status = ""
+        if truth is not None:
+            kept = bool(graph.in_graph[sources[i], readers[i]])
+            status = ("found" if name in truth else "extra") if kept else "missed"
+        edges.append(DrawnEdge(name, source.name, target.name, port, float(scores[i]), status))
     return CircuitElements(circuit.layout, sorted(nodes.values(), key=_forward_order),
                            sorted(groups.values(), key=_forward_order), edges, n_kept)
 
@@ -316,10 +339,13 @@ def _spread(edges: list[DrawnEdge], boxes: dict[str, _Box]) -> tuple[dict[int, f
     return start, end
 
 
-def _legend(style: DrawingStyle, width: float, max_score: float, gqa: bool) -> tuple[list[str], float]:
+def _legend(style: DrawingStyle, width: float, max_score: float, gqa: bool,
+            truth: bool = False) -> tuple[list[str], float]:
     """Legend items flowed into rows that fit ``width``; returns SVG snippets and the height used."""
+    signs = [("found", "true edge, kept"), ("extra", "kept, not true"), ("missed", "true edge, not kept")] \
+        if truth else [("pos", "positive score"), ("neg", "negative score")]
     items: list[tuple[str, str]] = [  # (kind, text)
-        ("pos", "positive score"), ("neg", "negative score"),
+        *signs,
         ("wide", f"width: |score| (max {max_score:.3g})"),
         ("q", "query input" if gqa else "query input (left port)"),
         ("k", "key input (left port of k/v group)" if gqa else "key input (middle)"),
@@ -336,8 +362,8 @@ def _legend(style: DrawingStyle, width: float, max_score: float, gqa: bool) -> t
         if x + item_w > width - style.margin and x > style.margin:
             x, y = style.margin, y + row_h
         mid = y + row_h / 2
-        if kind in ("pos", "neg", "wide", "q", "k", "v"):
-            colour = NEGATIVE if kind == "neg" else POSITIVE
+        if kind in ("pos", "neg", "wide", "q", "k", "v", *STATUS_COLOURS):
+            colour = STATUS_COLOURS.get(kind, NEGATIVE if kind == "neg" else POSITIVE)
             stroke_w = style.max_edge_width if kind == "wide" else 2.0
             dash = DASHES.get(kind)
             dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
@@ -387,12 +413,16 @@ def _edge_paths(elements: CircuitElements, boxes: dict[str, _Box], style: Drawin
         strength = abs(edge.score) / max_score if max_score > 0 else 1.0
         width = style.min_edge_width + (style.max_edge_width - style.min_edge_width) * strength
         dash = f' stroke-dasharray="{DASHES[edge.port]}"' if DASHES.get(edge.port) else ""
+        colour = STATUS_COLOURS[edge.status] if edge.status else POSITIVE if edge.score >= 0 else NEGATIVE
+        opacity = 0.55 if edge.status == "missed" else 0.3 + 0.6 * strength
+        status = f' data-status="{edge.status}"' if edge.status else ""
+        tip = f"{edge.name}  score {edge.score:.4g}" + (f"  ({edge.status})" if edge.status else "")
         out.append(f'<path class="edge" data-edge="{escape(edge.name)}" data-source="{escape(edge.source)}" '
-                   f'data-target="{escape(edge.target)}" data-port="{edge.port}" '
+                   f'data-target="{escape(edge.target)}" data-port="{edge.port}"{status} '
                    f'd="M{x1:.1f} {y1:.1f}C{x1:.1f} {y1 - bend:.1f} {x2:.1f} {y2 + bend:.1f} {x2:.1f} {y2:.1f}" '
-                   f'stroke="{POSITIVE if edge.score >= 0 else NEGATIVE}" stroke-width="{width:.2f}" '
-                   f'stroke-opacity="{0.3 + 0.6 * strength:.2f}"{dash}>'
-                   f"<title>{escape(edge.name)}  score {edge.score:.4g}</title></path>")
+                   f'stroke="{colour}" stroke-width="{width:.2f}" '
+                   f'stroke-opacity="{opacity:.2f}"{dash}>'
+                   f"<title>{escape(tip)}</title></path>")
     return out
 
 
@@ -440,22 +470,28 @@ def draw_circuit(circuit: Circuit, max_edges: int | None = 1000, style: DrawingS
     for GQA key/value inputs), edges ``<path class="edge" data-edge=NAME>``,
     each with a ``<title>`` tooltip; a header holds the title, the counts and
     the legend. ``max_edges`` caps the drawing at the strongest edges (the
-    subtitle says so); ``None`` draws every kept edge.
+    subtitle says so); ``None`` draws every kept edge. A circuit judged against
+    a known true circuit (``metrics["ground_truth"]``) colours its edges found,
+    extra or missed instead of by sign, and draws the missed ones too.
     """
     style = style or DrawingStyle()
-    elements = circuit_elements(circuit, max_edges)
+    truth = true_edge_names(circuit)
+    elements = circuit_elements(circuit, max_edges, truth)
     layout = circuit.layout
     max_score = max((abs(edge.score) for edge in elements.edges), default=0.0)
     width = max(_grid(layout, style).right + style.margin, style.min_width)
-    legend, legend_h = _legend(style, width, max_score, layout.n_kv_heads < layout.n_heads)
+    legend, legend_h = _legend(style, width, max_score, layout.n_kv_heads < layout.n_heads, truth is not None)
     header_h = 44 + legend_h + 12
     placement = _place(elements, style, header_h)
 
     n_graph = Graph.from_layout(layout).n_edges
     n_heads = sum(node.kind == "head" for node in elements.nodes)
     n_mlps = sum(node.kind == "mlp" for node in elements.nodes)
-    capped = "" if len(elements.edges) == elements.n_kept else \
+    n_missed = sum(edge.status == "missed" for edge in elements.edges)
+    capped = "" if len(elements.edges) - n_missed == elements.n_kept else \
         f" (drawing the {len(elements.edges):,} of largest |score|)"
+    if n_missed:
+        capped += f", and {n_missed} true edges it missed"
     title = title or f"{circuit.model} · {circuit.task} · {circuit.method}"
     subtitle = (f"{elements.n_kept:,} of {n_graph:,} edges kept{capped}; {n_heads} heads, {n_mlps} MLPs; "
                 f"sparsity {1 - elements.n_kept / max(n_graph, 1):.2%}")

@@ -2,7 +2,8 @@
 tokens, and each task's metric, as one ``TaskData``.
 
 ``load_task`` draws examples of a built-in task from its whole vocabulary:
-``"ioi"`` (Wang et al. 2022), ``"greater-than"`` (Hanna et al. 2023), or reads
+``"ioi"`` (Wang et al. 2022), ``"greater-than"`` (Hanna et al. 2023), a tracr
+program's own inputs (``"tracr-reverse"`` or a compiled directory), or reads
 the path of a ``.jsonl`` file with one ``{"clean", "corrupted", "answer",
 "wrong"}`` object per line. ``task_splits`` makes the disjoint train and test
 splits every circuit is fitted and judged on, and ``load_split`` rebuilds one
@@ -20,6 +21,7 @@ from .base import Metric, TaskData, check_n_examples
 from .custom import custom_task
 from .greater_than import YearScheme, greater_than_task, year_tokens
 from .ioi import ioi_task
+from .program import is_program_task, program_task
 from .splits import BUILT_IN as BUILT_IN_TASKS
 from .splits import DEFAULT_TEST_FRACTION, TaskSpec, load_split, task_splits
 
@@ -36,6 +38,8 @@ def load_task(name_or_path: str, tokenizer: PreTrainedTokenizerBase, n_examples:
         return ioi_task(tokenizer, n_examples, seed)
     if name_or_path == "greater-than":
         return greater_than_task(tokenizer, n_examples, seed)
+    if is_program_task(name_or_path):
+        return program_task(name_or_path, n_examples, seed)
     path = Path(name_or_path)
     if path.is_file():
         return custom_task(path, tokenizer, n_examples)
@@ -43,7 +47,8 @@ def load_task(name_or_path: str, tokenizer: PreTrainedTokenizerBase, n_examples:
         problem = "is not a file" if path.exists() else "does not exist"
         raise DataError(f"custom task file {name_or_path} {problem}; give the path of an existing .jsonl file")
     raise DataError(
-        f"unknown task {name_or_path!r}: the built-in tasks are {', '.join(BUILT_IN_TASKS)}; "
+        f"unknown task {name_or_path!r}: the built-in tasks are {', '.join(BUILT_IN_TASKS)} (and a tracr model's "
+        "own program, tracr-<name>); "
         "a custom task is the path to a .jsonl file with one "
         '{"clean", "corrupted", "answer", "wrong"} object per line'
     )
@@ -61,6 +66,8 @@ __all__ = [
     "custom_task",
     "greater_than_task",
     "ioi_task",
+    "is_program_task",
+    "program_task",
     "load_task",
     "year_tokens",
 ]

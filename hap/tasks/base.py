@@ -3,10 +3,13 @@ length, the answer and wrong tokens, and the task's own metric.
 
 ``TaskData`` is a frozen dataclass of right-padded tensors. Row ``i`` of
 ``clean_ids`` and ``corrupted_ids`` has the same real length ``lengths[i]``; the
-answer is predicted at position ``lengths[i] - 1``. The metric is either a logit
-difference (answer minus wrong, e.g. IOI) or a probability difference over sets
-of good and bad tokens (greater-than); ``logit_diff`` computes whichever the task
-uses so callers never need to know which.
+answer is predicted at position ``lengths[i] - 1``, or at ``positions[i]`` when
+a task sets them (a tracr program answers at every position). The metric is a
+logit difference (answer minus wrong, e.g. IOI), a probability difference over
+sets of good and bad tokens (greater-than), or, for a model with one numerical
+output, how much closer the output is to the clean answer than to the
+corrupted one; ``logit_diff`` computes whichever the task uses so callers never
+need to know which.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Metric(Enum):
 
     LOGIT_DIFF = "logit-diff"  # logit[answer] - logit[wrong]
     PROB_DIFF = "prob-diff"  # softmax mass on good tokens - mass on bad tokens
+    VALUE = "value"  # one numerical output y: |y - wrong value| - |y - answer value|
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,9 @@ class TaskData:
     ``candidate_ids`` [C] lists the tokens the metric looks at and
     ``good_mask``/``bad_mask`` [N, C] bool say which of them are correct or wrong
     for each example; they are ``None`` for ``Metric.LOGIT_DIFF`` tasks.
+    ``positions`` [N] long: the answer position of each row (``None``: the
+    last real token, ``lengths - 1``). ``answer_values``/``wrong_values`` [N]
+    float: the clean and the corrupted run's output, for ``Metric.VALUE``.
     """
 
     name: str
@@ -52,6 +59,9 @@ class TaskData:
     candidate_ids: Tensor | None = None
     good_mask: Tensor | None = None
     bad_mask: Tensor | None = None
+    positions: Tensor | None = None
+    answer_values: Tensor | None = None
+    wrong_values: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = len(self.clean_prompts)
@@ -72,9 +82,20 @@ class TaskData:
             c = self.candidate_ids.shape[0]
             if self.good_mask.shape != (n, c) or self.bad_mask.shape != (n, c):
                 raise DataError(f"task {self.name!r}: good_mask and bad_mask must have shape [{n}, {c}]")
+        if self.metric is Metric.VALUE and not all(
+                t is not None and t.shape == (n,) for t in (self.answer_values, self.wrong_values)):
+            raise DataError(f"task {self.name!r}: a value metric needs answer_values and wrong_values of shape [{n}]")
+        if self.positions is not None and (
+                self.positions.shape != (n,) or bool((self.positions < 0).any() | (self.positions >= self.lengths).any())):
+            raise DataError(f"task {self.name!r}: positions must be [{n}] and inside each row's real tokens")
 
     def __len__(self) -> int:
         return len(self.clean_prompts)
+
+    @property
+    def answer_positions(self) -> Tensor:
+        """[N] long: where each row's answer is predicted."""
+        return self.lengths - 1 if self.positions is None else self.positions
 
     def slice(self, start: int, stop: int) -> TaskData:
         """Examples ``start`` to ``stop`` (exclusive), trimmed to their own longest row."""
@@ -93,6 +114,9 @@ class TaskData:
             wrong_ids=self.wrong_ids[rows],
             good_mask=None if self.good_mask is None else self.good_mask[rows],
             bad_mask=None if self.bad_mask is None else self.bad_mask[rows],
+            positions=None if self.positions is None else self.positions[rows],
+            answer_values=None if self.answer_values is None else self.answer_values[rows],
+            wrong_values=None if self.wrong_values is None else self.wrong_values[rows],
         )
 
     def batches(self, batch_size: int) -> Iterator[TaskData]:
@@ -107,13 +131,20 @@ class TaskData:
         """Pick the answer position of each row: logits [N, T, V] -> [N, V]."""
         self._check_rows(logits, 3)
         rows = torch.arange(len(self), device=logits.device)
-        return logits[rows, self.lengths.to(logits.device) - 1]
+        return logits[rows, self.answer_positions.to(logits.device)]
 
     def logit_diff(self, logits: Tensor) -> Tensor:
         """The task metric per example, higher = more correct: logits [N, V] at the
         answer positions -> [N]. Logit difference answer - wrong for ``LOGIT_DIFF``
-        tasks; softmax mass on good minus bad tokens (float32) for ``PROB_DIFF``."""
+        tasks; softmax mass on good minus bad tokens (float32) for ``PROB_DIFF``;
+        for ``VALUE``, |y - wrong value| - |y - answer value| of the output y = logits[:, 0]
+        (the full model scores |answer - wrong|, the corrupted run minus that)."""
         self._check_rows(logits, 2)
+        if self.metric is Metric.VALUE:
+            assert self.answer_values is not None and self.wrong_values is not None
+            output = logits[:, 0].float()
+            return (output - self.wrong_values.to(logits.device)).abs() - \
+                (output - self.answer_values.to(logits.device)).abs()
         if self.metric is Metric.LOGIT_DIFF:
             answer = logits.gather(1, self.answer_ids.to(logits.device)[:, None])
             wrong = logits.gather(1, self.wrong_ids.to(logits.device)[:, None])
@@ -126,7 +157,8 @@ class TaskData:
 
     def correct(self, logits: Tensor) -> Tensor:
         """[N] bool: the answer beats the wrong answer (logits [N, V] at the answer
-        positions). For both metrics this is exactly ``logit_diff(logits) > 0``."""
+        positions). For every metric this is exactly ``logit_diff(logits) > 0`` (for ``VALUE``: the
+        output is nearer the clean answer than the corrupted one)."""
         return self.logit_diff(logits) > 0
 
     def _check_rows(self, logits: Tensor, ndim: int) -> None:

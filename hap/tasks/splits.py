@@ -7,7 +7,8 @@ every fourth template, noun and century (greater-than), is held out, so test
 prompts are phrased and filled in ways no training prompt is. A custom file is
 split by hashing its examples (``test_fraction``), or the test examples come
 from a file of their own (``test_task``); either way no example is on both
-sides.
+sides. A tracr program's task (``hap.tasks.program``) hashes its clean input
+sequences the same way.
 
 ``TaskSpec`` is what ``circuit.json`` records under ``splits``: enough to
 rebuild exactly the same examples with ``load_split``.
@@ -27,6 +28,7 @@ from ..errors import DataError
 from . import greater_than, ioi
 from .base import TaskData, check_n_examples, single_token_words
 from .custom import FIELDS, custom_task, read_rows
+from .program import is_program_task, program_task
 
 BUILT_IN = ("ioi", "greater-than")
 HELD_OUT_EVERY = 4  # every fourth template / name / noun / century is held out for the test split
@@ -40,7 +42,8 @@ HELD_OUT_LISTS = {"ioi": ("templates", "names"), "greater-than": ("templates", "
 class TaskSpec:
     """Exactly which examples one split holds.
 
-    ``task``: "ioi", "greater-than" or the path of a .jsonl file; ``split``:
+    ``task``: "ioi", "greater-than", a tracr program (``tracr-reverse`` or its
+    directory) or the path of a .jsonl file; ``split``:
     "train", "test" or "all"; ``seed`` draws the built-in generators' examples
     from ``vocabulary`` (their template, name, ... lists); a file's ``split``
     side is the hash rule at ``test_fraction`` (None: the whole file) and
@@ -62,7 +65,11 @@ class TaskSpec:
 
     @property
     def is_file(self) -> bool:
-        return self.task not in BUILT_IN
+        return self.task not in BUILT_IN and not self.is_program
+
+    @property
+    def is_program(self) -> bool:
+        return is_program_task(self.task)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +97,9 @@ class TaskSpec:
     def describe(self) -> str:
         """One line for summaries and reports, e.g. "test split: 200 examples (seed 1); 8 templates, 21 names
         held out of training"."""
+        if self.is_program:
+            return (f"{self.split} split: {self.n_examples} (input, position) examples of {self.task} (seed "
+                    f"{self.seed}; inputs hashed {self.test_fraction:g} test / rest train)")
         if self.is_file:
             side = "the whole file" if self.test_fraction is None else \
                 f"the {self.split} side of a {self.test_fraction:g} held-out hash split"
@@ -150,6 +160,13 @@ def task_splits(
     """
     check_n_examples(n_train)
     check_n_examples(n_test)
+    if is_program_task(task):
+        if test_task is not None:
+            raise DataError(f"{task} draws its test split from the program itself; drop --test-task")
+        if not 0.0 < test_fraction < 1.0:
+            raise DataError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+        return (TaskSpec(task, "train", n_train, seed, None, test_fraction),
+                TaskSpec(task, "test", n_test, seed + 1, None, test_fraction))
     if task in BUILT_IN:
         if test_task is not None:
             train_vocabulary, _ = _vocabularies(task, tokenizer)
@@ -191,6 +208,8 @@ def load_split(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         return ioi.ioi_task(tokenizer, spec.n_examples, spec.seed, **(spec.vocabulary or {}))
     if spec.task == "greater-than":
         return greater_than.greater_than_task(tokenizer, spec.n_examples, spec.seed, **(spec.vocabulary or {}))
+    if spec.is_program:
+        return program_task(spec.task, spec.n_examples, spec.seed, spec.split, spec.test_fraction)
     if spec.sha256 is not None and Path(spec.task).is_file() and file_sha256(spec.task) != spec.sha256:
         raise DataError(
             f"{spec.task} has changed since this split was recorded (its sha256 differs), so its {spec.split} "

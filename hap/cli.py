@@ -224,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="true edges (JSON list or {\"edges\": [...]}): report precision, recall, exact "
                           "recovery and ROC AUC (automatic for tracr models)")
     pruning = discover.add_argument_group("Edge Pruning and HAP")
-    pruning.add_argument("--steps", type=int, default=None, help=f"training steps (default {defaults.steps})")
-    pruning.add_argument("--lr", type=float, default=None, help="mask learning rate (default 0.8)")
-    pruning.add_argument("--lambda-lr", type=float, default=None, help="Lagrangian learning rate (default 0.8)")
+    pruning.add_argument("--steps", type=int, default=None, help=f"training steps (default {defaults.steps}; tracr models 1000)")
+    pruning.add_argument("--lr", type=float, default=None, help="mask learning rate (default 0.8; tracr models 0.1)")
+    pruning.add_argument("--lambda-lr", type=float, default=None, help="Lagrangian learning rate (default 0.8; tracr models 0.1)")
     pruning.add_argument("--lr-warmup", type=int, default=None, help="default steps/15")
     pruning.add_argument("--sparsity-warmup", type=int, default=None,
                          help="steps over which the target sparsity warms up (default: 5/6 of the steps for ep, "

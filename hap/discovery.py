@@ -46,6 +46,15 @@ NOT_COMPARED_ON_RESUME = ("resume", "force", "command", "report", "out", "device
 DEFAULT_N_EXAMPLES = {"attribution": 64, "pruning": 256}
 
 
+# Pruning defaults. A tracr program's graph has tens of edges and runs about 100 steps a second, so it gets
+# Edge Pruning's long schedule (target warm-up 5/6 of the steps, also for HAP) at learning rates that do not
+# shut its few gates in the first steps (benchmarks/README.md, tracr_recovery.py); everything else gets the
+# 2-core budget (make demo).
+PRUNING_DEFAULTS = {"default": {"steps": 120, "lr": 0.8, "lambda_lr": 0.8},
+                    "tracr": {"steps": 1000, "lr": 0.1, "lambda_lr": 0.1}}
+TRACR_SPARSITY_WARMUP = 5 / 6
+
+
 @dataclass(frozen=True)
 class DiscoverConfig:
     """Every setting of a discovery run (what ``circuit.json`` records under ``config``).
@@ -75,10 +84,10 @@ class DiscoverConfig:
     edges_subset: tuple[str, ...] | None = None
     curve: bool = False
     ground_truth: str | None = None  # a file of true edges; tracr models know theirs
-    # Edge Pruning and HAP
-    steps: int = 120
-    lr: float = 0.8
-    lambda_lr: float = 0.8
+    # Edge Pruning and HAP (None: the model's default, PRUNING_DEFAULTS)
+    steps: int | None = None
+    lr: float | None = None
+    lambda_lr: float | None = None
     lr_warmup: int | None = None
     sparsity_warmup: int | None = None
     max_extra_steps: int | None = None
@@ -103,8 +112,14 @@ class DiscoverConfig:
     command: str = field(default_factory=lambda: shlex.join(["hap", *sys.argv[1:]]))
 
     def __post_init__(self) -> None:
+        program = is_program_task(self.model)
         if self.task is None:
-            object.__setattr__(self, "task", self.model if is_program_task(self.model) else "ioi")
+            object.__setattr__(self, "task", self.model if program else "ioi")
+        for name, value in PRUNING_DEFAULTS["tracr" if program else "default"].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if program and self.sparsity_warmup is None and self.method in PRUNING_METHODS:
+            object.__setattr__(self, "sparsity_warmup", max(1, round(self.steps * TRACR_SPARSITY_WARMUP)))
         if self.n_examples is None:
             kind = "pruning" if self.method in PRUNING_METHODS else "attribution"
             object.__setattr__(self, "n_examples", DEFAULT_N_EXAMPLES[kind])

@@ -188,3 +188,13 @@ def test_report_draws_the_roc_curve_and_colours_found_extra_and_missed_edges(tmp
     assert {name for name, s in statuses if s != "extra"} == set(recovered["true_edges"])
     html = (out / "report.html").read_text()
     assert "Ground truth" in html and 'id="ground-truth"' in html and (out / "roc.png").stat().st_size > 1000
+
+
+def test_tracr_models_get_the_long_pruning_schedule_unless_told_otherwise():
+    tracr = DiscoverConfig(out="x", model="tracr-reverse", method="hap", edges=3)
+    assert (tracr.task, tracr.steps, tracr.lr, tracr.lambda_lr, tracr.sparsity_warmup) == \
+        ("tracr-reverse", 1000, 0.1, 0.1, 833)
+    chosen = DiscoverConfig(out="x", model="tracr-reverse", method="ep", edges=3, steps=300, lr=0.5)
+    assert (chosen.steps, chosen.lr, chosen.sparsity_warmup) == (300, 0.5, 250)
+    other = DiscoverConfig(out="x", method="hap", sparsity=0.9)
+    assert (other.task, other.steps, other.lr, other.sparsity_warmup) == ("ioi", 120, 0.8, None)

@@ -35,7 +35,7 @@ from hap.models.loading import load_model
 from hap.models.tracr import shipped_programs
 from hap.tasks import load_split, task_splits
 
-METHODS = ("eap", "eap-ig-inputs", "exact", "ep", "hap", "hap-cold")
+METHODS = ("eap", "eap-ig-inputs", "exact", "acdc", "ep", "hap", "hap-cold")
 PRUNING = ("ep", "hap", "hap-cold")  # hap-cold: HAP without the warm start (its masks start open, as EP's)
 
 

@@ -18,8 +18,12 @@ from .models.loading import DEFAULT_MODEL, load_model
 from .report.commands import register as register_report_commands
 
 
-def _add_model_options(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
-    help_model = f"model name or path (default {default})" if default else "model (default: the circuit's)"
+def _add_model_options(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL,
+                       shown_default: str | None = None) -> None:
+    """--model (``shown_default`` names the default applied later when the flag itself defaults to None),
+    --device and --dtype."""
+    named = default or shown_default
+    help_model = f"model name or path (default {named})" if named else "model (default: the circuit's)"
     parser.add_argument("--model", default=default, help=help_model)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32 (default), float64, float16, bfloat16")
@@ -90,7 +94,9 @@ def _discover(args: argparse.Namespace) -> int:
         "sparsity": args.sparsity, "n_examples": args.n_examples, "n_test": args.n_test, "test_task": args.test_task,
         "test_fraction": args.test_fraction, "batch_size": args.batch_size, "seed": args.seed,
         "ig_steps": args.ig_steps, "loss": args.loss, "ablation": args.ablation, "edges_subset": subset,
-        "curve": args.curve, "ground_truth": args.ground_truth, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
+        "curve": args.curve, "ground_truth": args.ground_truth, "threshold": args.threshold,
+        "acdc_metric": args.acdc_metric, "tests_per_forward": args.tests_per_forward,
+        "threshold_runs": args.threshold_runs, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
         "lr_warmup": args.lr_warmup, "sparsity_warmup": args.sparsity_warmup, "node_masks": args.node_masks,
         "max_extra_steps": args.max_extra_steps, "node_sparsity": args.node_sparsity, "candidates": args.candidates,
         "attribution": args.attribution, "attribution_examples": args.attribution_examples,
@@ -101,7 +107,11 @@ def _discover(args: argparse.Namespace) -> int:
         "device": args.device, "dtype": args.dtype, "force": args.force, "resume": args.resume is not None,
         "report": not args.no_report,
     }
-    config = DiscoverConfig(**{key: value for key, value in settings.items() if value is not None})
+    given = {key: value for key, value in settings.items() if value is not None}
+    if args.resume is not None:  # the run's own settings, with whatever flags were given on top (checked)
+        config = DiscoverConfig.from_run(given.pop("out"), **given)
+    else:
+        config = DiscoverConfig(**given)
     circuit = discover(config)
     print(format_summary(circuit))
     print(f"wrote {Path(config.out) / 'circuit.json'}" + ("" if args.no_report else " and report.html"))
@@ -195,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find a circuit for a task, evaluate it, and write the run directory. Pruning defaults are a "
         "CPU budget (make demo runs in under 10 minutes on 2 cores); the published Edge Pruning settings are "
         "--steps 3000 --batch-size 32 --n-examples 200.")
-    _add_model_options(discover)
+    _add_model_options(discover, default=None, shown_default=DEFAULT_MODEL)  # --resume: the run's model
     discover.add_argument("--task", default=None, help="ioi, greater-than, a .jsonl file, or for a tracr model "
                           "its program (default: ioi; a tracr model's own program)")
     discover.add_argument("--method", default=None, choices=METHODS, help="default eap-ig-inputs")
@@ -223,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--ground-truth", default=None, metavar="FILE",
                           help="true edges (JSON list or {\"edges\": [...]}): report precision, recall, exact "
                           "recovery and ROC AUC (automatic for tracr models)")
+    sweep = discover.add_argument_group("ACDC")
+    sweep.add_argument("--threshold", type=float, default=None, metavar="TAU",
+                       help="acdc: remove an edge when the metric rises by less than TAU (without it, "
+                       "--edges/--sparsity bisect TAU)")
+    sweep.add_argument("--acdc-metric", default=None, choices=("kl", "logit-diff"), help="acdc: default kl")
+    sweep.add_argument("--tests-per-forward", type=int, default=None,
+                       help="acdc: edge tests batched in one forward (default: as --reference-memory allows)")
+    sweep.add_argument("--threshold-runs", type=int, default=None,
+                       help="acdc with --edges/--sparsity: sweeps of the TAU bisection (default 6)")
     pruning = discover.add_argument_group("Edge Pruning and HAP")
     pruning.add_argument("--steps", type=int, default=None, help=f"training steps (default {defaults.steps}; tracr models 1000)")
     pruning.add_argument("--lr", type=float, default=None, help="mask learning rate (default 0.8; tracr models 0.1)")

@@ -37,10 +37,10 @@ from .tasks import DEFAULT_TEST_FRACTION, TaskData, TaskSpec, is_program_task, l
 
 ATTRIBUTION_METHODS = tuple(method.value for method in Method)
 PRUNING_METHODS = ("ep", "hap")
-METHODS = ATTRIBUTION_METHODS + PRUNING_METHODS
+METHODS = ATTRIBUTION_METHODS + PRUNING_METHODS + ("acdc",)
 # Settings that may differ between a run and its resumption.
 NOT_COMPARED_ON_RESUME = ("resume", "force", "command", "report", "out", "device", "cache_dir", "reference_memory",
-                          "snapshot_every", "checkpoint_every", "ground_truth")
+                          "snapshot_every", "checkpoint_every", "ground_truth", "tests_per_forward")
 # Training examples by default: attribution methods score every example; pruning draws batches from them
 # (its per-step cost does not depend on their number; see README "Budget").
 DEFAULT_N_EXAMPLES = {"attribution": 64, "pruning": 256}
@@ -84,6 +84,11 @@ class DiscoverConfig:
     edges_subset: tuple[str, ...] | None = None
     curve: bool = False
     ground_truth: str | None = None  # a file of true edges; tracr models know theirs
+    # ACDC
+    threshold: float | None = None  # tau; without it, --edges/--sparsity search tau
+    acdc_metric: str = "kl"
+    tests_per_forward: int | None = None
+    threshold_runs: int = 6
     # Edge Pruning and HAP (None: the model's default, PRUNING_DEFAULTS)
     steps: int | None = None
     lr: float | None = None
@@ -131,8 +136,16 @@ class DiscoverConfig:
         pruning = self.method in PRUNING_METHODS
         if self.edges is not None and self.sparsity is not None:
             raise HapError("give one of --edges N (edges kept) or --sparsity S (fraction removed), not both")
-        if self.edges is None and self.sparsity is None:
-            raise HapError("give --edges N (edges kept) or --sparsity S (fraction of edges removed)")
+        if self.edges is None and self.sparsity is None and not (self.method == "acdc" and self.threshold is not None):
+            raise HapError("give --edges N (edges kept) or --sparsity S (fraction of edges removed)"
+                           + (", or --threshold TAU" if self.method == "acdc" else ""))
+        if self.method == "acdc":
+            from .acdc import AcdcConfig
+
+            AcdcConfig(threshold=self.threshold if self.threshold is not None else 0.0, metric=self.acdc_metric,
+                       ablation=self.ablation, tests_per_forward=self.tests_per_forward)  # refuses bad values
+            if self.threshold_runs < 1:
+                raise HapError(f"--threshold-runs must be at least 1, got {self.threshold_runs}")
         if self.edges is not None and self.edges < 1:
             raise HapError(f"--edges must be at least 1, got {self.edges}")
         if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
@@ -201,7 +214,7 @@ class DiscoverConfig:
         values = {key: value for key, value in saved.items() if key in known}
         if values.get("edges_subset"):
             values["edges_subset"] = tuple(values["edges_subset"])
-        return cls(**{**values, **overrides})
+        return cls(**{**values, **overrides, "out": str(out)})
 
 
 def target_sparsity(config: DiscoverConfig, graph: Graph) -> float:
@@ -239,6 +252,8 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
     graph = Graph.from_model(model)
     if data is None:
         data = TaskBatches(model, graph, task, config.batch_size, config.ablation, cache=_cache(config), name="train")
+    if config.method == "acdc":
+        return _acdc(model, task, config, graph, data, runtime)
     if config.method in PRUNING_METHODS:
         from .hybrid import HybridConfig, hybrid
         from .pruning import PruningConfig, prune, pruned_circuit
@@ -270,6 +285,27 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
     circuit = scores.circuit(n_edges_wanted(config, graph))
     runtime["selection"] = time.perf_counter() - started
     return circuit
+
+
+def _acdc(model: Model, task: TaskData, config: DiscoverConfig, graph: Graph, data: TaskBatches,
+          runtime: dict[str, float]) -> Circuit:
+    """ACDC at ``--threshold``, or at the threshold a bisection finds for ``--edges``/``--sparsity``."""
+    from .acdc import AcdcConfig, acdc, acdc_circuit, search_threshold
+
+    started = time.perf_counter()
+    settings = AcdcConfig(threshold=config.threshold if config.threshold is not None else 0.0,
+                          metric=config.acdc_metric, ablation=config.ablation,
+                          tests_per_forward=config.tests_per_forward, memory_gib=config.reference_memory)
+    sized = config.edges is not None or config.sparsity is not None
+    n_edges = n_edges_wanted(config, graph) if sized else None
+    if config.threshold is not None:
+        state = acdc(model, task, settings, data, config.out, resume=config.resume, progress=True)
+    else:
+        assert n_edges is not None
+        settings, state = search_threshold(model, task, settings, data, n_edges, config.out, config.resume,
+                                           runs=config.threshold_runs, progress=True)
+    runtime["acdc"] = time.perf_counter() - started
+    return acdc_circuit(model, task, settings, state, n_edges)
 
 
 def _cache(config: DiscoverConfig) -> ReferenceCache:
@@ -327,14 +363,17 @@ def discover(config: DiscoverConfig) -> Circuit:
     train_task, test_task = load_split(train_spec, model.tokenizer), load_split(test_spec, model.tokenizer)
     runtime["task"] = time.perf_counter() - started
     graph = Graph.from_model(model)
-    target_sparsity(config, graph)  # refuses --edges beyond the graph
+    if config.edges is not None or config.sparsity is not None:
+        target_sparsity(config, graph)  # refuses --edges beyond the graph
     if config.ground_truth is not None:
         read_ground_truth(config.ground_truth, graph)  # a bad file is refused before any work
     # The inputs are good: only now is the run directory touched (a mistake above leaves it as it was).
     if not config.resume:
-        for stale in ("train_log.jsonl", "checkpoint.pt", "attribution.pt"):
+        for stale in ("train_log.jsonl", "checkpoint.pt", "attribution.pt", "acdc_state.pt"):
             (out / stale).unlink(missing_ok=True)  # only reached with --force or a fresh directory
         shutil.rmtree(out / "snapshots", ignore_errors=True)
+        for folder in out.glob("tau-*"):
+            shutil.rmtree(folder, ignore_errors=True)
     write_atomically(out / "run.json", json.dumps(config.to_dict(), indent=1))
 
     cache = _cache(config)

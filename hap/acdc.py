@@ -1,0 +1,262 @@
+"""ACDC, Automatic Circuit DisCovery (Conmy et al. 2023), on the one ablation primitive.
+
+Start from the full graph. Visit the readers from ``logits`` back to the first layer (latest block first);
+for each, try removing each remaining in-edge (latest source first): the edge goes when the metric of the
+circuit without it exceeds the current circuit's by less than ``threshold`` (tau), and the circuit then
+stays without it. The metric is the mean over the task's examples of KL(full model || circuit) at the
+answer position, or of the logit-difference drop (full model's task metric minus the circuit's). Each
+edge's score is that rise (its removal's cost when it was tested), so kept edges score at least tau.
+
+Batched exact tests: the tests of one forward are speculative. Forward j of a group of k evaluates the
+current circuit without edges 1..j of the group, i.e. it assumes edges 1..j-1 were removed. The edges
+are decided in order; at the first edge that is kept the assumption fails, the later results are thrown
+away and the next group starts after it. Every decision therefore compares exactly the two circuits the
+one-at-a-time sweep compares, and the result is the same (the tests check this against a plain loop).
+At high sparsity nearly every edge is removed, so a group decides about k edges per forward.
+
+A run's state (the circuit so far, each edge's score, the position in the sweep) is written to
+``acdc_state.pt`` in the run directory after every reader and every few minutes, so an interrupted run
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .ablation import AblationKind, ComputePlan, Reference, run_masked
+from .batches import Batch, divergence
+from .circuit import Circuit, prune_dangling, write_atomically
+from .errors import HapError
+from .graph import Graph
+from .models.loading import Model
+from .tasks import TaskData
+
+METRICS = ("kl", "logit-diff")
+STATE_FILE = "acdc_state.pt"
+
+
+@dataclass(frozen=True)
+class AcdcConfig:
+    """Settings of an ACDC run."""
+
+    threshold: float
+    metric: str = "kl"
+    ablation: AblationKind = AblationKind.INTERCHANGE
+    tests_per_forward: int | None = None  # k; default: as many as ``memory_gib`` allows
+    memory_gib: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ablation", AblationKind(self.ablation))
+        if self.metric not in METRICS:
+            raise HapError(f"--acdc-metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if not self.threshold >= 0 or math.isinf(self.threshold):
+            raise HapError(f"--threshold must be a finite number >= 0, got {self.threshold}")
+        if self.tests_per_forward is not None and self.tests_per_forward < 1:
+            raise HapError(f"--tests-per-forward must be at least 1, got {self.tests_per_forward}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ablation": self.ablation.value}
+
+    def decisive(self) -> dict[str, Any]:
+        """The settings a sweep's result depends on (not k or memory: the batched sweep is exact)."""
+        return {"threshold": self.threshold, "metric": self.metric, "ablation": self.ablation.value}
+
+
+@dataclass
+class AcdcState:
+    """Where a sweep stands: ``kept`` [S, R] bool, ``scores`` [S, R] (the metric's rise when each tested
+    edge was removed; 0 untested), ``position`` edges of ``sweep_order`` decided, ``metric`` of ``kept``."""
+
+    kept: Tensor
+    scores: Tensor
+    position: int
+    metric: float
+    forwards: int = 0
+
+    def save(self, path: Path, config: AcdcConfig) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        torch.save({"kept": self.kept, "scores": self.scores, "position": self.position, "metric": self.metric,
+                    "forwards": self.forwards, "config": config.decisive()}, temporary)
+        temporary.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, config: AcdcConfig, graph: Graph) -> AcdcState:
+        try:
+            saved = torch.load(path, weights_only=True)
+        except (OSError, RuntimeError, EOFError) as error:
+            raise HapError(f"{path}: not a readable ACDC state ({error}); delete it to start the sweep again") \
+                from None
+        if saved.get("config") != config.decisive() or tuple(saved["kept"].shape) != tuple(graph.real.shape):
+            raise HapError(f"{path} was written by a run with other settings or another model; "
+                           "use the same command, or --force to start again")
+        return cls(saved["kept"], saved["scores"], int(saved["position"]), float(saved["metric"]),
+                   int(saved["forwards"]))
+
+
+def sweep_order(graph: Graph) -> list[tuple[int, int]]:
+    """Every real edge as (source, reader), in ACDC's order: readers from the last block to the first, and
+    each reader's in-edges from the latest source to the earliest."""
+    order = []
+    for reader in sorted(range(graph.n_readers), key=lambda r: (-int(graph.reader_block[r]), -r)):
+        sources = torch.nonzero(graph.real[:, reader]).flatten().tolist()
+        order += [(source, reader) for source in sorted(sources, reverse=True)]
+    return order
+
+
+def _per_example_metric(config: AcdcConfig, batch: Batch, logits: Tensor, full_metric: Tensor) -> Tensor:
+    """[B]: what ACDC keeps low, for logits [B, V] of the batch's examples."""
+    if config.metric == "kl":
+        return divergence(batch.clean_logits, logits)
+    return full_metric - batch.task.logit_diff(logits)
+
+
+def _repeated(reference: Reference, times: int, batch: int, length: int) -> Reference:
+    """The batch's reference for the batch repeated ``times`` times (mean/zero broadcast as they are)."""
+    reference = reference.fit(batch, length)
+    if reference.outputs.shape[1] == 1:
+        return reference
+    return Reference(reference.kind, reference.outputs.repeat(1, times, 1, 1),
+                     reference.block_inputs.repeat(1, times, 1, 1), reference.fixed_outputs.repeat(1, times, 1, 1))
+
+
+def circuit_metrics(model: Model, graph: Graph, data: Sequence[Batch], config: AcdcConfig,
+                    circuits: Sequence[Tensor], live: Tensor) -> list[float]:
+    """The mean metric of several circuits ([S, R] bool, each within ``live``) over all of ``data``, the
+    circuits of one forward batched as per-example masks."""
+    plan = ComputePlan.build(graph, live, config.ablation)
+    totals = torch.zeros(len(circuits), dtype=torch.float64)
+    n = 0
+    k = len(circuits)
+    stacked = torch.stack([circuit.to(model.dtype) for circuit in circuits]).to(model.device)  # [k, S, R]
+    with torch.no_grad():
+        for batch in data:
+            size, length = batch.clean.shape
+            masks = stacked.repeat_interleave(size, dim=0)  # [k*B, S, R]: circuit i on rows i*B .. (i+1)*B
+            logits = run_masked(model, graph, batch.clean.repeat(k, 1), _repeated(batch.reference, k, size, length),
+                                masks, plan, batch.positions.repeat(k))
+            full = batch.task.logit_diff(batch.clean_logits)
+            copies = logits.view(k, size, -1)
+            totals += torch.stack([_per_example_metric(config, batch, copies[i], full).double().sum()
+                                   for i in range(k)]).cpu()
+            n += size
+    if n == 0:
+        raise HapError("ACDC needs at least one training example")
+    return (totals / n).tolist()
+
+
+def tests_per_forward(model: Model, graph: Graph, data: Sequence[Batch], config: AcdcConfig) -> int:
+    """k: the number of circuits one forward evaluates, from ``config.memory_gib`` (the delta buffer and the
+    repeated reference dominate: about 3 x sources x tokens x d_model floats per example)."""
+    if config.tests_per_forward is not None:
+        return config.tests_per_forward
+    batch = data[0]
+    per_copy = 3 * graph.n_sources * batch.clean.numel() * model.layout.d_model * torch.finfo(model.dtype).bits // 8
+    return max(1, min(64, int(config.memory_gib * 2**30 // max(1, per_copy))))
+
+
+def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch], run_dir: str | Path | None = None,
+         resume: bool = False, progress: bool = False, checkpoint_seconds: float = 120.0) -> AcdcState:
+    """Run the sweep (see the module docstring) and return its final state."""
+    graph = Graph.from_model(model)
+    order = sweep_order(graph)
+    path = Path(run_dir) / STATE_FILE if run_dir is not None else None
+    k = tests_per_forward(model, graph, data, config)
+    if resume and path is not None and path.is_file():
+        state = AcdcState.load(path, config, graph)
+    else:
+        full = graph.real.clone()
+        state = AcdcState(full, torch.zeros(graph.real.shape), 0, circuit_metrics(model, graph, data, config, [full],
+                                                                                    full)[0], 1)
+    n_batches = len(data)
+    if progress:
+        left = len(order) - state.position
+        print(f"ACDC (tau {config.threshold:g}): {left:,} edges to test: between {math.ceil(left / k):,} forwards "
+              f"(every edge removed) and {left:,} (every edge kept) of {n_batches} batch(es), {k} tests per "
+              "forward", flush=True)
+    saved_at = time.monotonic()
+    with tqdm(total=len(order), initial=state.position, desc="acdc", unit="edge", disable=not progress) as bar:
+        while state.position < len(order):
+            group = order[state.position: state.position + k]
+            reader = group[0][1]
+            group = [edge for edge in group if edge[1] == reader]  # one reader per group: save between readers
+            circuits = []
+            trial = state.kept.clone()
+            for source, target in group:
+                trial[source, target] = False
+                circuits.append(trial.clone())
+            values = circuit_metrics(model, graph, data, config, circuits, state.kept)
+            state.forwards += 1
+            baseline = state.metric
+            for (source, target), value in zip(group, values):
+                rise = value - baseline
+                state.scores[source, target] = rise
+                state.position += 1
+                if rise < config.threshold:  # removed: the next test in the group assumed exactly this
+                    state.kept[source, target] = False
+                    state.metric = baseline = value
+                else:
+                    break  # kept: the later tests assumed its removal; redo them from the current circuit
+            bar.update(state.position - bar.n)
+            done_reader = state.position == len(order) or order[state.position][1] != reader
+            if path is not None and (done_reader or time.monotonic() - saved_at > checkpoint_seconds):
+                state.save(path, config)
+                saved_at = time.monotonic()
+    return state
+
+
+def acdc_circuit(model: Model, task: TaskData, config: AcdcConfig, state: AcdcState,
+                 n_edges: int | None = None) -> Circuit:
+    """The circuit of a finished sweep: its kept edges (or, with ``n_edges``, the ``n_edges`` kept edges of
+    largest score), dangling edges dropped; scores are each edge's metric rise."""
+    graph = Graph.from_model(model)
+    chosen = state.kept & graph.real
+    if n_edges is not None and int(chosen.sum()) > n_edges:
+        ranked = torch.where(chosen, state.scores, torch.tensor(float("-inf"))).flatten()
+        top = torch.zeros(ranked.numel(), dtype=torch.bool)
+        top[ranked.argsort(descending=True)[:n_edges]] = True
+        chosen = top.view(chosen.shape) & chosen
+    kept = prune_dangling(graph, chosen)
+    settings = {**config.to_dict(), "n_kept_by_sweep": int(state.kept.sum()), "forwards": state.forwards,
+                "n_pruned_dangling": int(chosen.sum() - kept.sum())}
+    if n_edges is not None:
+        settings["n_edges_requested"] = n_edges
+    return Circuit(model.name, task.name, "acdc", model.layout, state.scores.clone(), kept, config=settings)
+
+
+def search_threshold(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch], n_edges: int,
+                     run_dir: str | Path | None = None, resume: bool = False, runs: int = 6, low: float = 1e-5,
+                     high: float = 1.0, progress: bool = False) -> tuple[AcdcConfig, AcdcState]:
+    """Sweeps at thresholds bisected on a log scale in [low, high] (``runs`` of them, each resumable in its
+    own ``tau-<value>`` folder) for a circuit of about ``n_edges``; returns the sweep with the fewest kept
+    edges at or above ``n_edges`` (else the one with the most), to be cut to ``n_edges`` by
+    ``acdc_circuit``."""
+    results: list[tuple[AcdcConfig, AcdcState]] = []
+    for _ in range(runs):
+        tau = math.sqrt(low * high)
+        trial = AcdcConfig(threshold=float(f"{tau:.4g}"), metric=config.metric, ablation=config.ablation,
+                           tests_per_forward=config.tests_per_forward, memory_gib=config.memory_gib)
+        folder = Path(run_dir) / f"tau-{trial.threshold:.4g}" if run_dir is not None else None
+        state = acdc(model, task, trial, data, folder, resume=resume, progress=progress)
+        results.append((trial, state))
+        kept = int(state.kept.sum())
+        if progress:
+            print(f"ACDC tau {trial.threshold:g}: {kept:,} edges kept (want {n_edges:,})", flush=True)
+        if kept == n_edges:
+            break
+        if kept > n_edges:
+            low = tau
+        else:
+            high = tau
+    enough = [result for result in results if int(result[1].kept.sum()) >= n_edges]
+    if enough:
+        return min(enough, key=lambda result: int(result[1].kept.sum()))
+    return max(results, key=lambda result: int(result[1].kept.sum()))

@@ -11,7 +11,9 @@ Pruning runs (Edge Pruning; HAP with its warm start; ``hap-cold``, HAP whose mas
 Pruning's do) use ``--steps`` (default 1000), learning rates 0.1 (``--lr``, ``--lambda-lr``; the
 tool's 0.8 is tuned for SmolLM2, and on graphs of 23 to 77 edges it closes gates in a few steps, for
 good: a gate clamped shut gets no gradient) and the target warm-up of Edge Pruning's published
-schedule, 5/6 of the steps (``--warmup-fraction``). Runs already finished in ``--out`` are read, not
+schedule, 5/6 of the steps (``--warmup-fraction``). ``acdc`` bisects its threshold for the size;
+``ensemble`` is ``hap ensemble --how mean`` of the EAP-IG, EP and HAP runs (so it comes after them in
+``--methods``). Runs already finished in ``--out`` are read, not
 redone (``--force`` redoes them). The models are tiny: one thread is faster than two here, and
 immune to another process using the cores.
 
@@ -29,13 +31,15 @@ import torch
 from hap.batches import TaskBatches
 from hap.circuit import Circuit, write_atomically
 from hap.discovery import DiscoverConfig, discover
+from hap.ensemble import ensemble_run
 from hap.graph import Graph
 from hap.ground_truth import program_truth
 from hap.models.loading import load_model
 from hap.models.tracr import shipped_programs
 from hap.tasks import load_split, task_splits
 
-METHODS = ("eap", "eap-ig-inputs", "exact", "acdc", "ep", "hap", "hap-cold")
+METHODS = ("eap", "eap-ig-inputs", "exact", "acdc", "ep", "hap", "hap-cold", "ensemble")
+ENSEMBLED = ("eap-ig-inputs", "ep", "hap")  # the ensemble column: the mean of these runs' ranks
 PRUNING = ("ep", "hap", "hap-cold")  # hap-cold: HAP without the warm start (its masks start open, as EP's)
 
 
@@ -53,6 +57,10 @@ def run_one(program: str, ablation: str, method: str, n_edges: int, args: argpar
     out = args.out / "runs" / program / ablation / method
     if (out / "circuit.json").is_file() and not args.force:
         circuit = Circuit.load(out / "circuit.json")
+    elif method == "ensemble":
+        runs = [out.parent / member for member in ENSEMBLED]
+        circuit = ensemble_run(runs, "mean", out, edges=n_edges, force=True, report=False,
+                               command=f"benchmarks/tracr_recovery.py ({program}, {ablation}, ensemble)")
     else:
         pruning = {"steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
                    "sparsity_warmup": round(args.steps * args.warmup_fraction)} if method in PRUNING else {}

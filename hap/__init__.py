@@ -15,8 +15,10 @@ from .ablation import (
     trace,
     zero_reference,
 )
+from .acdc import AcdcConfig
 from .attribution import AttributionConfig, attribute
 from .circuit import Circuit, Scores
+from .ensemble import ensemble_run, ensemble_scores
 from .errors import HapError
 from .evaluation import Metrics, evaluate, faithfulness_curve
 from .graph import Graph
@@ -29,6 +31,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AblationKind",
+    "AcdcConfig",
+    "ensemble_run",
+    "ensemble_scores",
     "AttributionConfig",
     "Circuit",
     "HybridConfig",

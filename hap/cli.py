@@ -158,6 +158,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ensemble(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .discovery import format_summary
+    from .ensemble import ensemble_run
+
+    circuit = ensemble_run(args.runs, args.how, args.out, edges=args.edges, sparsity=args.sparsity,
+                           device=args.device, dtype=args.dtype, force=args.force, report=not args.no_report,
+                           command=shlex.join(["hap", *sys.argv[1:]]))
+    print(format_summary(circuit))
+    print(f"wrote {Path(args.out) / 'circuit.json'}" + ("" if args.no_report else " and report.html"))
+    return 0
+
+
 def _curve(args: argparse.Namespace) -> int:
     from .circuit import Circuit, Scores, write_atomically
     from .evaluation import faithfulness_curve
@@ -304,6 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_options(curve)
     curve.add_argument("--no-write", action="store_true", help="do not store the curve in the circuit file")
     curve.set_defaults(run=_curve)
+    ensemble = commands.add_parser(
+        "ensemble", help="combine the edge scores of finished runs and evaluate the circuit they choose",
+        description="Parallel ensemble (MIB shared task): each run's |scores| are rank-normalised, combined by "
+        "--how, the top edges chosen, and the circuit measured on the runs' shared held-out split.")
+    ensemble.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or circuit.json paths)")
+    ensemble.add_argument("--how", default="mean", choices=("mean", "min", "max"))
+    size = ensemble.add_mutually_exclusive_group(required=True)
+    size.add_argument("--edges", type=int, help="keep this many edges")
+    size.add_argument("--sparsity", type=float, help="fraction of edges removed, in (0, 1)")
+    ensemble.add_argument("--out", required=True, help="run directory for the ensemble's circuit")
+    ensemble.add_argument("--device", default=None)
+    ensemble.add_argument("--dtype", default=None)
+    ensemble.add_argument("--force", action="store_true", help="overwrite a circuit in --out")
+    ensemble.add_argument("--no-report", action="store_true", help="skip report.html")
+    ensemble.set_defaults(run=_ensemble)
     register_report_commands(commands)
     return parser
 

@@ -1,0 +1,149 @@
+"""Parallel ensembles of finished runs (Mondorf et al., MIB shared task, BlackboxNLP 2025).
+
+Each run's edge scores are rank-normalised (|score| ranked over the graph's real edges, ties sharing
+their mean rank, scaled to [0, 1]), so methods of different scales (attribution scores, keep
+probabilities, ACDC's removal costs) combine; the ensemble's score of an edge is the mean, min or max
+of its normalised ranks. A circuit is then selected (top N, dangling edges dropped) and measured like
+any other, on the runs' shared held-out split. (The sequential ensemble, attribution first and pruning
+after, is HAP's warm start.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .circuit import Circuit, Scores
+from .errors import HapError
+from .graph import Graph
+
+HOW = ("mean", "min", "max")
+
+
+def normalised_ranks(graph: Graph, scores: Tensor) -> Tensor:
+    """[S, R]: the rank of each real edge's |score| among the real edges, in [0, 1] (largest 1; ties share
+    their mean rank); 0 off the real edges."""
+    values = scores.abs().double()[graph.real]
+    order = values.argsort()
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(len(values), dtype=torch.float64)
+    unique, inverse = torch.unique(values, return_inverse=True)
+    mean_rank = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks) / \
+        torch.bincount(inverse, minlength=len(unique)).double()
+    result = torch.zeros(graph.real.shape, dtype=torch.float64)
+    result[graph.real] = mean_rank[inverse] / max(1, len(values) - 1)
+    return result.float()
+
+
+def ensemble_scores(circuits: Sequence[Circuit], how: str = "mean") -> Scores:
+    """The ensemble's scores of circuits of one model and task (``HapError`` if they are not)."""
+    if how not in HOW:
+        raise HapError(f"--how must be one of {', '.join(HOW)}, got {how!r}")
+    if len(circuits) < 2:
+        raise HapError("an ensemble needs at least two runs")
+    first = circuits[0]
+    for other in circuits[1:]:
+        if other.model != first.model or other.layout != first.layout:
+            raise HapError(f"the runs are of different models ({first.model}, {other.model}); "
+                           "ensemble runs of one model")
+        if other.task != first.task:
+            raise HapError(f"the runs are of different tasks ({first.task}, {other.task}); ensemble runs of one task")
+    graph = Graph.from_layout(first.layout)
+    ranks = torch.stack([normalised_ranks(graph, circuit.scores) for circuit in circuits])
+    values = {"mean": ranks.mean(0), "min": ranks.min(0).values, "max": ranks.max(0).values}[how]
+    return Scores(first.model, first.task, "ensemble", first.layout, values * graph.real,
+                  {"how": how, "methods": [circuit.method for circuit in circuits], "loss": "kl"})
+
+
+def load_runs(runs: Sequence[str | Path]) -> list[Circuit]:
+    """The circuits of run directories (or circuit.json paths)."""
+    circuits = []
+    for run in runs:
+        path = Path(run) / "circuit.json" if Path(run).is_dir() else Path(run)
+        circuits.append(Circuit.load(path))
+    return circuits
+
+
+def shared_splits(circuits: Sequence[Circuit]) -> dict:
+    """The held-out split every run was judged on, and the training split they share (the smallest: the
+    first examples of the same draw); refuses runs judged on different test splits or fitted on different
+    training draws (the ensemble's held-out numbers need one test split no run was fitted on)."""
+    splits = [circuit.splits for circuit in circuits]
+    if any(not split or "test" not in split or "train" not in split for split in splits):
+        raise HapError("a run records no train/test split (an old circuit file?); re-run it with hap discover")
+    test = splits[0]["test"]
+
+    def draw(spec: dict) -> dict:
+        return {key: value for key, value in spec.items() if key != "n_examples"}
+
+    for split in splits[1:]:
+        if split["test"] != test or draw(split["train"]) != draw(splits[0]["train"]):
+            raise HapError("the runs were fitted or judged on different splits (seed, task or files differ); "
+                           "an ensemble is measured on one held-out split: use runs of the same task, --seed "
+                           "and --n-test")
+    train = min((split["train"] for split in splits), key=lambda spec: spec["n_examples"])
+    return {"train": train, "test": test}
+
+
+def ensemble_run(runs: Sequence[str | Path], how: str, out: str | Path, edges: int | None = None,
+                 sparsity: float | None = None, device: str | None = None, dtype: str | None = None,
+                 force: bool = False, report: bool = True, command: str = "") -> Circuit:
+    """``hap ensemble``: combine the runs' scores, select a circuit, measure it on the runs' held-out split
+    (and in-sample on their training split, labelled), and write ``out/circuit.json`` (and the report)."""
+    from .batches import TaskBatches
+    from .circuit import edges_for_sparsity, generalisation_gap
+    from .evaluation import evaluate
+    from .ground_truth import judge
+    from .models.loading import load_model
+    from .models.tracr import TracrTransformer
+    from .tasks import TaskSpec, load_split
+
+    if (edges is None) == (sparsity is None):
+        raise HapError("give one of --edges N (edges kept) or --sparsity S (fraction removed)")
+    if sparsity is not None and not 0.0 < sparsity < 1.0:
+        raise HapError(f"--sparsity is the fraction of edges removed and must be in (0, 1), got {sparsity}")
+    out = Path(out)
+    if (out / "circuit.json").exists() and not force:
+        raise HapError(f"{out} already holds a run; choose another --out or pass --force")
+    circuits = load_runs(runs)
+    scores = ensemble_scores(circuits, how)
+    splits = shared_splits(circuits)
+    ablations = {circuit.config.get("ablation", "interchange") for circuit in circuits}
+    if len(ablations) > 1:
+        raise HapError(f"the runs use different ablations ({', '.join(sorted(ablations))}); a circuit is measured "
+                       "under one: ensemble runs of one ablation")
+    ablation = ablations.pop()
+    graph = Graph.from_layout(circuits[0].layout)
+    n_edges = edges if edges is not None else max(1, edges_for_sparsity(graph, sparsity))
+    if not 1 <= n_edges <= graph.n_edges:
+        raise HapError(f"--edges must be between 1 and the model's {graph.n_edges} edges, got {n_edges}")
+    model = load_model(circuits[0].model, device=device, dtype=dtype)
+    batch_size = int(circuits[0].config.get("batch_size", 16))
+    test_task = load_split(TaskSpec.from_dict(splits["test"], "test split"), model.tokenizer)
+    train_task = load_split(TaskSpec.from_dict(splits["train"], "train split"), model.tokenizer)
+    circuit = scores.circuit(n_edges)
+    test = TaskBatches(model, Graph.from_model(model), test_task, batch_size, ablation)
+    held_out = evaluate(model, circuit, test_task, batch_size, ablation, progress=True, data=test,
+                        label="evaluate (test split)").to_dict()
+    in_sample_task = train_task.slice(0, min(len(train_task), len(test_task)))
+    in_sample = evaluate(model, circuit, in_sample_task, batch_size, ablation, progress=True,
+                         label="evaluate (train split, in-sample)").to_dict()
+    for values in (held_out, in_sample):
+        values["n_full_model_wrong"] = round((1.0 - values["full_model"]["accuracy"]) * values["n_examples"])
+    circuit.metrics = {"test": held_out, "train": in_sample, "gap": generalisation_gap(held_out, in_sample)}
+    if isinstance(model.hf_model, TracrTransformer):
+        circuit.metrics["ground_truth"] = judge(model, Graph.from_model(model), circuit.in_graph, circuit.scores,
+                                                test, ablation)
+    circuit.splits = splits
+    circuit.config = {**circuit.config, "how": how, "runs": [str(run) for run in runs], "ablation": ablation,
+                      "batch_size": batch_size, "command": command}
+    out.mkdir(parents=True, exist_ok=True)
+    circuit.save(out / "circuit.json")
+    if report:
+        from .report import write_report
+
+        write_report(out)
+    return circuit

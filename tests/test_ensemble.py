@@ -1,0 +1,100 @@
+"""Parallel ensembles: rank normalisation, the combination rules, refusals, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hap.circuit import Circuit
+from hap.cli import main
+from hap.ensemble import ensemble_scores, normalised_ranks
+from hap.errors import HapError
+from hap.graph import Graph
+from hap.models.loading import load_model
+
+
+def _circuit(model, values: torch.Tensor, task: str = "ioi", name: str = "tiny-gpt2") -> Circuit:
+    graph = Graph.from_model(model)
+    return Circuit(name, task, "eap", model.layout, values * graph.real, torch.zeros_like(graph.real))
+
+
+def test_ranks_are_scale_free_and_ties_share_their_mean_rank(tiny_gpt2):
+    graph = Graph.from_model(tiny_gpt2)
+    scores = torch.randn(graph.real.shape, generator=torch.Generator().manual_seed(0)) * graph.real
+    ranks = normalised_ranks(graph, scores)
+    assert torch.equal(ranks, normalised_ranks(graph, scores * 1000))  # scale does not matter
+    assert torch.equal(ranks, normalised_ranks(graph, -scores))  # nor sign: |score| is ranked
+    real = ranks[graph.real]
+    assert float(real.min()) == 0.0 and float(real.max()) == 1.0
+    assert bool((ranks[~graph.real] == 0).all())
+    tied = scores.clone()
+    first, second = graph.real.nonzero()[:2].tolist()
+    tied[tuple(first)] = tied[tuple(second)] = 5.0  # the two largest, tied
+    tied_ranks = normalised_ranks(graph, tied)
+    assert float(tied_ranks[tuple(first)]) == float(tied_ranks[tuple(second)]) < 1.0
+
+
+def test_mean_min_max_of_two_runs(tiny_gpt2):
+    graph = Graph.from_model(tiny_gpt2)
+    a = torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(1))
+    b = torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(2))
+    ra, rb = normalised_ranks(graph, a), normalised_ranks(graph, b)
+    runs = [_circuit(tiny_gpt2, a), _circuit(tiny_gpt2, b * 1e-6)]  # another scale: same ranks
+    assert torch.allclose(ensemble_scores(runs, "mean").values, (ra + rb) / 2)
+    assert torch.equal(ensemble_scores(runs, "min").values, torch.minimum(ra, rb))
+    assert torch.equal(ensemble_scores(runs, "max").values, torch.maximum(ra, rb))
+    chosen = ensemble_scores(runs, "min").circuit(10, prune=False)
+    assert chosen.n_edges == 10 and chosen.method == "ensemble"
+
+
+def test_runs_of_different_models_or_tasks_are_refused(tiny_gpt2, tiny_llama):
+    graph = Graph.from_model(tiny_gpt2)
+    values = torch.rand(graph.real.shape)
+    with pytest.raises(HapError, match="different tasks"):
+        ensemble_scores([_circuit(tiny_gpt2, values), _circuit(tiny_gpt2, values, task="greater-than")])
+    other = Circuit("tiny-llama", "ioi", "eap", tiny_llama.layout, torch.zeros(Graph.from_model(tiny_llama).real.shape),
+                    torch.zeros_like(Graph.from_model(tiny_llama).real))
+    with pytest.raises(HapError, match="different models"):
+        ensemble_scores([_circuit(tiny_gpt2, values), other])
+    with pytest.raises(HapError, match="at least two"):
+        ensemble_scores([_circuit(tiny_gpt2, values)])
+
+
+def test_cli_ensembles_runs_of_different_methods_and_measures_held_out(tmp_path, capsys):
+    common = ["--model", "tiny-gpt2", "--n-test", "8", "--edges", "30", "--no-report"]
+    assert main(["discover", "--method", "eap", "--n-examples", "8", "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["discover", "--method", "eap-ig-inputs", "--n-examples", "12", "--out", str(tmp_path / "b"),
+                 *common]) == 0
+    capsys.readouterr()
+    out = tmp_path / "ens"
+    assert main(["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "--how", "max", "--edges", "20",
+                 "--out", str(out), "--no-report"]) == 0
+    document = json.loads((out / "circuit.json").read_text())
+    assert document["method"] == "ensemble" and document["config"]["how"] == "max"
+    assert document["metrics"]["test"]["n_examples"] == 8 and document["metrics"]["train"]["n_examples"] == 8
+    assert document["splits"]["train"]["n_examples"] == 8  # the training examples both runs were fitted on
+    assert "held out" in capsys.readouterr().out
+    assert main(["evaluate", str(out), "--json"]) == 0  # its circuit re-scores like any other
+    assert json.loads(capsys.readouterr().out)["n_edges"] == document["metrics"]["test"]["n_edges"]
+    # a run judged on another test split is refused, and nothing is written
+    assert main(["discover", "--method", "eap", "--n-examples", "8", "--seed", "3", "--out", str(tmp_path / "c"),
+                 *common]) == 0
+    capsys.readouterr()
+    assert main(["ensemble", str(tmp_path / "a"), str(tmp_path / "c"), "--edges", "20",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "different splits" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_python_api_combines_loaded_runs(tmp_path):
+    model = load_model("tiny-gpt2")
+    graph = Graph.from_model(model)
+    a = _circuit(model, torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(4)))
+    b = _circuit(model, torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(5)))
+    a.save(tmp_path / "a.json")
+    b.save(tmp_path / "b.json")
+    from hap.ensemble import load_runs
+
+    scores = ensemble_scores(load_runs([tmp_path / "a.json", tmp_path / "b.json"]), "mean")
+    assert torch.allclose(scores.values, (normalised_ranks(graph, a.scores) + normalised_ranks(graph, b.scores)) / 2)

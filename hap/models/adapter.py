@@ -64,16 +64,21 @@ class AttentionWeights:
     b_v: Tensor | None
     b_o_share: Tensor | None
     scale: float
+    q_norm: Callable[[Tensor], Tensor] | None = None  # per-head norm of the projected queries (Qwen3), before RoPE
+    k_norm: Callable[[Tensor], Tensor] | None = None  # and of the keys
 
 
 @dataclass(frozen=True)
 class RunContext:
     """Per-call facts every block needs: the tokens; for RoPE, cos/sin [1, T, K]; and,
-    where attention is not plain causal, which keys each query may see ([B, 1, T, T] bool)."""
+    where attention is not plain causal, which keys each query may see ([B|1, 1, T, T] bool):
+    ``attention_mask`` for every layer, or ``layer_masks`` per layer (None: causal), e.g. the
+    sliding-window layers of Mistral or Qwen2."""
 
     input_ids: Tensor
     rope: tuple[Tensor, Tensor] | None = None
     attention_mask: Tensor | None = None
+    layer_masks: tuple[Tensor | None, ...] | None = None
 
 
 def _project(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor | None) -> Tensor:
@@ -133,12 +138,14 @@ class ModelAdapter:
     def queries(self, layer: int, x: Tensor, ctx: RunContext, heads: Tensor | None = None) -> Tensor:
         """Queries [B, n', T, K] of the selected heads from reader inputs x [n|1, B, T, D]."""
         w = self.attention[layer]
-        return self._rope(_project(w.norm(x), w.w_q, w.b_q, heads), ctx)
+        q = _project(w.norm(x), w.w_q, w.b_q, heads)
+        return self._rope(w.q_norm(q) if w.q_norm is not None else q, ctx)
 
     def keys(self, layer: int, x: Tensor, ctx: RunContext, groups: Tensor | None = None) -> Tensor:
         """Keys [B, n', T, K] of the selected key/value groups."""
         w = self.attention[layer]
-        return self._rope(_project(w.norm(x), w.w_k, w.b_k, groups), ctx)
+        k = _project(w.norm(x), w.w_k, w.b_k, groups)
+        return self._rope(w.k_norm(k) if w.k_norm is not None else k, ctx)
 
     def values(self, layer: int, x: Tensor, ctx: RunContext, groups: Tensor | None = None) -> Tensor:
         """Values [B, n', T, K] of the selected key/value groups."""
@@ -152,9 +159,10 @@ class ModelAdapter:
         are already matched head by head (a group's k/v repeated for each of its heads).
         """
         scale = self.attention[layer].scale
-        if ctx.attention_mask is None:
+        mask = ctx.layer_masks[layer] if ctx.layer_masks is not None else ctx.attention_mask
+        if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attention_mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
     def head_outputs(self, layer: int, mixed: Tensor, heads: Tensor | None = None) -> Tensor:
         """Each selected head's share of the output projection: [B, n, T, K] -> [n, B, T, D]."""

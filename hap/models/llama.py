@@ -1,6 +1,13 @@
 """Llama-style adapter: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention.
 
-Covers Hugging Face ``llama`` (SmolLM2, Llama 2/3) and ``qwen2`` checkpoints.
+Covers Hugging Face ``llama`` (SmolLM2, Llama 2/3), ``qwen2``, ``mistral`` and ``qwen3`` checkpoints,
+by feature rather than by family:
+
+* sliding-window attention (Mistral's ``sliding_window``; Qwen2/Qwen3 ``layer_types`` with
+  ``sliding_attention`` layers): those layers' queries see the last ``sliding_window`` keys up to
+  themselves, the rest are causal, as the module's own masks;
+* per-head query/key norms (Qwen3's ``q_norm``/``k_norm``, RMSNorm over the head width): applied by
+  the query and key readers to their projected vectors, before RoPE, as the module does.
 
 Residual decomposition
 ----------------------
@@ -30,7 +37,23 @@ from torch import Tensor
 from ..errors import UnsupportedArchitectureError
 from .adapter import AttentionWeights, Layout, ModelAdapter, RunContext
 
-LLAMA_MODEL_TYPES = ("llama", "qwen2")
+LLAMA_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
+
+
+def layer_windows(config) -> list[int | None]:
+    """Each layer's sliding window (None: full causal attention), as the Hugging Face module masks it."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise UnsupportedArchitectureError(
+                f"{config.model_type} checkpoint has {', '.join(unknown)} layers, which the Llama adapter does not "
+                "model (it models full and sliding-window attention)")
+        return [window if kind == "sliding_attention" else None for kind in layer_types]
+    if config.model_type == "mistral" and window is not None:
+        return [window] * config.num_hidden_layers  # Mistral slides in every layer when the window is set
+    return [None] * config.num_hidden_layers
 
 
 def _bias_heads(linear: torch.nn.Linear, n: int) -> Tensor | None:
@@ -43,12 +66,7 @@ class LlamaAdapter(ModelAdapter):
     def __init__(self, hf_model: torch.nn.Module) -> None:
         super().__init__(hf_model)
         config = hf_model.config
-        layer_types = getattr(config, "layer_types", None) or []
-        if any(kind != "full_attention" for kind in layer_types) or getattr(config, "use_sliding_window", False):
-            raise UnsupportedArchitectureError(
-                f"{config.model_type} checkpoint uses sliding-window attention, which the Llama "
-                "adapter does not model; use a checkpoint with full attention in every layer"
-            )
+        self.windows = layer_windows(config)
         body = hf_model.model
         n_heads = config.num_attention_heads
         n_kv = config.num_key_value_heads or n_heads
@@ -80,6 +98,8 @@ class LlamaAdapter(ModelAdapter):
                     b_v=_bias_heads(attn.v_proj, n_kv),
                     b_o_share=None if attn.o_proj.bias is None else attn.o_proj.bias / n_heads,
                     scale=float(attn.scaling),
+                    q_norm=getattr(attn, "q_norm", None),
+                    k_norm=getattr(attn, "k_norm", None),
                 )
             )
         # The model's own rotate_half, so RoPE is exactly the module's.
@@ -90,7 +110,13 @@ class LlamaAdapter(ModelAdapter):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         probe = body.embed_tokens.weight[:1]  # dtype/device carrier for the rotary module
         cos, sin = body.rotary_emb(probe, positions)
-        return RunContext(input_ids=input_ids, rope=(cos[:, None], sin[:, None]))
+        layer_masks = None
+        if any(window is not None for window in self.windows):
+            query, key = positions[0][:, None], positions[0][None, :]
+            masks = {window: ((key <= query) & (key > query - window))[None, None]
+                     for window in set(self.windows) if window is not None}
+            layer_masks = tuple(None if window is None else masks[window] for window in self.windows)
+        return RunContext(input_ids=input_ids, rope=(cos[:, None], sin[:, None]), layer_masks=layer_masks)
 
     def _rope(self, x: Tensor, ctx: RunContext) -> Tensor:
         cos, sin = ctx.rope

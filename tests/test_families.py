@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from naive import naive_masked_logits
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+from transformers import (GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import hap
@@ -29,6 +29,7 @@ FAMILIES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16, "attention_bias": True}),
     "qwen3-sliding": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16, "use_sliding_window": True,
                                                       "sliding_window": 2, "max_window_layers": 2}),
+    "gemma": (GemmaConfig, GemmaForCausalLM, {"head_dim": 16}),
     "gpt2": (GPT2Config, GPT2LMHeadModel, {"n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 64}),
 }
 
@@ -100,3 +101,12 @@ def test_a_layer_type_the_adapter_does_not_model_is_refused(tmp_path):
         from hap.models.llama import layer_windows
 
         layer_windows(config)
+
+
+@pytest.mark.parametrize("config_name", ["Gemma2Config", "GPTNeoXConfig", "Olmo2Config", "Phi3Config"])
+def test_families_not_yet_modelled_are_refused_with_the_supported_list(tmp_path, config_name):
+    import transformers
+
+    getattr(transformers, config_name)().save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match="supported families are Llama-style"):
+        hap.load_model(str(tmp_path))

@@ -1,13 +1,15 @@
 """Llama-style adapter: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention.
 
-Covers Hugging Face ``llama`` (SmolLM2, Llama 2/3), ``qwen2``, ``mistral`` and ``qwen3`` checkpoints,
-by feature rather than by family:
+Covers Hugging Face ``llama`` (SmolLM2, Llama 2/3), ``qwen2``, ``mistral``, ``qwen3`` and ``gemma``
+(Gemma 1) checkpoints, by feature rather than by family:
 
 * sliding-window attention (Mistral's ``sliding_window``; Qwen2/Qwen3 ``layer_types`` with
   ``sliding_attention`` layers): those layers' queries see the last ``sliding_window`` keys up to
   themselves, the rest are causal, as the module's own masks;
 * per-head query/key norms (Qwen3's ``q_norm``/``k_norm``, RMSNorm over the head width): applied by
-  the query and key readers to their projected vectors, before RoPE, as the module does.
+  the query and key readers to their projected vectors, before RoPE, as the module does;
+* Gemma 1's differences all live in its own modules, which the adapter calls: the embedding scaled
+  by sqrt(d_model) (``input`` is the scaled embedding), the (1 + w) RMSNorm, the GeGLU MLP.
 
 Residual decomposition
 ----------------------
@@ -37,7 +39,7 @@ from torch import Tensor
 from ..errors import UnsupportedArchitectureError
 from .adapter import AttentionWeights, Layout, ModelAdapter, RunContext
 
-LLAMA_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
+LLAMA_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "gemma")
 
 
 def layer_windows(config) -> list[int | None]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from naive import naive_masked_logits
 from transformers import (GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import hap
 from hap.ablation import ComputePlan, interchange_reference, mean_reference, run_masked, zero_reference
@@ -30,6 +30,8 @@ FAMILIES = {
     "qwen3-sliding": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16, "use_sliding_window": True,
                                                       "sliding_window": 2, "max_window_layers": 2}),
     "gemma": (GemmaConfig, GemmaForCausalLM, {"head_dim": 16}),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"sliding_window": 2, "pad_token_id": 0}),
+    "phi3-partial-rotary": (Phi3Config, Phi3ForCausalLM, {"partial_rotary_factor": 0.5, "pad_token_id": 0}),
     "gpt2": (GPT2Config, GPT2LMHeadModel, {"n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 64}),
 }
 
@@ -65,7 +67,8 @@ def test_the_features_are_really_exercised(noisy_model):
         assert not torch.allclose(noisy_model.hf_model.model.layers[0].self_attn.q_norm.weight,
                                   torch.ones(16, dtype=torch.float64))
     windows = getattr(noisy_model.adapter, "windows", [])
-    if getattr(config, "sliding_window", None) and (config.model_type == "mistral" or config.use_sliding_window):
+    if getattr(config, "sliding_window", None) and (config.model_type in ("mistral", "phi3")
+                                                    or config.use_sliding_window):
         assert any(window == 2 for window in windows)
         clean, _ = verify_prompts(noisy_model)
         assert clean.shape[1] > 2  # longer than the window, so the window cuts something
@@ -103,7 +106,7 @@ def test_a_layer_type_the_adapter_does_not_model_is_refused(tmp_path):
         layer_windows(config)
 
 
-@pytest.mark.parametrize("config_name", ["Gemma2Config", "GPTNeoXConfig", "Olmo2Config", "Phi3Config"])
+@pytest.mark.parametrize("config_name", ["Gemma2Config", "GPTNeoXConfig", "Olmo2Config", "Starcoder2Config"])
 def test_families_not_yet_modelled_are_refused_with_the_supported_list(tmp_path, config_name):
     import transformers
 

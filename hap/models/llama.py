@@ -1,13 +1,15 @@
 """Llama-style adapter: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention.
 
-Covers Hugging Face ``llama`` (SmolLM2, Llama 2/3), ``qwen2``, ``mistral``, ``qwen3`` and ``gemma``
-(Gemma 1) checkpoints, by feature rather than by family:
+Covers Hugging Face ``llama`` (SmolLM2, Llama 2/3), ``qwen2``, ``mistral``, ``qwen3``, ``gemma``
+(Gemma 1) and ``phi3`` checkpoints, by feature rather than by family:
 
 * sliding-window attention (Mistral's ``sliding_window``; Qwen2/Qwen3 ``layer_types`` with
   ``sliding_attention`` layers): those layers' queries see the last ``sliding_window`` keys up to
   themselves, the rest are causal, as the module's own masks;
 * per-head query/key norms (Qwen3's ``q_norm``/``k_norm``, RMSNorm over the head width): applied by
   the query and key readers to their projected vectors, before RoPE, as the module does;
+* Phi-3's fused ``qkv_proj`` is viewed per head (query rows, then key, then value rows); its fused
+  gate-up MLP is its own module; partial rotary embeddings turn the first dimensions of each head;
 * Gemma 1's differences all live in its own modules, which the adapter calls: the embedding scaled
   by sqrt(d_model) (``input`` is the scaled embedding), the (1 + w) RMSNorm, the GeGLU MLP.
 
@@ -39,7 +41,7 @@ from torch import Tensor
 from ..errors import UnsupportedArchitectureError
 from .adapter import AttentionWeights, Layout, ModelAdapter, RunContext
 
-LLAMA_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "gemma")
+LLAMA_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "gemma", "phi3")
 
 
 def layer_windows(config) -> list[int | None]:
@@ -53,13 +55,28 @@ def layer_windows(config) -> list[int | None]:
                 f"{config.model_type} checkpoint has {', '.join(unknown)} layers, which the Llama adapter does not "
                 "model (it models full and sliding-window attention)")
         return [window if kind == "sliding_attention" else None for kind in layer_types]
-    if config.model_type == "mistral" and window is not None:
-        return [window] * config.num_hidden_layers  # Mistral slides in every layer when the window is set
+    if config.model_type in ("mistral", "phi3") and window is not None:
+        return [window] * config.num_hidden_layers  # these slide in every layer when the window is set
     return [None] * config.num_hidden_layers
 
 
-def _bias_heads(linear: torch.nn.Linear, n: int) -> Tensor | None:
-    return None if linear.bias is None else linear.bias.view(n, -1)
+def _qkv_views(attn: torch.nn.Module, n_heads: int, n_kv: int, head_dim: int, d_model: int) -> dict[str, Tensor | None]:
+    """w_q [D, H, K], w_k/w_v [D, G, K] and their biases [H|G, K], as views of separate q/k/v projections or
+    of Phi-3's fused ``qkv_proj`` (rows: the H query heads, then the G key groups, then the G value groups)."""
+    if hasattr(attn, "qkv_proj"):
+        weight, bias = attn.qkv_proj.weight, attn.qkv_proj.bias
+        cuts = (0, n_heads * head_dim, (n_heads + n_kv) * head_dim, (n_heads + 2 * n_kv) * head_dim)
+        parts = {name: (weight[start:stop], None if bias is None else bias[start:stop], n)
+                 for name, start, stop, n in zip("qkv", cuts, cuts[1:], (n_heads, n_kv, n_kv))}
+    else:
+        parts = {name: (proj.weight, proj.bias, n)
+                 for name, proj, n in zip("qkv", (attn.q_proj, attn.k_proj, attn.v_proj), (n_heads, n_kv, n_kv))}
+    views: dict[str, Tensor | None] = {}
+    for name, (weight, bias, n) in parts.items():
+        # nn.Linear weights are [out, in]; view them as [in, heads, head_dim].
+        views[f"w_{name}"] = weight.view(n, head_dim, d_model).permute(2, 0, 1)
+        views[f"b_{name}"] = None if bias is None else bias.view(n, head_dim)
+    return views
 
 
 class LlamaAdapter(ModelAdapter):
@@ -91,13 +108,8 @@ class LlamaAdapter(ModelAdapter):
                     norm=block.input_layernorm,
                     out_proj=attn.o_proj,
                     # nn.Linear weights are [out, in]; view them as [in, heads, head_dim].
-                    w_q=attn.q_proj.weight.view(n_heads, head_dim, d_model).permute(2, 0, 1),
-                    w_k=attn.k_proj.weight.view(n_kv, head_dim, d_model).permute(2, 0, 1),
-                    w_v=attn.v_proj.weight.view(n_kv, head_dim, d_model).permute(2, 0, 1),
+                    **_qkv_views(attn, n_heads, n_kv, head_dim, d_model),
                     w_o=attn.o_proj.weight.view(d_model, n_heads, head_dim),
-                    b_q=_bias_heads(attn.q_proj, n_heads),
-                    b_k=_bias_heads(attn.k_proj, n_kv),
-                    b_v=_bias_heads(attn.v_proj, n_kv),
                     b_o_share=None if attn.o_proj.bias is None else attn.o_proj.bias / n_heads,
                     scale=float(attn.scaling),
                     q_norm=getattr(attn, "q_norm", None),
@@ -122,6 +134,10 @@ class LlamaAdapter(ModelAdapter):
 
     def _rope(self, x: Tensor, ctx: RunContext) -> Tensor:
         cos, sin = ctx.rope
+        rotary = cos.shape[-1]
+        if rotary < x.shape[-1]:  # partial rotary (Phi-3 with partial_rotary_factor < 1): the rest passes through
+            turned = x[..., :rotary]
+            return torch.cat([turned * cos + self._rotate_half(turned) * sin, x[..., rotary:]], dim=-1)
         return x * cos + self._rotate_half(x) * sin
 
     def embed(self, ctx: RunContext) -> Tensor:

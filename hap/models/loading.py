@@ -38,8 +38,8 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     **{kind: LlamaAdapter for kind in LLAMA_MODEL_TYPES},
     **{kind: GPT2Adapter for kind in GPT2_MODEL_TYPES},
 }
-SUPPORTED_FAMILIES = ("Llama-style (llama, qwen2, mistral, qwen3, gemma: SmolLM2, Llama, Qwen2, Mistral, Qwen3, "
-                      "Gemma 1; full or sliding-window attention) and GPT-2 (gpt2)")
+SUPPORTED_FAMILIES = ("Llama-style (llama, qwen2, mistral, qwen3, gemma, phi3: SmolLM2, Llama, Qwen2, Mistral, Qwen3, "
+                      "Gemma 1, Phi-3; full or sliding-window attention) and GPT-2 (gpt2)")
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,

@@ -2,32 +2,52 @@
 
 The data's path: ``load_model`` (adapter) -> ``Graph`` -> ablation
 (``run_masked`` with a ``Reference``) -> methods -> evaluation -> report.
+
+Names are imported on first use, so ``hap --help`` does not wait for torch.
 """
 
-from .ablation import (
-    AblationKind,
-    ComputePlan,
-    Reference,
-    Trace,
-    interchange_reference,
-    mean_reference,
-    run_masked,
-    trace,
-    zero_reference,
-)
-from .acdc import AcdcConfig
-from .attribution import AttributionConfig, attribute
-from .circuit import Circuit, Scores
-from .ensemble import ensemble_run, ensemble_scores
-from .errors import HapError
-from .evaluation import Metrics, evaluate, faithfulness_curve
-from .graph import Graph
-from .hybrid import HybridConfig, hybrid
-from .models import DEFAULT_MODEL, Model, load_model
-from .pruning import PruningConfig, prune
-from .tasks import TaskData, TaskSpec, load_split, load_task, task_splits
+from __future__ import annotations
+
+from .lazy import lazy_attributes
 
 __version__ = "0.1.0"
+
+# name -> the submodule that defines it; imported on first use (PEP 562)
+_EXPORTS = {
+    "AblationKind": ".ablation",
+    "ComputePlan": ".ablation",
+    "Reference": ".ablation",
+    "Trace": ".ablation",
+    "interchange_reference": ".ablation",
+    "mean_reference": ".ablation",
+    "run_masked": ".ablation",
+    "trace": ".ablation",
+    "zero_reference": ".ablation",
+    "AcdcConfig": ".acdc",
+    "AttributionConfig": ".attribution",
+    "attribute": ".attribution",
+    "Circuit": ".circuit",
+    "Scores": ".circuit",
+    "ensemble_run": ".ensemble",
+    "ensemble_scores": ".ensemble",
+    "HapError": ".errors",
+    "Metrics": ".evaluation",
+    "evaluate": ".evaluation",
+    "faithfulness_curve": ".evaluation",
+    "Graph": ".graph",
+    "HybridConfig": ".hybrid",
+    "hybrid": ".hybrid",
+    "DEFAULT_MODEL": ".models",
+    "Model": ".models",
+    "load_model": ".models",
+    "PruningConfig": ".pruning",
+    "prune": ".pruning",
+    "TaskData": ".tasks",
+    "TaskSpec": ".tasks",
+    "load_split": ".tasks",
+    "load_task": ".tasks",
+    "task_splits": ".tasks",
+}
 
 __all__ = [
     "AblationKind",
@@ -64,3 +84,6 @@ __all__ = [
     "trace",
     "zero_reference",
 ]
+
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

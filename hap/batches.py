@@ -26,10 +26,10 @@ from .ablation import (AblationKind, CompactReference, Reference, answer_logits,
                        mean_reference, zero_reference)
 from .graph import Graph
 from .models.loading import Model
+from .settings import DEFAULT_REFERENCE_MEMORY_GIB
 from .tasks import TaskData
 
 GIB = 2**30
-DEFAULT_REFERENCE_MEMORY_GIB = 1.5
 
 
 class Loss(str, Enum):

@@ -13,9 +13,13 @@ import time
 from pathlib import Path
 
 from . import __version__
+from . import settings
 from .errors import HapError
-from .models.loading import DEFAULT_MODEL, load_model
 from .report.commands import register as register_report_commands
+from .settings import DEFAULT_MODEL
+
+# Heavy modules (torch, transformers) are imported inside the handlers, so help and argument errors
+# are answered at once.
 
 
 def _add_model_options(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL,
@@ -71,6 +75,8 @@ def _examples(args: argparse.Namespace, circuit, tokenizer, source: str):
 
 
 def _verify(args: argparse.Namespace) -> int:
+    settings.check_model_name(args.model)
+    from .models.loading import load_model
     from .verify import verify_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -80,6 +86,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _discover(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        settings.check_model_name(args.model)
     from .discovery import DiscoverConfig, discover, format_summary
 
     if args.resume is not None:
@@ -89,7 +97,7 @@ def _discover(args: argparse.Namespace) -> int:
     elif args.out is None:
         raise HapError("--out DIR is required (the run directory), or --resume DIR to continue a run")
     subset = tuple(name.strip() for name in args.edges_subset.split(",")) if args.edges_subset else None
-    settings = {
+    flags = {
         "out": args.out, "model": args.model, "task": args.task, "method": args.method, "edges": args.edges,
         "sparsity": args.sparsity, "n_examples": args.n_examples, "n_test": args.n_test, "test_task": args.test_task,
         "test_fraction": args.test_fraction, "batch_size": args.batch_size, "seed": args.seed,
@@ -107,7 +115,7 @@ def _discover(args: argparse.Namespace) -> int:
         "device": args.device, "dtype": args.dtype, "force": args.force, "resume": args.resume is not None,
         "report": not args.no_report,
     }
-    given = {key: value for key, value in settings.items() if value is not None}
+    given = {key: value for key, value in flags.items() if value is not None}
     if args.resume is not None:  # the run's own settings, with whatever flags were given on top (checked)
         config = DiscoverConfig.from_run(given.pop("out"), **given)
     else:
@@ -125,6 +133,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
     from .graph import Graph
     from .ground_truth import judge, read_ground_truth
+    from .models.loading import load_model
     from .models.tracr import TracrTransformer
 
     circuit = Circuit.load(args.circuit, model=args.model)
@@ -175,6 +184,7 @@ def _ensemble(args: argparse.Namespace) -> int:
 def _curve(args: argparse.Namespace) -> int:
     from .circuit import Circuit, Scores, write_atomically
     from .evaluation import faithfulness_curve
+    from .models.loading import load_model
 
     path = Path(args.scores)
     path = path / "circuit.json" if path.is_dir() else path
@@ -195,9 +205,7 @@ def _curve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .discovery import ATTRIBUTION_METHODS, METHODS, DiscoverConfig
-
-    defaults = DiscoverConfig(out="")
+    from .settings import ATTRIBUTION_METHODS, METHODS
 
     parser = argparse.ArgumentParser(prog="hap", description="Find circuits in transformer language models.")
     parser.add_argument("--version", action="version", version=f"hap-circuits {__version__}")
@@ -229,14 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--n-examples", type=int, default=None,
                           help="training examples (default 256 for ep/hap, 64 for attribution methods)")
     discover.add_argument("--n-test", type=int, default=None,
-                          help=f"held-out test examples every metric is measured on (default {defaults.n_test})")
+                          help=f"held-out test examples every metric is measured on (default {settings.DEFAULT_N_TEST})")
     discover.add_argument("--test-task", default=None, metavar="FILE",
                           help="a .jsonl file of test examples (default: held-out templates and names for the "
                           "built-in tasks, a hashed share of a custom file)")
     discover.add_argument("--test-fraction", type=float, default=None,
                           help=f"custom file without --test-task: share held out for test "
-                          f"(default {defaults.test_fraction})")
-    discover.add_argument("--batch-size", type=int, default=None, help=f"default {defaults.batch_size}")
+                          f"(default {settings.DEFAULT_TEST_FRACTION})")
+    discover.add_argument("--batch-size", type=int, default=None, help=f"default {settings.DEFAULT_BATCH_SIZE}")
     discover.add_argument("--seed", type=int, default=None)
     discover.add_argument("--ig-steps", type=int, default=None, help="integrated-gradient steps (default 5)")
     discover.add_argument("--loss", default=None, choices=("logit-diff", "kl"),
@@ -257,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--threshold-runs", type=int, default=None,
                        help="acdc with --edges/--sparsity: sweeps of the TAU bisection (default 6)")
     pruning = discover.add_argument_group("Edge Pruning and HAP")
-    pruning.add_argument("--steps", type=int, default=None, help=f"training steps (default {defaults.steps}; tracr models 1000)")
+    pruning.add_argument("--steps", type=int, default=None, help=f"training steps (default {settings.DEFAULT_STEPS}; tracr models 1000)")
     pruning.add_argument("--lr", type=float, default=None, help="mask learning rate (default 0.8; tracr models 0.1)")
     pruning.add_argument("--lambda-lr", type=float, default=None, help="Lagrangian learning rate (default 0.8; tracr models 0.1)")
     pruning.add_argument("--lr-warmup", type=int, default=None, help="default steps/15")
@@ -274,20 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--attribution", default=None, choices=ATTRIBUTION_METHODS,
                          help="hap: stage-1 method (default eap-ig-inputs)")
     pruning.add_argument("--attribution-examples", type=int, default=None,
-                         help=f"hap: training examples scored by stage 1 (default {defaults.attribution_examples})")
+                         help=f"hap: training examples scored by stage 1 (default {settings.DEFAULT_ATTRIBUTION_EXAMPLES})")
     pruning.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
-                         help=f"hap: initialise masks from the scores (default {defaults.warm_start})")
+                         help="hap: initialise masks from the scores (default on)")
     pruning.add_argument("--eval-every", type=int, default=None,
                          help="measure the current circuit on held-out examples every N steps (default steps/25)")
     pruning.add_argument("--monitor-examples", type=int, default=None,
-                         help=f"held-out examples measured during training (default {defaults.monitor_examples})")
+                         help=f"held-out examples measured during training (default {settings.DEFAULT_MONITOR_EXAMPLES})")
     pruning.add_argument("--checkpoint-every", type=int, default=None,
                          help="save a checkpoint every N steps (default: every 3 minutes of work)")
     pruning.add_argument("--snapshot-every", type=int, default=None,
                          help="also keep the masks every N steps in DIR/snapshots/ (default: never)")
     pruning.add_argument("--reference-memory", type=float, default=None, metavar="GIB",
                          help=f"memory for corrupted activations kept between steps (default "
-                         f"{defaults.reference_memory:g} GiB; batches beyond it are recomputed)")
+                         f"{settings.DEFAULT_REFERENCE_MEMORY_GIB:g} GiB; batches beyond it are recomputed)")
     pruning.add_argument("--cache-dir", default=None,
                          help="keep the corrupted activations that do not fit in --reference-memory on disk here")
     discover.add_argument("--out", default=None, help="run directory")

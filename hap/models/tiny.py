@@ -11,9 +11,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ..settings import TINY_MODELS  # noqa: F401 (re-exported)
 from .tiny_vocab import tiny_vocabulary
-
-TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

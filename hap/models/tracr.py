@@ -41,10 +41,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast
 
 from ..errors import ModelNotFoundError
+from ..settings import PROGRAMS_DIR, TRACR_FORMAT, is_tracr_dir, shipped_programs, tracr_dir  # noqa: F401 (re-exported)
 from .adapter import AttentionWeights, Layout, ModelAdapter, RunContext
 
-TRACR_FORMAT = "hap-tracr/1"
-PROGRAMS_DIR = Path(__file__).resolve().parent.parent / "tracr_programs"
 REBUILD = "rebuild it with `python tools/compile_tracr.py` (see its docstring)"
 
 
@@ -193,29 +192,6 @@ def tracr_tokenizer(config: TracrConfig) -> PreTrainedTokenizerFast:
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=config.pad, bos_token=config.bos,
                                    unk_token=config.pad)
-
-
-def is_tracr_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a directory whose ``config.json`` declares the tracr format."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("format") == TRACR_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def shipped_programs() -> list[str]:
-    """Names of the compiled programs that ship with hap (``tracr-<name>`` as a model name)."""
-    return sorted(p.name for p in PROGRAMS_DIR.iterdir() if is_tracr_dir(p)) if PROGRAMS_DIR.is_dir() else []
-
-
-def tracr_dir(name_or_path: str) -> Path | None:
-    """The directory of a tracr model name (``tracr-reverse``) or path, or None if it is neither."""
-    if name_or_path.startswith("tracr-") and (PROGRAMS_DIR / name_or_path.removeprefix("tracr-")).is_dir():
-        return PROGRAMS_DIR / name_or_path.removeprefix("tracr-")
-    return Path(name_or_path) if is_tracr_dir(name_or_path) else None
 
 
 def load_tracr(folder: Path) -> tuple[TracrTransformer, PreTrainedTokenizerFast]:

@@ -6,13 +6,34 @@
 ``faithfulness_figure`` / ``training_figure`` the matplotlib curves
 (``curves``); ``write_mib`` / ``load_mib`` / ``write_dot`` the exports
 (``export``); ``commands.register`` adds ``hap report|compare|export``.
+
+Names are imported on first use (matplotlib is slow to import).
 """
 
-from .compare import IncomparableRunsError, compare_runs, jaccard
-from .curves import faithfulness_figure, read_train_log, training_figure
-from .export import MibFormatError, from_mib, load_mib, to_dot, to_mib, write_dot, write_mib
-from .html import write_report
-from .svg import DrawingStyle, circuit_elements, draw_circuit
+from __future__ import annotations
+
+from ..lazy import lazy_attributes
+
+# name -> the submodule that defines it; imported on first use (PEP 562)
+_EXPORTS = {
+    "IncomparableRunsError": ".compare",
+    "compare_runs": ".compare",
+    "jaccard": ".compare",
+    "faithfulness_figure": ".curves",
+    "read_train_log": ".curves",
+    "training_figure": ".curves",
+    "MibFormatError": ".export",
+    "from_mib": ".export",
+    "load_mib": ".export",
+    "to_dot": ".export",
+    "to_mib": ".export",
+    "write_dot": ".export",
+    "write_mib": ".export",
+    "write_report": ".html",
+    "DrawingStyle": ".svg",
+    "circuit_elements": ".svg",
+    "draw_circuit": ".svg",
+}
 
 __all__ = [
     "DrawingStyle",
@@ -33,3 +54,6 @@ __all__ = [
     "write_mib",
     "write_report",
 ]
+
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..circuit import Circuit
-from .compare import compare_runs
-from .export import EXPORTERS
-from .html import write_report
+EXPORT_FORMATS = ("dot", "mib")  # hap.report.export.EXPORTERS, known before matplotlib and torch are imported
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .html import write_report
+
     path = write_report(args.run_dir, out=args.out, max_drawn_edges=args.max_drawn_edges or None,
                         max_table_edges=args.max_table_edges)
     print(path)
@@ -18,11 +17,16 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare_runs
+
     print(compare_runs(args.runs, args.out))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    from ..circuit import Circuit
+    from .export import EXPORTERS
+
     circuit = Circuit.load(args.circuit)  # a circuit.json or a run directory
     print(EXPORTERS[args.format](circuit, args.out))
     return 0
@@ -54,6 +58,6 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="mib: the JSON layout of EAP-IG's Graph.to_json that the MIB circuit track reads (every edge "
         "with score and in_graph); dot: the kept subgraph for Graphviz.")
     export.add_argument("circuit", help="circuit.json or a run directory")
-    export.add_argument("--format", choices=sorted(EXPORTERS), default="mib")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="mib")
     export.add_argument("--out", required=True, help="output path")
     export.set_defaults(run=_export)

@@ -25,6 +25,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import DataError
+from ..settings import DEFAULT_TEST_FRACTION
 from . import greater_than, ioi
 from .base import TaskData, check_n_examples, single_token_words
 from .custom import FIELDS, custom_task, read_rows
@@ -32,7 +33,6 @@ from .program import is_program_task, program_task
 
 BUILT_IN = ("ioi", "greater-than")
 HELD_OUT_EVERY = 4  # every fourth template / name / noun / century is held out for the test split
-DEFAULT_TEST_FRACTION = 0.25  # custom files: the share of examples hashed into the test split
 SPLITS = ("train", "test", "all")
 # The vocabulary lists whose every fourth entry is held out; the others are shared by both splits.
 HELD_OUT_LISTS = {"ioi": ("templates", "names"), "greater-than": ("templates", "nouns", "centuries")}

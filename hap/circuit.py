@@ -183,6 +183,16 @@ class Circuit:
         write_atomically(path, json.dumps(self.to_dict()))
         return Path(path)
 
+    def check_fits(self, layout: Layout, source: str = "the circuit") -> None:
+        """Refuse a model whose graph is not the one this circuit was found on."""
+        mine = (self.layout.n_layers, self.layout.n_heads, self.layout.n_kv_heads)
+        theirs = (layout.n_layers, layout.n_heads, layout.n_kv_heads)
+        if mine != theirs:
+            raise CircuitFileError(
+                f"{source} is a circuit of a graph with {mine[0]} layers, {mine[1]} heads, {mine[2]} key/value "
+                f"heads, but model {self.model!r} has {theirs[0]}, {theirs[1]}, {theirs[2]}: the file's 'model' "
+                "does not match its graph; fix the file or pass the model it was found on with --model")
+
     @classmethod
     def from_dict(cls, document: dict[str, Any], model: str | None = None, source: str = "circuit") -> Circuit:
         """Read a ``hap-circuit/2`` (or ``/1``) document; with ``model``, refuse another model's circuit."""
@@ -197,7 +207,19 @@ class Circuit:
                 f"{source} is a circuit of model {document.get('model')!r}, not {model!r}; pass the same "
                 "--model as at discovery"
             )
+        fix = "re-run hap discover, or restore the file"
+        for field_name, kind in (("model", str), ("graph", dict), ("edges", dict)):
+            if not isinstance(document.get(field_name), kind):
+                problem = "is missing" if field_name not in document else f"is not a {kind.__name__}"
+                raise CircuitFileError(f"{source}: field {field_name!r} {problem}; {fix}")
         shape = document["graph"]
+        sizes = ("n_layers", "n_heads", "n_kv_heads", "n_edges")
+        bad = [name for name in sizes if isinstance(shape.get(name), bool) or not isinstance(shape.get(name), int)]
+        if bad:
+            raise CircuitFileError(f"{source}: graph field {bad[0]!r} is missing or not an integer; {fix}")
+        for name in ("n_layers", "n_heads", "n_kv_heads"):
+            if shape[name] < 1 or shape["n_heads"] % shape["n_kv_heads"]:
+                raise CircuitFileError(f"{source}: graph shape {shape} is impossible; {fix}")
         layout = Layout(
             family=shape.get("family", "unknown"),
             n_layers=shape["n_layers"],
@@ -219,6 +241,8 @@ class Circuit:
                 in_graph[s, r] = bool(edge["in_graph"])
         except KeyError as error:
             raise CircuitFileError(f"{source}: {error.args[0]}") from error
+        except (TypeError, ValueError, AttributeError) as error:
+            raise CircuitFileError(f"{source}: an entry of 'edges' is malformed ({error}); {fix}") from error
         metrics = document.get("metrics", {})
         if found == FORMAT_1:
             metrics = upgrade_format_1_metrics(metrics)

@@ -22,6 +22,15 @@ from .settings import DEFAULT_MODEL
 # are answered at once.
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLI's error style: one line ``hap: error: ...`` (naming the subcommand's help), exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        command = self.prog.removeprefix("hap").strip()
+        see = f"hap {command} --help" if command else "hap --help"
+        self.exit(2, f"hap: error: {message}; see {see}\n")
+
+
 def _add_model_options(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL,
                        shown_default: str | None = None) -> None:
     """--model (``shown_default`` names the default applied later when the flag itself defaults to None),
@@ -138,6 +147,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     circuit = Circuit.load(args.circuit, model=args.model)
     model = load_model(circuit.model, device=args.device, dtype=args.dtype)
+    circuit.check_fits(model.layout, str(args.circuit))
     task, note, split = _examples(args, circuit, model.tokenizer, args.circuit)
     started = time.perf_counter()
     ablation = args.ablation or circuit.config.get("ablation", "interchange")
@@ -190,6 +200,7 @@ def _curve(args: argparse.Namespace) -> int:
     path = path / "circuit.json" if path.is_dir() else path
     circuit = Circuit.load(path, model=args.model)
     model = load_model(circuit.model, device=args.device, dtype=args.dtype)
+    circuit.check_fits(model.layout, str(path))
     task, note, split = _examples(args, circuit, model.tokenizer, str(path))
     scores = Scores(circuit.model, circuit.task, circuit.method, circuit.layout, circuit.scores, circuit.config)
     ablation = circuit.config.get("ablation", "interchange")
@@ -207,7 +218,7 @@ def _curve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .settings import ATTRIBUTION_METHODS, METHODS
 
-    parser = argparse.ArgumentParser(prog="hap", description="Find circuits in transformer language models.")
+    parser = ArgumentParser(prog="hap", description="Find circuits in transformer language models.")
     parser.add_argument("--version", action="version", version=f"hap-circuits {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

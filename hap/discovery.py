@@ -375,7 +375,7 @@ def discover(config: DiscoverConfig) -> Circuit:
         shutil.rmtree(out / "snapshots", ignore_errors=True)
         for folder in out.glob("tau-*"):
             shutil.rmtree(folder, ignore_errors=True)
-    write_atomically(out / "run.json", json.dumps(config.to_dict(), indent=1))
+        write_atomically(out / "run.json", json.dumps(config.to_dict(), indent=1))  # a resumed run keeps its own
 
     cache = _cache(config)
     train = TaskBatches(model, graph, train_task, config.batch_size, config.ablation, cache=cache, name="train")

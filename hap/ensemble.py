@@ -121,6 +121,7 @@ def ensemble_run(runs: Sequence[str | Path], how: str, out: str | Path, edges: i
     if not 1 <= n_edges <= graph.n_edges:
         raise HapError(f"--edges must be between 1 and the model's {graph.n_edges} edges, got {n_edges}")
     model = load_model(circuits[0].model, device=device, dtype=dtype)
+    circuits[0].check_fits(model.layout, str(runs[0]))
     batch_size = int(circuits[0].config.get("batch_size", 16))
     test_task = load_split(TaskSpec.from_dict(splits["test"], "test split"), model.tokenizer)
     train_task = load_split(TaskSpec.from_dict(splits["train"], "train split"), model.tokenizer)

@@ -233,8 +233,14 @@ def save_checkpoint(path: Path, state: PruningState, fingerprint: dict[str, Any]
 
 def load_checkpoint(path: Path, fingerprint: dict[str, Any], config: PruningConfig, device) -> PruningState:
     """Read a checkpoint, refusing one made for another model, task or configuration."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    saved = json.loads(payload["fingerprint"])
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        saved = json.loads(payload["fingerprint"])
+    except Exception as error:  # truncated, garbled or not a checkpoint at all: torch raises many kinds
+        raise HapError(
+            f"{path} is damaged ({type(error).__name__}); a run killed mid-write leaves the previous checkpoint "
+            "intact, so this file was changed by something else: delete it and start the run again with --force"
+        ) from None
     if saved != fingerprint:
         differences = sorted(key for key in set(saved) | set(fingerprint) if saved.get(key) != fingerprint.get(key))
         raise HapError(

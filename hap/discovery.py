@@ -187,7 +187,7 @@ class DiscoverConfig:
         if self.resume:
             if not (out / "run.json").is_file():
                 raise HapError(f"nothing to resume in {out}: it has no run.json (was it made by hap discover?)")
-            saved = json.loads((out / "run.json").read_text())
+            saved = read_run_json(out / "run.json")
             mine = self.to_dict()
             differences = sorted(key for key in mine if key not in NOT_COMPARED_ON_RESUME
                                  and saved.get(key) != mine[key])
@@ -210,12 +210,24 @@ class DiscoverConfig:
         path = Path(out) / "run.json"
         if not path.is_file():
             raise HapError(f"nothing to resume in {out}: it has no run.json (was it made by hap discover?)")
-        saved = json.loads(path.read_text())
+        saved = read_run_json(path)
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in saved.items() if key in known}
         if values.get("edges_subset"):
             values["edges_subset"] = tuple(values["edges_subset"])
         return cls(**{**values, **overrides, "out": str(out)})
+
+
+def read_run_json(path: Path) -> dict[str, Any]:
+    """A run's saved settings; ``HapError`` naming the file if it is not a JSON object."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise HapError(f"{path} is damaged ({error}); it cannot be resumed: start the run again with --force") \
+            from None
+    if not isinstance(saved, dict):
+        raise HapError(f"{path} is not a run's settings (a JSON object); start the run again with --force")
+    return saved
 
 
 def target_sparsity(config: DiscoverConfig, graph: Graph) -> float:

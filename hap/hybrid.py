@@ -126,7 +126,13 @@ def _attribution_stage(model: Model, data: TaskBatches, config: HybridConfig, ru
     task = data.task
     saved = run_dir / "attribution.pt" if run_dir is not None else None
     if resume and saved is not None and saved.is_file():
-        values = torch.load(saved, map_location="cpu", weights_only=True)
+        try:
+            values = torch.load(saved, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated or garbled: torch raises many kinds
+            raise HapError(f"{saved} is damaged ({type(error).__name__}); delete it and resume (stage 1 is redone)") \
+                from None
+        if not isinstance(values, torch.Tensor) or tuple(values.shape) != tuple(Graph.from_model(model).real.shape):
+            raise HapError(f"{saved} does not hold this model's edge scores; delete it and resume (stage 1 is redone)")
         return Scores(model.name, task.name, config.attribution.method.value, model.layout, values,
                       config.attribution.to_dict())
     scores = attribute(model, task, config=config.attribution, progress=True, data=data)

@@ -194,3 +194,14 @@ def test_sigkill_while_checkpointing_then_resume_continues_from_the_last_good_on
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1)) and steps[-1] >= 400  # every step once, none lost or doubled
     assert json.loads((out / "circuit.json").read_text())["method"] == "ep"
+
+
+def test_damaged_run_settings_and_attribution_cache_are_refused_in_one_line(tmp_path, capsys, finished):
+    copy = Path(shutil.copytree(finished, tmp_path / "copy"))
+    (copy / "run.json").write_text('{"model": ')
+    refuse(["discover", "--resume", str(copy)], capsys, copy, "run.json", "damaged")
+    out = tmp_path / "hap"
+    assert main(["discover", *TINY, "--method", "hap", "--edges", "20", "--steps", "4", "--n-examples", "4",
+                 "--n-test", "4", "--out", str(out), "--no-report"]) == 0
+    (out / "attribution.pt").write_bytes(b"not a tensor")
+    refuse(["discover", "--resume", str(out)], capsys, out, "attribution.pt", "damaged")

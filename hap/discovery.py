@@ -190,7 +190,7 @@ class DiscoverConfig:
             saved = read_run_json(out / "run.json")
             mine = self.to_dict()
             differences = sorted(key for key in mine if key not in NOT_COMPARED_ON_RESUME
-                                 and saved.get(key) != mine[key])
+                                 and saved.get(key, mine[key]) != mine[key])  # absent: an older run, the default
             if differences:
                 shown = ", ".join(f"{key} {saved.get(key)!r} -> {mine[key]!r}" for key in differences)
                 raise HapError(f"{out} is a run with other settings ({shown}); resume with the same settings "

@@ -146,11 +146,14 @@ def _plain_run(
     record: bool = True,
     want_logits: bool = True,
     keep_mixed: bool = False,
+    per_head_kv: bool = False,
 ) -> Trace:
     """The all-edges-on forward pass, optionally with probes and interpolated sources.
 
     With ``probes`` (and ``graph``), every reader reads the residual plus a zero
-    probe of its own, whose gradient is dL/d(reader input). ``output_scale`` [S]
+    probe of its own, whose gradient is dL/d(reader input); with ``per_head_kv``
+    every query head reads its own copy of its group's key and value inputs (as
+    TransformerLens' ungrouped attention does), each with its own probe. ``output_scale`` [S]
     interpolates sources towards ``reference`` as in ``run_with_probes``.
     ``positions`` [B]: logits only at those positions ([B, V]). ``record=False``
     keeps no source outputs or block inputs (the trace's are then empty).
@@ -171,6 +174,11 @@ def _plain_run(
         probes.append(Probe(torch.arange(first_reader, first_reader + n, device=device), probe))
         return x[None] + probe
 
+    def read_per_head(x: Tensor, first_reader: int) -> Tensor:
+        probe = torch.zeros((layout.n_heads, *x.shape), device=device, dtype=x.dtype, requires_grad=True)
+        probes.append(Probe(first_reader + group_of_head, probe, torch.arange(layout.n_heads, device=device)))
+        return x[None] + probe
+
     def scaled(first: int, values: Tensor) -> tuple[Tensor, bool]:
         if output_scale is None or bool((output_scale[first : first + len(values)] == 1).all()):
             return values, False
@@ -187,11 +195,16 @@ def _plain_run(
         first_reader = layer * per_layer
         first_head = 1 + layer * (layout.n_heads + 1)
         xq = read(x, first_reader, layout.n_heads)
-        xk = read(x, first_reader + layout.n_heads, layout.n_kv_heads)
-        xv = read(x, first_reader + layout.n_heads + layout.n_kv_heads, layout.n_kv_heads)
         q = adapter.queries(layer, xq, ctx)
-        k = adapter.keys(layer, xk, ctx).index_select(1, group_of_head)
-        v = adapter.values(layer, xv, ctx).index_select(1, group_of_head)
+        if per_head_kv and probes is not None:  # each head projects its own copy with its group's weights
+            k = adapter.keys(layer, read_per_head(x, first_reader + layout.n_heads), ctx, group_of_head)
+            v = adapter.values(layer, read_per_head(x, first_reader + layout.n_heads + layout.n_kv_heads), ctx,
+                               group_of_head)
+        else:
+            xk = read(x, first_reader + layout.n_heads, layout.n_kv_heads)
+            xv = read(x, first_reader + layout.n_heads + layout.n_kv_heads, layout.n_kv_heads)
+            k = adapter.keys(layer, xk, ctx).index_select(1, group_of_head)
+            v = adapter.values(layer, xv, ctx).index_select(1, group_of_head)
         mixed = adapter.attend(layer, q, k, v, ctx)
         if keep_mixed:
             kept_mixed.append(mixed)
@@ -385,11 +398,15 @@ class Probe:
     """Zero tensor added to some readers' inputs so that its ``.grad`` is dL/d(input).
 
     ``readers`` [n] reader indices; ``tensor`` [n, B, T, D] (T is 1 for the
-    ``logits`` reader when the run was restricted to answer positions).
+    ``logits`` reader when the run was restricted to answer positions). With
+    per-head key/value inputs, ``heads`` [n] names the query head whose own copy
+    of its group's k or v input each row is (``readers`` then repeats the group's
+    reader once per head).
     """
 
     readers: Tensor
     tensor: Tensor
+    heads: Tensor | None = None
 
 
 def _interpolate(reference: Tensor, computed: Tensor, scale: Tensor) -> Tensor:
@@ -811,8 +828,10 @@ def run_with_probes(
     positions: Tensor | None = None,
     output_scale: Tensor | None = None,
     record: bool = False,
+    per_head_kv: bool = False,
 ) -> tuple[Tensor, list[Probe], Tensor | None]:
-    """A forward pass that also returns a probe per group of readers.
+    """A forward pass that also returns a probe per group of readers (``per_head_kv``: key/value inputs
+    per query head, see ``_plain_run``; only with every edge on).
 
     After ``loss.backward()``, ``probe.tensor.grad`` holds dL/d(input) of
     ``probe.readers``. ``mask`` None means every edge on: then each reader
@@ -825,8 +844,11 @@ def run_with_probes(
     """
     probes: list[Probe] = []
     if mask is None:
-        run = _plain_run(model, input_ids, graph, probes, reference, output_scale, positions)
+        run = _plain_run(model, input_ids, graph, probes, reference, output_scale, positions,
+                         per_head_kv=per_head_kv)
         return run.logits, probes, run.outputs.detach() if record else None
+    if per_head_kv:
+        raise InvalidMaskError("per-head key/value probes need the all-edges-on run (mask=None)")
     plan = ComputePlan.build(graph, None, reference.kind)
     logits, recorded = _run(model, graph, input_ids, reference, mask, plan, positions, record, output_scale, probes)
     return logits, probes, recorded

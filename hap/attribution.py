@@ -60,6 +60,7 @@ class AttributionConfig:
     ablation: AblationKind = AblationKind.INTERCHANGE
     batch_size: int = 16
     edges_subset: tuple[str, ...] | None = None  # exact only: score just these edges
+    per_head_kv: bool = False  # also score each query head's own copy of its group's k/v input (MIB's graph)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
@@ -76,6 +77,8 @@ class AttributionConfig:
             )
         if self.edges_subset is not None:
             object.__setattr__(self, "edges_subset", tuple(self.edges_subset))
+        if self.per_head_kv and self.method is Method.EXACT:
+            raise HapError("--per-head-kv applies to the gradient methods (eap, eap-ig-*), not exact")
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -85,8 +88,11 @@ class AttributionConfig:
         return values
 
 
-def _probe_scores(graph: Graph, differences: Tensor, probes, positions: Tensor, scores: Tensor, weight: float) -> None:
-    """scores[s, r] += weight * sum over b, t, d of (z~_s - z_s) * dL/d(input_r)."""
+def _probe_scores(graph: Graph, differences: Tensor, probes, positions: Tensor, scores: Tensor, weight: float,
+                  kv_per_head: Tensor | None = None) -> None:
+    """scores[s, r] += weight * sum over b, t, d of (z~_s - z_s) * dL/d(input_r). A per-head k/v probe's
+    rows add to their group's reader (the heads' gradients sum to the group's) and to ``kv_per_head``
+    [S, L, H, 2] (k, v) at their head."""
     rows = torch.arange(differences.shape[1], device=differences.device)
     for probe in probes:
         block = int(graph.reader_block[probe.readers[0]])
@@ -95,8 +101,17 @@ def _probe_scores(graph: Graph, differences: Tensor, probes, positions: Tensor, 
         if probe.tensor.shape[2] == 1 and differences.shape[2] != 1:  # logits read at answer positions only
             diff = diff[:, rows, positions][:, :, None]
         grad = probe.tensor.grad
-        part = diff.reshape(len(diff), -1) @ grad.reshape(len(grad), -1).transpose(0, 1)  # one GEMM, no copies
-        scores[:upstream, probe.readers.cpu()] += weight * part.float().cpu()
+        part = weight * (diff.reshape(len(diff), -1) @ grad.reshape(len(grad), -1).transpose(0, 1)).float().cpu()
+        readers = probe.readers.cpu()
+        scores[:upstream].index_add_(1, readers, part)  # index_add: a group's reader repeats once per head
+        if probe.heads is not None and kv_per_head is not None:
+            layer, port = (int(graph.reader_block[readers[0]]) - 1) // 2, _kv_port(graph, int(readers[0]))
+            kv_per_head[:upstream, layer, probe.heads.cpu(), port] += part
+
+
+def _kv_port(graph: Graph, reader: int) -> int:
+    """0 for a key reader, 1 for a value reader (names end in <k> / <v>)."""
+    return {"k": 0, "v": 1}[graph.reader_names[reader][-2]]
 
 
 def _interpolation_points(graph: Graph, config: AttributionConfig) -> list[Tensor]:
@@ -121,7 +136,7 @@ def _interpolation_points(graph: Graph, config: AttributionConfig) -> list[Tenso
 
 
 def _gradient_scores(model: Model, graph: Graph, batch: Batch, config: AttributionConfig, scores: Tensor,
-                     weight: float) -> None:
+                     weight: float, kv_per_head: Tensor | None = None) -> None:
     """(z~ - z) . mean gradient over the method's runs, for one batch."""
     loss_of = loss_function(config.loss, batch)
     summed: list[Tensor] | None = None
@@ -130,7 +145,8 @@ def _gradient_scores(model: Model, graph: Graph, batch: Batch, config: Attributi
     for scale in points:
         at_clean = clean_outputs is None and bool((scale == 1).all())
         logits, probes, outputs = run_with_probes(model, graph, batch.clean, batch.reference,
-                                                  positions=batch.positions, output_scale=scale, record=at_clean)
+                                                  positions=batch.positions, output_scale=scale, record=at_clean,
+                                                  per_head_kv=config.per_head_kv)
         loss_of(logits).backward()
         grads = [probe.tensor.grad for probe in probes]
         summed = grads if summed is None else [a + b for a, b in zip(summed, grads)]
@@ -142,7 +158,7 @@ def _gradient_scores(model: Model, graph: Graph, batch: Batch, config: Attributi
         probe.tensor.grad = total / len(points)
     reference = batch.reference.fit(*batch.clean.shape)  # mean/zero: one reference cut to this batch's width
     differences = reference.outputs.expand(-1, len(batch.clean), -1, -1) - clean_outputs
-    _probe_scores(graph, differences, probes, batch.positions, scores, weight)
+    _probe_scores(graph, differences, probes, batch.positions, scores, weight, kv_per_head)
 
 
 def _exact_scores(model: Model, graph: Graph, batch: Batch, config: AttributionConfig, scores: Tensor,
@@ -182,6 +198,8 @@ def attribute(
         raise HapError("--edges-subset only applies to --method exact")
     graph = Graph.from_model(model)
     scores = torch.zeros(graph.real.shape)
+    layout = model.layout
+    kv_per_head = torch.zeros(graph.n_sources, layout.n_layers, layout.n_heads, 2) if config.per_head_kv else None
     edges = None
     if config.method is Method.EXACT:
         names = config.edges_subset or graph.edge_names()
@@ -199,7 +217,7 @@ def attribute(
             if config.method is Method.EXACT:
                 _exact_scores(model, graph, batch, config, scores, weight, edges)
             else:
-                _gradient_scores(model, graph, batch, config, scores, weight)
+                _gradient_scores(model, graph, batch, config, scores, weight, kv_per_head)
             bar.update(len(batch.clean))
     scores *= graph.real
     return Scores(
@@ -210,4 +228,5 @@ def attribute(
         values=scores,
         config=config.to_dict(),
         runtime_s={"attribution": time.perf_counter() - started},
+        kv_per_head=kv_per_head,
     )

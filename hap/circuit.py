@@ -117,6 +117,7 @@ class Circuit:
     metrics: dict[str, Any] = field(default_factory=dict)
     runtime_s: dict[str, float] = field(default_factory=dict)
     splits: dict[str, Any] = field(default_factory=dict)  # split name -> TaskSpec dict
+    kv_per_head: Tensor | None = None  # [S, L, H, 2]: per query head k/v input scores (``--per-head-kv``)
 
     @property
     def held_out(self) -> dict[str, Any]:
@@ -176,6 +177,7 @@ class Circuit:
             "nodes": {name: {"in_graph": keep} for name, keep in self.node_in_graph(graph).items()},
             "metrics": self.metrics,
             "runtime_s": self.runtime_s,
+            **({"kv_per_head": self.kv_per_head.tolist()} if self.kv_per_head is not None else {}),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -246,6 +248,16 @@ class Circuit:
         metrics = document.get("metrics", {})
         if found == FORMAT_1:
             metrics = upgrade_format_1_metrics(metrics)
+        kv_per_head = None
+        if document.get("kv_per_head") is not None:
+            want = (graph.n_sources, layout.n_layers, layout.n_heads, 2)
+            try:
+                kv_per_head = torch.tensor(document["kv_per_head"], dtype=torch.float32)
+            except (TypeError, ValueError) as error:
+                raise CircuitFileError(f"{source}: 'kv_per_head' is not a nested list of numbers; {fix}") from error
+            if tuple(kv_per_head.shape) != want:
+                raise CircuitFileError(f"{source}: 'kv_per_head' has shape {tuple(kv_per_head.shape)}, the graph "
+                                       f"needs {want}; {fix}")
         return cls(
             model=document["model"],
             task=document.get("task", ""),
@@ -257,6 +269,7 @@ class Circuit:
             metrics=metrics,
             runtime_s=document.get("runtime_s", {}),
             splits=document.get("splits", {}) if found == FORMAT else {},
+            kv_per_head=kv_per_head,
         )
 
     @classmethod
@@ -306,6 +319,7 @@ class Scores:
     values: Tensor
     config: dict[str, Any] = field(default_factory=dict)
     runtime_s: dict[str, float] = field(default_factory=dict)
+    kv_per_head: Tensor | None = None  # [S, L, H, 2]: each query head's own k/v input's score (MIB's graph)
 
     def circuit(self, n_edges: int, prune: bool = True) -> Circuit:
         """The top ``n_edges`` by |score|, with dangling edges dropped (``config['n_pruned_dangling']``)."""
@@ -315,7 +329,7 @@ class Scores:
         config = {**self.config, "n_edges_requested": int(n_edges),
                   "n_pruned_dangling": int(chosen.sum() - kept.sum())}
         return Circuit(self.model, self.task, self.method, self.layout, self.values.cpu().clone(), kept,
-                       config=config, runtime_s=dict(self.runtime_s))
+                       config=config, runtime_s=dict(self.runtime_s), kv_per_head=self.kv_per_head)
 
     def top(self, n_edges: int) -> Circuit:
         """Alias of ``circuit(n_edges)``: the API's ``Scores.top(n) -> Circuit``."""

@@ -111,6 +111,7 @@ def _discover(args: argparse.Namespace) -> int:
         "sparsity": args.sparsity, "n_examples": args.n_examples, "n_test": args.n_test, "test_task": args.test_task,
         "test_fraction": args.test_fraction, "batch_size": args.batch_size, "seed": args.seed,
         "ig_steps": args.ig_steps, "loss": args.loss, "ablation": args.ablation, "edges_subset": subset,
+        "per_head_kv": args.per_head_kv,
         "curve": args.curve, "ground_truth": args.ground_truth, "threshold": args.threshold,
         "acdc_metric": args.acdc_metric, "tests_per_forward": args.tests_per_forward,
         "threshold_runs": args.threshold_runs, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
@@ -262,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="what attribution explains (default: the task metric)")
     discover.add_argument("--ablation", default=None, choices=("interchange", "mean", "zero"))
     discover.add_argument("--edges-subset", help="exact only: comma-separated edge names, e.g. a3.h1->m5")
+    discover.add_argument("--per-head-kv", action="store_true", default=None,
+                          help="eap/eap-ig: also score each query head's own copy of its group's key/value input "
+                          "(the graph MIB uses; hap export --format mib then writes those scores)")
     discover.add_argument("--curve", action="store_true", default=None, help="also compute the MIB curve")
     discover.add_argument("--ground-truth", default=None, metavar="FILE",
                           help="true edges (JSON list or {\"edges\": [...]}): report precision, recall, exact "

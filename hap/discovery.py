@@ -83,6 +83,7 @@ class DiscoverConfig:
     loss: str = "logit-diff"
     ablation: str = "interchange"
     edges_subset: tuple[str, ...] | None = None
+    per_head_kv: bool = False
     curve: bool = False
     ground_truth: str | None = None  # a file of true edges; tracr models know theirs
     # ACDC
@@ -140,6 +141,8 @@ class DiscoverConfig:
         if self.edges is None and self.sparsity is None and not (self.method == "acdc" and self.threshold is not None):
             raise HapError("give --edges N (edges kept) or --sparsity S (fraction of edges removed)"
                            + (", or --threshold TAU" if self.method == "acdc" else ""))
+        if self.per_head_kv and self.method not in ("eap", "eap-ig-inputs", "eap-ig-activations"):
+            raise HapError("--per-head-kv applies to --method eap, eap-ig-inputs or eap-ig-activations")
         if self.method == "acdc":
             from .acdc import AcdcConfig
 
@@ -251,7 +254,8 @@ def n_edges_wanted(config: DiscoverConfig, graph: Graph) -> int:
 def _attribution_config(config: DiscoverConfig, method: str) -> AttributionConfig:
     return AttributionConfig(method=method, ig_steps=config.ig_steps, loss=config.loss, ablation=config.ablation,
                              batch_size=config.batch_size,
-                             edges_subset=config.edges_subset if method == "exact" else None)
+                             edges_subset=config.edges_subset if method == "exact" else None,
+                             per_head_kv=config.per_head_kv and method == config.method)
 
 
 def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: dict[str, float],

@@ -14,23 +14,29 @@ import hap
 
 
 def naive_masked_logits(
-    model: hap.Model, graph: hap.Graph, ids: torch.Tensor, ablated: torch.Tensor, mask: torch.Tensor
+    model: hap.Model, graph: hap.Graph, ids: torch.Tensor, ablated: torch.Tensor, mask: torch.Tensor,
+    kv_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits [B, T, V]; ``ablated`` z~ [S, B|1, T, D]; ``mask`` [S, R] or [B, S, R]."""
+    """Logits [B, T, V]; ``ablated`` z~ [S, B|1, T, D]; ``mask`` [S, R] or [B, S, R]. With ``kv_mask``
+    [S, L, H, 2] (k, v), each query head reads its *own* copy of its group's key and value inputs, edge
+    (s -> head h's k or v) weighted by ``kv_mask`` instead of the group's entry of ``mask``."""
     adapter = model.adapter
     layout = model.layout
     ctx = adapter.prepare(ids)
     outputs: dict[int, torch.Tensor] = {0: adapter.embed(ctx)}
 
-    def reader_input(reader: int) -> torch.Tensor:
+    def reader_input(reader: int, weights: torch.Tensor | None = None) -> torch.Tensor:
         total = torch.zeros_like(outputs[0])
         for source in range(graph.n_sources):
             if not graph.real[source, reader]:
                 continue
-            m = mask[..., source, reader]
+            m = mask[..., source, reader] if weights is None else weights[source]
             m = m.reshape(-1, 1, 1) if m.dim() == 1 else m
             total = total + m * outputs[source] + (1 - m) * ablated[source]
         return total
+
+    def own(layer: int, head: int, port: int) -> torch.Tensor | None:
+        return None if kv_mask is None else kv_mask[:, layer, head, port]
 
     for layer in range(layout.n_layers):
         readers = graph.readers_of_block(2 * layer + 1)
@@ -41,10 +47,11 @@ def naive_masked_logits(
             q = adapter.queries(layer, reader_input(readers.start + head)[None], ctx, one_head)
             k_reader = readers.start + layout.n_heads + group
             v_reader = readers.start + layout.n_heads + layout.n_kv_heads + group
-            k = adapter.keys(layer, reader_input(k_reader)[None], ctx, one_group)
-            v = adapter.values(layer, reader_input(v_reader)[None], ctx, one_group)
+            k = adapter.keys(layer, reader_input(k_reader, own(layer, head, 0))[None], ctx, one_group)
+            v = adapter.values(layer, reader_input(v_reader, own(layer, head, 1))[None], ctx, one_group)
             outputs[sources.start + head] = adapter.head_outputs(layer, adapter.attend(layer, q, k, v, ctx), one_head)[0]
         mlp_source = graph.sources_of_block(2 * layer + 2).start
         mlp_reader = graph.readers_of_block(2 * layer + 2).start
         outputs[mlp_source] = adapter.mlp(layer, reader_input(mlp_reader))
     return adapter.unembed(reader_input(graph.n_readers - 1))
+

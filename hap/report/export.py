@@ -11,9 +11,12 @@ evaluates)::
 with every real edge listed (scores are what MIB re-thresholds to draw its
 faithfulness curve). EAP-IG names a key/value input per query head
 (``a4.h2<k>``): for grouped-query attention the group's reader ``a4.g0<k>``
-is written once per head of the group, each with the group's score divided
-by the group size (so per-group sums, and the ranking a native per-head
-method would give, are kept) and the group's ``in_graph``. Reading such a
+is written once per head of the group with the group's ``in_graph``, each with
+the head's own score when the circuit has per-head k/v scores (attribution
+with ``--per-head-kv``: the gradient through each head's own copy of the
+input, as TransformerLens' ungrouped attention gives MIB; they sum to the
+group's score), else the group's score divided by the group size (per-group
+sums are kept either way). Reading such a
 file sums the heads' scores back and keeps a group edge if any head's copy is
 kept. A ``"metadata"`` entry (ignored by EAP-IG) carries the model, task,
 method, layout, settings, metrics, runtimes and splits, so that the round trip gives
@@ -54,17 +57,26 @@ def _mib_reader_names(layout: Layout, reader: str) -> list[str]:
     return [f"a{layer}.h{head}<{port}>" for head in range(group * per, (group + 1) * per)]
 
 
+_READER_HEAD = re.compile(r"^a(\d+)\.h(\d+)<([kv])>$")
+
+
 def to_mib(circuit: Circuit) -> dict[str, Any]:
     """The MIB / EAP-IG importances document of a circuit (see the module docstring for the layout)."""
     graph = circuit.graph()
     layout = circuit.layout
     sources, readers = graph.real.nonzero(as_tuple=True)
     edges: dict[str, dict[str, Any]] = {}
+    per_head = circuit.kv_per_head
     for s, r, score, kept in zip(sources.tolist(), readers.tolist(), graph.scores[sources, readers].tolist(),
                                  graph.in_graph[sources, readers].tolist()):
         names = _mib_reader_names(layout, graph.reader_names[r])
         for reader in names:
-            edges[f"{graph.source_names[s]}->{reader}"] = {"score": score / len(names), "in_graph": bool(kept)}
+            head = _READER_HEAD.match(reader) if per_head is not None and len(names) > 1 else None
+            if head is not None:  # the head's own k/v score (--per-head-kv), not an even share of the group's
+                share = float(per_head[s, int(head.group(1)), int(head.group(2)), 0 if head.group(3) == "k" else 1])
+            else:
+                share = score / len(names)
+            edges[f"{graph.source_names[s]}->{reader}"] = {"score": share, "in_graph": bool(kept)}
     nodes = {name: {"in_graph": kept} for name, kept in circuit.node_in_graph(graph).items()}
     return {
         "cfg": {"n_layers": layout.n_layers, "n_heads": layout.n_heads, "n_key_value_heads": layout.n_kv_heads,

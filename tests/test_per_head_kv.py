@@ -1,0 +1,88 @@
+"""Per-head key/value scores (MIB's ungrouped graph) under grouped-query attention."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from naive import naive_masked_logits
+
+import hap
+from hap.attribution import AttributionConfig, attribute
+from hap.batches import TaskBatches
+from hap.cli import main
+from hap.graph import Graph
+from hap.report.export import load_mib, to_mib
+from hap.tasks import load_task
+
+
+@pytest.fixture(scope="module")
+def gqa_model() -> hap.Model:
+    model = hap.load_model("tiny-llama", device="cpu", dtype="float64")
+    assert model.layout.heads_per_group > 1
+    return model
+
+
+def _kv_readers(graph: Graph, layer: int, port: int) -> list[int]:
+    layout_names = [f"a{layer}.g{g}<{'kv'[port]}>" for g in range(100)]
+    return [graph.reader_names.index(name) for name in layout_names if name in graph.reader_names]
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs"])
+def test_per_head_scores_sum_to_the_group_score_and_leave_the_rest_unchanged(gqa_model, method):
+    task = load_task("ioi", gqa_model.tokenizer, 6, seed=3)
+    grouped = attribute(gqa_model, task, config=AttributionConfig(method=method, batch_size=3))
+    split = attribute(gqa_model, task, config=AttributionConfig(method=method, batch_size=3, per_head_kv=True))
+    assert grouped.kv_per_head is None and split.kv_per_head is not None
+    assert torch.allclose(split.values, grouped.values, atol=1e-6)
+    graph = Graph.from_model(gqa_model)
+    layout = gqa_model.layout
+    for layer in range(layout.n_layers):
+        for port in (0, 1):
+            for group, reader in enumerate(_kv_readers(graph, layer, port)):
+                heads = slice(group * layout.heads_per_group, (group + 1) * layout.heads_per_group)
+                summed = split.kv_per_head[:, layer, heads, port].sum(-1)
+                assert torch.allclose(summed, grouped.values[:, reader], atol=1e-6)
+    spread = split.kv_per_head[:, :, 0::2] - split.kv_per_head[:, :, 1::2]
+    assert float(spread.abs().max()) > 1e-4  # the heads of a group really get different scores
+
+
+def test_per_head_eap_scores_equal_one_head_at_a_time_gradients(gqa_model):
+    model = gqa_model
+    graph = Graph.from_model(model)
+    task = load_task("ioi", model.tokenizer, 4, seed=4)
+    batch = next(iter(TaskBatches(model, graph, task, 4, "interchange")))
+    scores = attribute(model, task, config=AttributionConfig(method="eap", batch_size=4, per_head_kv=True))
+    layout = model.layout
+    kv_mask = torch.ones(graph.n_sources, layout.n_layers, layout.n_heads, 2, dtype=torch.float64,
+                         requires_grad=True)
+    ones = torch.ones(graph.real.shape, dtype=torch.float64)
+    logits = naive_masked_logits(model, graph, batch.clean, batch.reference.outputs, ones, kv_mask)
+    rows = torch.arange(len(task))
+    task.logit_diff(logits[rows, batch.positions]).mean().backward()
+    expected = -kv_mask.grad  # score = (z~ - z) . dL/d(input) = -dL/dm at m = 1
+    real = torch.stack([torch.stack([graph.real[:, graph.readers_of_block(2 * layer + 1).start + layout.n_heads]
+                                     for _ in range(layout.n_heads)], -1) for layer in range(layout.n_layers)], 1)
+    assert torch.allclose(scores.kv_per_head.double(), expected * real[..., None], atol=1e-6)
+
+
+def test_export_writes_each_heads_own_score_and_the_cli_flag(gqa_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["discover", "--model", "tiny-llama", "--method", "eap", "--per-head-kv", "--edges", "30",
+                 "--n-examples", "4", "--n-test", "4", "--out", str(out), "--no-report"]) == 0
+    circuit = hap.Circuit.load(out / "circuit.json")
+    assert circuit.kv_per_head is not None
+    document = to_mib(circuit)
+    k_edges = {name: edge["score"] for name, edge in document["edges"].items() if name.endswith("<k>")}
+    source, layer = "input", 1
+    heads = [k_edges[f"{source}->a{layer}.h{h}<k>"] for h in range(gqa_model.layout.n_heads)]
+    assert heads == pytest.approx(circuit.kv_per_head[0, layer, :, 0].tolist())
+    assert heads[0] != pytest.approx(heads[1])  # not an even split
+    assert main(["export", str(out), "--format", "mib", "--out", str(tmp_path / "mib.json")]) == 0
+    back = load_mib(tmp_path / "mib.json")
+    assert torch.allclose(back.scores, circuit.scores, atol=1e-5)  # heads sum back to the group
+    assert main(["discover", "--model", "tiny-llama", "--method", "exact", "--per-head-kv", "--edges", "5",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "--per-head-kv" in capsys.readouterr().err
+    assert json.loads((out / "circuit.json").read_text())["config"]["per_head_kv"] is True

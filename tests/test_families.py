@@ -7,6 +7,8 @@ forward; the masked run is compared with the slow twin under each ablation, with
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from naive import naive_masked_logits
@@ -113,3 +115,16 @@ def test_families_not_yet_modelled_are_refused_with_the_supported_list(tmp_path,
     getattr(transformers, config_name)().save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitectureError, match="supported families are Llama-style"):
         hap.load_model(str(tmp_path))
+
+
+def test_a_saved_checkpoint_works_with_discover_evaluate_and_report(noisy_model, tmp_path, capsys):
+    from hap.cli import main
+
+    folder = noisy_model.name  # the save_pretrained directory the fixture loaded
+    out = tmp_path / "run"
+    assert main(["discover", "--model", folder, "--method", "eap-ig-inputs", "--edges", "25", "--n-examples", "4",
+                 "--n-test", "4", "--out", str(out)]) == 0
+    assert main(["evaluate", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_edges"] <= 25
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").stat().st_size > 1000 and (out / "circuit.svg").is_file()

@@ -58,7 +58,6 @@ def main() -> None:
             quantised = torch.ao.quantization.quantize_dynamic(model.hf_model, {torch.nn.Linear}, dtype=torch.qint8)
             with torch.no_grad():
                 rows.append(("int8 dynamic (linear layers)", timed(lambda: quantised(clean), args.repeats), None))
-        del model
     print(f"{args.model}, batch {args.batch_size} x {task.clean_ids.shape[1]} tokens, device "
           f"{args.device or ('cuda' if torch.cuda.is_available() else 'cpu')}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")

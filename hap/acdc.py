@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .ablation import AblationKind, ComputePlan, Reference, run_masked
 from .batches import Batch, divergence
-from .circuit import Circuit, prune_dangling, write_atomically
+from .circuit import Circuit, prune_dangling
 from .errors import HapError
 from .graph import Graph
 from .models.loading import Model

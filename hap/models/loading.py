@@ -17,7 +17,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from ..errors import (
     DeviceNotAvailableError,
     EmptyTokenizerError,
-    ModelNotFoundError,
     UnsupportedArchitectureError,
     MissingModelPackageError,
     UnsupportedDtypeError,

@@ -13,21 +13,13 @@ Usage: .venv/bin/python benchmarks/precision.py [--model smollm2-135m] [--batch-
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import hap
 from hap.ablation import interchange_reference, run_masked
 from hap.graph import Graph
-
-
-def timed(function, repeats: int) -> float:
-    function()  # warm-up
-    started = time.perf_counter()
-    for _ in range(repeats):
-        function()
-    return (time.perf_counter() - started) / repeats
+from step_cost import timed  # the sibling script's timer (this folder is on the path when a script runs)
 
 
 def main() -> None:

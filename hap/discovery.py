@@ -337,24 +337,32 @@ def split_specs(config: DiscoverConfig, model: Model) -> tuple[TaskSpec, TaskSpe
                        config.test_task, config.test_fraction)
 
 
+def split_metrics(model: Model, circuit: Circuit, train: TaskBatches, test: TaskBatches, batch_size: int,
+                  ablation: str, ground_truth: str | None = None) -> dict[str, Any]:
+    """``{"test", "train", "gap"}``: held-out metrics (the headline), in-sample ones on as many training
+    examples as the test split has (at most), their gap; and ``ground_truth`` recovery on the test split
+    (from ``ground_truth``, a file of true edges, or automatically for a tracr model)."""
+    held_out = evaluate(model, circuit, test.task, batch_size, ablation, progress=True, data=test,
+                        label="evaluate (test split)").to_dict()
+    in_sample_data = train.head(min(train.n_examples, test.n_examples))
+    in_sample = evaluate(model, circuit, in_sample_data.task, batch_size, ablation, progress=True,
+                         data=in_sample_data, label="evaluate (train split, in-sample)").to_dict()
+    for values in (held_out, in_sample):
+        values["n_full_model_wrong"] = round((1.0 - values["full_model"]["accuracy"]) * values["n_examples"])
+    metrics: dict[str, Any] = {"test": held_out, "train": in_sample, "gap": generalisation_gap(held_out, in_sample)}
+    if ground_truth is not None or isinstance(model.hf_model, TracrTransformer):
+        metrics["ground_truth"] = judge(model, Graph.from_model(model), circuit.in_graph, circuit.scores, test,
+                                        ablation, ground_truth)
+    return metrics
+
+
 def measure(model: Model, circuit: Circuit, train: TaskBatches, test: TaskBatches, config: DiscoverConfig,
             runtime: dict[str, float]) -> dict[str, Any]:
     """The circuit's metrics: held-out (``test``, the headline), in-sample (``train``, on as many training
     examples as the test split has, at most) and their ``gap``; with ``config.curve``, the MIB curve on the
     test split."""
     started = time.perf_counter()
-    held_out = evaluate(model, circuit, test.task, config.batch_size, config.ablation, progress=True, data=test,
-                        label="evaluate (test split)").to_dict()
-    in_sample_data = train.head(min(train.n_examples, test.n_examples))
-    in_sample = evaluate(model, circuit, in_sample_data.task, config.batch_size, config.ablation, progress=True,
-                         data=in_sample_data, label="evaluate (train split, in-sample)").to_dict()
-    for values in (held_out, in_sample):
-        values["n_full_model_wrong"] = round((1.0 - values["full_model"]["accuracy"]) * values["n_examples"])
-    metrics: dict[str, Any] = {"test": held_out, "train": in_sample, "gap": generalisation_gap(held_out, in_sample)}
-    if config.ground_truth is not None or isinstance(model.hf_model, TracrTransformer):
-        graph = Graph.from_model(model)
-        metrics["ground_truth"] = judge(model, graph, circuit.in_graph, circuit.scores, test, config.ablation,
-                                        config.ground_truth)
+    metrics = split_metrics(model, circuit, train, test, config.batch_size, config.ablation, config.ground_truth)
     runtime["evaluation"] = time.perf_counter() - started
     if config.curve:
         started = time.perf_counter()

@@ -94,11 +94,9 @@ def ensemble_run(runs: Sequence[str | Path], how: str, out: str | Path, edges: i
     """``hap ensemble``: combine the runs' scores, select a circuit, measure it on the runs' held-out split
     (and in-sample on their training split, labelled), and write ``out/circuit.json`` (and the report)."""
     from .batches import TaskBatches
-    from .circuit import edges_for_sparsity, generalisation_gap
-    from .evaluation import evaluate
-    from .ground_truth import judge
+    from .circuit import edges_for_sparsity
+    from .discovery import split_metrics
     from .models.loading import load_model
-    from .models.tracr import TracrTransformer
     from .tasks import TaskSpec, load_split
 
     if (edges is None) == (sparsity is None):
@@ -126,18 +124,9 @@ def ensemble_run(runs: Sequence[str | Path], how: str, out: str | Path, edges: i
     test_task = load_split(TaskSpec.from_dict(splits["test"], "test split"), model.tokenizer)
     train_task = load_split(TaskSpec.from_dict(splits["train"], "train split"), model.tokenizer)
     circuit = scores.circuit(n_edges)
-    test = TaskBatches(model, Graph.from_model(model), test_task, batch_size, ablation)
-    held_out = evaluate(model, circuit, test_task, batch_size, ablation, progress=True, data=test,
-                        label="evaluate (test split)").to_dict()
-    in_sample_task = train_task.slice(0, min(len(train_task), len(test_task)))
-    in_sample = evaluate(model, circuit, in_sample_task, batch_size, ablation, progress=True,
-                         label="evaluate (train split, in-sample)").to_dict()
-    for values in (held_out, in_sample):
-        values["n_full_model_wrong"] = round((1.0 - values["full_model"]["accuracy"]) * values["n_examples"])
-    circuit.metrics = {"test": held_out, "train": in_sample, "gap": generalisation_gap(held_out, in_sample)}
-    if isinstance(model.hf_model, TracrTransformer):
-        circuit.metrics["ground_truth"] = judge(model, Graph.from_model(model), circuit.in_graph, circuit.scores,
-                                                test, ablation)
+    graph = Graph.from_model(model)
+    circuit.metrics = split_metrics(model, circuit, TaskBatches(model, graph, train_task, batch_size, ablation),
+                                    TaskBatches(model, graph, test_task, batch_size, ablation), batch_size, ablation)
     circuit.splits = splits
     circuit.config = {**circuit.config, "how": how, "runs": [str(run) for run in runs], "ablation": ablation,
                       "batch_size": batch_size, "command": command}

@@ -133,10 +133,9 @@ def minimal_truth(model: Model, graph: Graph, circuit: Tensor, data: Iterable[Ba
     what is left is sufficient and no single edge of it can go.
     """
     batches = list(data)
-    dtype = next(model.hf_model.parameters()).dtype
 
     def reproduces(kept: Tensor) -> bool:
-        mask = kept.to(model.device, dtype)
+        mask = kept.to(model.device, model.dtype)
         with torch.no_grad():
             return all(same_outputs(b.clean_logits, run_masked(model, graph, b.clean, b.reference, mask,
                                                                  positions=b.positions))

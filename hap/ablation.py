@@ -46,6 +46,7 @@ from .errors import InvalidMaskError
 from .graph import Graph
 from .models.adapter import ModelAdapter, RunContext
 from .models.loading import Model
+from .precision import ReducedTwin
 
 
 class AblationKind(str, Enum):
@@ -409,6 +410,27 @@ class Probe:
     heads: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class KnownOutputs:
+    """What the sources of the blocks before ``until_block`` wrote in one masked run (``record_outputs``):
+    ``outputs`` [n, B, T, D] for sources 0 .. n-1. Those outputs depend only on the masks of readers in
+    blocks before ``until_block``; a later run whose masks agree there (for every example) takes them as
+    given instead of recomputing those blocks. Its batch may be the recorded one repeated (copies of the
+    batch with different masks downstream, as ACDC's batched tests are)."""
+
+    outputs: Tensor
+    until_block: int
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """Compute every block but ``full_block`` (the investigated one) with a reduced-precision twin of the
+    model (``hap.precision.reduced_twin``); gradients do not pass through the twin."""
+
+    twin: ReducedTwin
+    full_block: int
+
+
 def _interpolate(reference: Tensor, computed: Tensor, scale: Tensor) -> Tensor:
     """reference + a * (computed - reference) in value, with the gradient of ``computed``
     (straight through), per source: reference/computed [n, B, T, D], scale [n]."""
@@ -523,8 +545,13 @@ class _MaskedRun:
 
     def __init__(self, model: Model, graph: Graph, input_ids: Tensor, reference: Reference, mask: Tensor,
                  plan: ComputePlan, record: bool, output_scale: Tensor | None, probes: list[Probe] | None,
-                 grad_entries: Tensor | None = None) -> None:
+                 grad_entries: Tensor | None = None, known: KnownOutputs | None = None,
+                 precision: MixedPrecision | None = None) -> None:
         self.model, self.graph, self.plan = model, graph, plan
+        self.precision = precision
+        self.twin_ctx = precision.twin.adapter.prepare(input_ids.to(model.device)) if precision is not None else None
+        self.known_until = known.until_block if known is not None else 0
+        self.known = known
         self.adapter, self.device = model.adapter, model.device
         self.batch, self.length = input_ids.shape
         self.ref = reference.fit(self.batch, self.length)
@@ -570,12 +597,12 @@ class _MaskedRun:
             block = 2 * layer + 1
             sources, readers = graph.sources_of_block(block), graph.readers_of_block(block)
             heads = self.plan.active[sources].nonzero().flatten().to(device)
-            if len(heads):
+            if len(heads) and not self._is_known(block):
                 groups = torch.unique(self.group_of_head[heads])
                 active_heads[block] = (heads, groups)
                 wanted[block] = torch.cat([readers.start + heads, readers.start + h + groups,
                                            readers.start + h + g + groups])
-            if bool(self.plan.active[graph.sources_of_block(block + 1)].any()):
+            if bool(self.plan.active[graph.sources_of_block(block + 1)].any()) and not self._is_known(block + 1):
                 wanted[block + 1] = torch.tensor([graph.readers_of_block(block + 1).start], device=device)
         wanted[graph.n_blocks - 1] = torch.tensor([graph.n_readers - 1], device=device)
         return wanted, active_heads
@@ -698,24 +725,49 @@ class _MaskedRun:
         return x + probe
 
     # -- the pass ----------------------------------------------------------
-    def run(self, positions: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def run(self, positions: Tensor | None, stop_block: int | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """(logits, recorded outputs); with ``stop_block``, stop before computing that block (no logits)."""
         graph, adapter, device = self.graph, self.adapter, self.device
-        self.add_deltas(graph.sources_of_block(0), torch.zeros(1, dtype=torch.long, device=device),
-                        adapter.embed(self.ctx)[None])
+        if self._is_known(0):
+            self.add_deltas(graph.sources_of_block(0), *self._given(0))
+        else:
+            self.add_deltas(graph.sources_of_block(0), torch.zeros(1, dtype=torch.long, device=device),
+                            adapter.embed(self.ctx)[None])
         for layer in range(self.model.layout.n_layers):
-            self._attention_block(layer)
-            block = 2 * layer + 2
-            sources = graph.sources_of_block(block)
-            if block in self.wanted:
-                x = self.inputs(block, self.wanted[block])
-                self.add_deltas(sources, torch.tensor([sources.start], device=device),
-                                adapter.mlp(layer, x[0])[None])
-            else:
-                self.add_deltas(sources, torch.zeros(0, dtype=torch.long, device=device), None)
+            for block in (2 * layer + 1, 2 * layer + 2):
+                if stop_block is not None and block >= stop_block:
+                    return None, self.recorded
+                sources = graph.sources_of_block(block)
+                if self._is_known(block):
+                    self.add_deltas(sources, *self._given(block))
+                elif block % 2 == 1:
+                    self._attention_block(layer)
+                elif block in self.wanted:
+                    x = self.inputs(block, self.wanted[block])
+                    computing, _, dtype = self._computing(block)
+                    self.add_deltas(sources, torch.tensor([sources.start], device=device),
+                                    computing.mlp(layer, x[0].to(dtype))[None].to(self.model.dtype))
+                else:
+                    self.add_deltas(sources, torch.zeros(0, dtype=torch.long, device=device), None)
+        if stop_block is not None and stop_block < self.graph.n_blocks:
+            return None, self.recorded
         logits = adapter.unembed(self._logits_input(positions))
         if positions is not None:
             logits = logits[:, 0]
         return logits, self.recorded
+
+    def _is_known(self, block: int) -> bool:
+        return block < self.known_until
+
+    def _given(self, block: int) -> tuple[Tensor, Tensor | None]:
+        """The recorded outputs of the block's active sources, repeated to this run's batch."""
+        sources = self.graph.sources_of_block(block)
+        index = sources.start + self.plan.active[sources].nonzero().flatten().to(self.device)
+        if len(index) == 0:
+            return index, None
+        given = self.known.outputs.index_select(0, index)
+        copies = self.batch // given.shape[1]
+        return index, (given.repeat(1, copies, 1, 1) if copies > 1 else given)
 
     def _attention_block(self, layer: int) -> None:
         adapter, block = self.adapter, 2 * layer + 1
@@ -731,11 +783,20 @@ class _MaskedRun:
         else:
             xq, xk, xv = x[:n_heads], x[n_heads : n_heads + n_groups], x[n_heads + n_groups :]
         row_of_group = torch.searchsorted(groups, self.group_of_head[heads])  # each head's group among those computed
-        q = adapter.queries(layer, xq, self.ctx, heads)
-        k = adapter.keys(layer, xk, self.ctx, groups).index_select(1, row_of_group)
-        v = adapter.values(layer, xv, self.ctx, groups).index_select(1, row_of_group)
-        computed = adapter.head_outputs(layer, adapter.attend(layer, q, k, v, self.ctx), heads)
-        self.add_deltas(sources, sources.start + heads, computed)
+        adapter, ctx, dtype = self._computing(block)
+        xq, xk, xv = xq.to(dtype), xk.to(dtype), xv.to(dtype)
+        q = adapter.queries(layer, xq, ctx, heads)
+        k = adapter.keys(layer, xk, ctx, groups).index_select(1, row_of_group)
+        v = adapter.values(layer, xv, ctx, groups).index_select(1, row_of_group)
+        computed = adapter.head_outputs(layer, adapter.attend(layer, q, k, v, ctx), heads)
+        self.add_deltas(sources, sources.start + heads, computed.to(self.model.dtype))
+
+    def _computing(self, block: int) -> tuple[ModelAdapter, RunContext, torch.dtype]:
+        """The adapter, context and dtype that compute ``block``: the reduced twin's unless the block is the
+        investigated one (or the run is in full precision)."""
+        if self.precision is None or block == self.precision.full_block:
+            return self.adapter, self.ctx, self.model.dtype
+        return self.precision.twin.adapter, self.twin_ctx, self.precision.twin.dtype
 
     def _logits_input(self, positions: Tensor | None) -> Tensor:
         """The ``logits`` reader's input: [B, T, D], or [B, 1, D] at each example's answer position."""
@@ -776,9 +837,11 @@ def _run(
     output_scale: Tensor | None = None,
     probes: list[Probe] | None = None,
     grad_entries: Tensor | None = None,
+    known: KnownOutputs | None = None,
+    precision: MixedPrecision | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     return _MaskedRun(model, graph, input_ids, reference, mask, plan, record, output_scale, probes,
-                      grad_entries).run(positions)
+                      grad_entries, known, precision).run(positions)
 
 
 def run_masked(
@@ -790,6 +853,8 @@ def run_masked(
     plan: ComputePlan | None = None,
     positions: Tensor | None = None,
     grad_entries: Tensor | None = None,
+    known: KnownOutputs | None = None,
+    precision: MixedPrecision | None = None,
 ) -> Tensor:
     """Forward pass in which every reader reads its masked mix of sources.
 
@@ -802,7 +867,11 @@ def run_masked(
     edge is live and every source is recomputed. ``grad_entries`` [S, R] bool
     (2-D masks only): the entries whose gradient the caller will use; the
     mask's gradient is left at 0 elsewhere, which skips work (Edge Pruning:
-    a gate clamped at 0 or 1 has no gradient anyway).
+    a gate clamped at 0 or 1 has no gradient anyway). ``known``: outputs of
+    the early blocks recorded by ``record_outputs`` under the same masks of
+    those blocks' readers (the caller's promise), taken instead of computed.
+    ``precision``: compute all blocks but one with a reduced-precision twin
+    (no gradient flows through them).
     """
     expected = (graph.n_sources, graph.n_readers)
     if tuple(mask.shape[-2:]) != expected or mask.dim() not in (2, 3):
@@ -814,9 +883,37 @@ def run_masked(
         raise InvalidMaskError(f"grad_entries must be a [{expected[0]}, {expected[1]}] bool tensor with a 2-D mask")
     if plan is None:
         plan = ComputePlan.build(graph, None, reference.kind)
+    if known is not None:
+        _check_known(graph, known, input_ids)
+    if precision is not None and torch.is_grad_enabled() and mask.requires_grad:
+        raise InvalidMaskError("mixed precision is for measuring runs (no gradient); run under torch.no_grad()")
     logits, _ = _run(model, graph, input_ids, reference, mask, plan, positions, record=False,
-                     grad_entries=grad_entries)
+                     grad_entries=grad_entries, known=known, precision=precision)
     return logits
+
+
+def _check_known(graph: Graph, known: KnownOutputs, input_ids: Tensor) -> None:
+    n, recorded_batch, length = known.outputs.shape[:3]
+    if not 0 <= known.until_block < graph.n_blocks or n < graph.sources_of_block(known.until_block).start:
+        raise InvalidMaskError(f"known outputs cover {n} sources, fewer than the blocks before block "
+                               f"{known.until_block} have; record them with record_outputs on this graph")
+    if length != input_ids.shape[1] or input_ids.shape[0] % recorded_batch:
+        raise InvalidMaskError(f"known outputs were recorded on {recorded_batch} x {length} tokens; the run's batch "
+                               f"{list(input_ids.shape)} must be that batch, or copies of it")
+
+
+def record_outputs(model: Model, graph: Graph, input_ids: Tensor, reference: Reference, mask: Tensor,
+                   until_block: int, plan: ComputePlan | None = None,
+                   precision: MixedPrecision | None = None) -> KnownOutputs:
+    """Run ``run_masked`` (no gradients) up to ``until_block`` and keep what the sources before it wrote."""
+    if plan is None:
+        plan = ComputePlan.build(graph, None, reference.kind)
+    n = graph.sources_of_block(until_block).start
+    with torch.no_grad():
+        run = _MaskedRun(model, graph, input_ids, reference, mask.detach(), plan, True, None, None,
+                         precision=precision)
+        _, recorded = run.run(None, stop_block=until_block)
+    return KnownOutputs(recorded[:n].clone(), until_block)
 
 
 def run_with_probes(

@@ -31,12 +31,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .ablation import AblationKind, ComputePlan, Reference, run_masked
+from .ablation import AblationKind, ComputePlan, KnownOutputs, MixedPrecision, Reference, record_outputs, run_masked
 from .batches import Batch, divergence
 from .circuit import Circuit, prune_dangling
 from .errors import HapError
 from .graph import Graph
 from .models.loading import Model
+from .precision import PRECISIONS, ReducedTwin, reduced_twin
 from .tasks import TaskData
 
 METRICS = ("kl", "logit-diff")
@@ -52,6 +53,7 @@ class AcdcConfig:
     ablation: AblationKind = AblationKind.INTERCHANGE
     tests_per_forward: int | None = None  # k; default: as many as ``memory_gib`` allows
     memory_gib: float = 1.0
+    mixed_precision: str | None = None  # PAHQ: None (off) or a ``hap.precision.PRECISIONS`` kind
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ablation", AblationKind(self.ablation))
@@ -61,13 +63,16 @@ class AcdcConfig:
             raise HapError(f"--threshold must be a finite number >= 0, got {self.threshold}")
         if self.tests_per_forward is not None and self.tests_per_forward < 1:
             raise HapError(f"--tests-per-forward must be at least 1, got {self.tests_per_forward}")
+        if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
+            raise HapError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ablation": self.ablation.value}
 
     def decisive(self) -> dict[str, Any]:
         """The settings a sweep's result depends on (not k or memory: the batched sweep is exact)."""
-        return {"threshold": self.threshold, "metric": self.metric, "ablation": self.ablation.value}
+        decisive = {"threshold": self.threshold, "metric": self.metric, "ablation": self.ablation.value}
+        return decisive if self.mixed_precision is None else {**decisive, "mixed_precision": self.mixed_precision}
 
 
 @dataclass
@@ -129,20 +134,24 @@ def _repeated(reference: Reference, times: int, batch: int, length: int) -> Refe
 
 
 def circuit_metrics(model: Model, graph: Graph, data: Sequence[Batch], config: AcdcConfig,
-                    circuits: Sequence[Tensor], live: Tensor) -> list[float]:
+                    circuits: Sequence[Tensor], live: Tensor, known: Sequence[KnownOutputs] | None = None,
+                    precision: MixedPrecision | None = None) -> list[float]:
     """The mean metric of several circuits ([S, R] bool, each within ``live``) over all of ``data``, the
-    circuits of one forward batched as per-example masks."""
+    circuits of one forward batched as per-example masks. ``known``: per batch, the early blocks' outputs
+    (``prefix_outputs``), when every circuit equals ``live`` on the readers of those blocks; ``precision``:
+    PAHQ's mixed precision."""
     plan = ComputePlan.build(graph, live, config.ablation)
     totals = torch.zeros(len(circuits), dtype=torch.float64)
     n = 0
     k = len(circuits)
     stacked = torch.stack([circuit.to(model.dtype) for circuit in circuits]).to(model.device)  # [k, S, R]
     with torch.no_grad():
-        for batch in data:
+        for index, batch in enumerate(data):
             size, length = batch.clean.shape
             masks = stacked.repeat_interleave(size, dim=0)  # [k*B, S, R]: circuit i on rows i*B .. (i+1)*B
             logits = run_masked(model, graph, batch.clean.repeat(k, 1), _repeated(batch.reference, k, size, length),
-                                masks, plan, batch.positions.repeat(k))
+                                masks, plan, batch.positions.repeat(k),
+                                known=None if known is None else known[index], precision=precision)
             full = batch.task.logit_diff(batch.clean_logits)
             copies = logits.view(k, size, -1)
             totals += torch.stack([_per_example_metric(config, batch, copies[i], full).double().sum()
@@ -151,6 +160,19 @@ def circuit_metrics(model: Model, graph: Graph, data: Sequence[Batch], config: A
     if n == 0:
         raise HapError("ACDC needs at least one training example")
     return (totals / n).tolist()
+
+
+def prefix_outputs(model: Model, graph: Graph, data: Sequence[Batch], config: AcdcConfig, kept: Tensor,
+                   reader: int, precision: MixedPrecision | None = None) -> list[KnownOutputs]:
+    """Per batch, what the sources before ``reader``'s block write in the circuit ``kept``. Testing the
+    edges into ``reader`` changes only that reader's input, so these outputs hold for all its tests: each
+    test then computes the blocks from the reader's on (sparse by then, since later readers were decided
+    first) instead of the whole model."""
+    plan = ComputePlan.build(graph, kept, config.ablation)
+    block = int(graph.reader_block[reader])
+    mask = kept.to(device=model.device, dtype=model.dtype)
+    return [record_outputs(model, graph, batch.clean, batch.reference, mask, block, plan, precision)
+            for batch in data]
 
 
 def tests_per_forward(model: Model, graph: Graph, data: Sequence[Batch], config: AcdcConfig) -> int:
@@ -164,9 +186,14 @@ def tests_per_forward(model: Model, graph: Graph, data: Sequence[Batch], config:
 
 
 def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch], run_dir: str | Path | None = None,
-         resume: bool = False, progress: bool = False, checkpoint_seconds: float = 120.0) -> AcdcState:
-    """Run the sweep (see the module docstring) and return its final state."""
+         resume: bool = False, progress: bool = False, checkpoint_seconds: float = 120.0,
+         twin: ReducedTwin | None = None) -> AcdcState:
+    """Run the sweep (see the module docstring) and return its final state. With ``config.mixed_precision``
+    every block but the tested reader's runs on ``twin`` (default: built here, refused where not faster),
+    and each reader's tests compare against the current circuit measured the same way."""
     graph = Graph.from_model(model)
+    if config.mixed_precision is not None and twin is None:
+        twin = reduced_twin(model, config.mixed_precision, sample=(data[0].clean, data[0].positions))
     order = sweep_order(graph)
     path = Path(run_dir) / STATE_FILE if run_dir is not None else None
     k = tests_per_forward(model, graph, data, config)
@@ -183,17 +210,25 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
               f"(every edge removed) and {left:,} (every edge kept) of {n_batches} batch(es), {k} tests per "
               "forward", flush=True)
     saved_at = time.monotonic()
+    known: tuple[int, list[KnownOutputs]] | None = None  # (reader, its prefix outputs per batch)
     with tqdm(total=len(order), initial=state.position, desc="acdc", unit="edge", disable=not progress) as bar:
         while state.position < len(order):
             group = order[state.position: state.position + k]
             reader = group[0][1]
             group = [edge for edge in group if edge[1] == reader]  # one reader per group: save between readers
+            precision = MixedPrecision(twin, int(graph.reader_block[reader])) if twin is not None else None
+            if known is None or known[0] != reader:
+                known = (reader, prefix_outputs(model, graph, data, config, state.kept, reader, precision))
+                if precision is not None:  # the baseline in this reader's precision assignment
+                    state.metric = circuit_metrics(model, graph, data, config, [state.kept], state.kept, known[1],
+                                                   precision)[0]
+                    state.forwards += 1
             circuits = []
             trial = state.kept.clone()
             for source, target in group:
                 trial[source, target] = False
                 circuits.append(trial.clone())
-            values = circuit_metrics(model, graph, data, config, circuits, state.kept)
+            values = circuit_metrics(model, graph, data, config, circuits, state.kept, known[1], precision)
             state.forwards += 1
             baseline = state.metric
             for (source, target), value in zip(group, values):
@@ -234,7 +269,8 @@ def acdc_circuit(model: Model, task: TaskData, config: AcdcConfig, state: AcdcSt
 
 def search_threshold(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch], n_edges: int,
                      run_dir: str | Path | None = None, resume: bool = False, runs: int = 6, low: float = 1e-5,
-                     high: float = 1.0, progress: bool = False) -> tuple[AcdcConfig, AcdcState]:
+                     high: float = 1.0, progress: bool = False,
+                     twin: ReducedTwin | None = None) -> tuple[AcdcConfig, AcdcState]:
     """Sweeps at thresholds bisected on a log scale in [low, high] (``runs`` of them, each resumable in its
     own ``tau-<value>`` folder) for a circuit of about ``n_edges``; returns the sweep with the fewest kept
     edges at or above ``n_edges`` (else the one with the most), to be cut to ``n_edges`` by
@@ -243,9 +279,12 @@ def search_threshold(model: Model, task: TaskData, config: AcdcConfig, data: Seq
     for _ in range(runs):
         tau = math.sqrt(low * high)
         trial = AcdcConfig(threshold=float(f"{tau:.4g}"), metric=config.metric, ablation=config.ablation,
-                           tests_per_forward=config.tests_per_forward, memory_gib=config.memory_gib)
+                           tests_per_forward=config.tests_per_forward, memory_gib=config.memory_gib,
+                           mixed_precision=config.mixed_precision)
         folder = Path(run_dir) / f"tau-{trial.threshold:.4g}" if run_dir is not None else None
-        state = acdc(model, task, trial, data, folder, resume=resume, progress=progress)
+        if config.mixed_precision is not None and twin is None:
+            twin = reduced_twin(model, config.mixed_precision, sample=(data[0].clean, data[0].positions))
+        state = acdc(model, task, trial, data, folder, resume=resume, progress=progress, twin=twin)
         results.append((trial, state))
         kept = int(state.kept.sum())
         if progress:

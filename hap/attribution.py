@@ -32,12 +32,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .ablation import AblationKind, run_masked, run_with_probes, trace
+from .ablation import AblationKind, MixedPrecision, run_masked, run_with_probes, trace
 from .batches import Batch, Loss, batches, loss_function
 from .circuit import Scores
 from .errors import HapError
 from .graph import Graph
 from .models.loading import Model
+from .precision import PRECISIONS, ReducedTwin, reduced_twin
 from .tasks import TaskData
 
 
@@ -61,6 +62,7 @@ class AttributionConfig:
     batch_size: int = 16
     edges_subset: tuple[str, ...] | None = None  # exact only: score just these edges
     per_head_kv: bool = False  # also score each query head's own copy of its group's k/v input (MIB's graph)
+    mixed_precision: str | None = None  # exact only (PAHQ): a ``hap.precision.PRECISIONS`` kind, None = off
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
@@ -79,6 +81,11 @@ class AttributionConfig:
             object.__setattr__(self, "edges_subset", tuple(self.edges_subset))
         if self.per_head_kv and self.method is Method.EXACT:
             raise HapError("--per-head-kv applies to the gradient methods (eap, eap-ig-*), not exact")
+        if self.mixed_precision is not None and self.method is not Method.EXACT:
+            raise HapError("--mixed-precision applies to the patching methods (exact, acdc): gradient methods "
+                           "need the model in full precision")
+        if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
+            raise HapError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -162,17 +169,27 @@ def _gradient_scores(model: Model, graph: Graph, batch: Batch, config: Attributi
 
 
 def _exact_scores(model: Model, graph: Graph, batch: Batch, config: AttributionConfig, scores: Tensor,
-                  weight: float, edges: list[tuple[int, int]]) -> None:
-    """Ablate one edge at a time: L(without the edge) - L(full model)."""
+                  weight: float, edges: list[tuple[int, int]], twin: ReducedTwin | None = None) -> None:
+    """Ablate one edge at a time: L(without the edge) - L(full model). With a reduced-precision ``twin``
+    (PAHQ), every block but the edge's reader's runs on the twin, the full model's loss likewise."""
     loss_of = loss_function(config.loss, batch)
     mask = torch.ones(graph.real.shape, device=model.device, dtype=model.dtype)
+    full_of: dict[int | None, float] = {}  # the full model's loss per investigated block
+
+    def loss(precision: MixedPrecision | None) -> float:
+        return float(loss_of(run_masked(model, graph, batch.clean, batch.reference, mask, positions=batch.positions,
+                                        precision=precision)))
+
     with torch.no_grad():
-        full = float(loss_of(run_masked(model, graph, batch.clean, batch.reference, mask, positions=batch.positions)))
         for source, reader in edges:
+            block = int(graph.reader_block[reader]) if twin is not None else None
+            precision = MixedPrecision(twin, block) if twin is not None else None
+            if block not in full_of:
+                full_of[block] = loss(precision)
             mask[source, reader] = 0.0
-            ablated = run_masked(model, graph, batch.clean, batch.reference, mask, positions=batch.positions)
+            ablated = loss(precision)
             mask[source, reader] = 1.0
-            scores[source, reader] += weight * (float(loss_of(ablated)) - full)
+            scores[source, reader] += weight * (ablated - full_of[block])
 
 
 def attribute(
@@ -182,6 +199,7 @@ def attribute(
     config: AttributionConfig | None = None,
     progress: bool = False,
     data: list[Batch] | None = None,
+    twin: ReducedTwin | None = None,
 ) -> Scores:
     """Score every real edge of ``model``'s graph on ``task`` with ``method``.
 
@@ -190,6 +208,8 @@ def attribute(
     ``config`` carries the other settings; ``method``, when given, overrides its
     method (default: ``eap-ig-inputs``). ``data``: batches already prepared
     (with their references) for this task, so they are not computed again.
+    ``twin``: the reduced-precision model of ``config.mixed_precision``
+    (default: built here, and refused where it is not faster).
     """
     config = config or AttributionConfig()
     if method is not None:
@@ -201,6 +221,8 @@ def attribute(
     layout = model.layout
     kv_per_head = torch.zeros(graph.n_sources, layout.n_layers, layout.n_heads, 2) if config.per_head_kv else None
     edges = None
+    if config.mixed_precision is None:
+        twin = None
     if config.method is Method.EXACT:
         names = config.edges_subset or graph.edge_names()
         try:
@@ -214,8 +236,10 @@ def attribute(
             data = batches(model, graph, task, config.batch_size, config.ablation, config.loss is Loss.KL)
         for batch in data:
             weight = len(batch.clean) / n_total
+            if config.mixed_precision is not None and twin is None:
+                twin = reduced_twin(model, config.mixed_precision, sample=(batch.clean, batch.positions))
             if config.method is Method.EXACT:
-                _exact_scores(model, graph, batch, config, scores, weight, edges)
+                _exact_scores(model, graph, batch, config, scores, weight, edges, twin)
             else:
                 _gradient_scores(model, graph, batch, config, scores, weight, kv_per_head)
             bar.update(len(batch.clean))

@@ -114,7 +114,7 @@ def _discover(args: argparse.Namespace) -> int:
         "per_head_kv": args.per_head_kv,
         "curve": args.curve, "ground_truth": args.ground_truth, "threshold": args.threshold,
         "acdc_metric": args.acdc_metric, "tests_per_forward": args.tests_per_forward,
-        "threshold_runs": args.threshold_runs, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
+        "threshold_runs": args.threshold_runs, "mixed_precision": args.mixed_precision, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
         "lr_warmup": args.lr_warmup, "sparsity_warmup": args.sparsity_warmup, "node_masks": args.node_masks,
         "max_extra_steps": args.max_extra_steps, "node_sparsity": args.node_sparsity, "candidates": args.candidates,
         "attribution": args.attribution, "attribution_examples": args.attribution_examples,
@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="acdc: edge tests batched in one forward (default: as --reference-memory allows)")
     sweep.add_argument("--threshold-runs", type=int, default=None,
                        help="acdc with --edges/--sparsity: sweeps of the TAU bisection (default 6)")
+    sweep.add_argument("--mixed-precision", default=None, choices=settings.PRECISIONS,
+                       help="acdc/exact (PAHQ): compute every block but the tested edge's reader's in reduced "
+                       "precision (auto: bfloat16 on CUDA, int8 MLPs on CPU); refused where it is not faster")
     pruning = discover.add_argument_group("Edge Pruning and HAP")
     pruning.add_argument("--steps", type=int, default=None, help=f"training steps (default {settings.DEFAULT_STEPS}; tracr models 1000)")
     pruning.add_argument("--lr", type=float, default=None, help="mask learning rate (default 0.8; tracr models 0.1)")

@@ -35,7 +35,7 @@ from .models.loading import DEFAULT_MODEL, Model, load_model
 from .models.tracr import TracrTransformer
 from .settings import (ATTRIBUTION_METHODS, DEFAULT_ATTRIBUTION_EXAMPLES, DEFAULT_BATCH_SIZE, DEFAULT_METHOD,
                        DEFAULT_MONITOR_EXAMPLES, DEFAULT_N_TEST, DEFAULT_REFERENCE_MEMORY_GIB, DEFAULT_STEPS,
-                       DEFAULT_TEST_FRACTION, METHODS, PRUNING_METHODS)
+                       DEFAULT_TEST_FRACTION, METHODS, PRECISIONS, PRUNING_METHODS)
 from .tasks import TaskData, TaskSpec, is_program_task, load_split, task_splits
 
 # ATTRIBUTION_METHODS, PRUNING_METHODS, METHODS: hap.settings (the CLI lists them before importing torch)
@@ -91,6 +91,7 @@ class DiscoverConfig:
     acdc_metric: str = "kl"
     tests_per_forward: int | None = None
     threshold_runs: int = 6
+    mixed_precision: str | None = None  # acdc and exact (PAHQ): auto, int8, bfloat16, float16; None = off
     # Edge Pruning and HAP (None: the model's default, PRUNING_DEFAULTS)
     steps: int | None = None
     lr: float | None = None
@@ -143,6 +144,10 @@ class DiscoverConfig:
                            + (", or --threshold TAU" if self.method == "acdc" else ""))
         if self.per_head_kv and self.method not in ("eap", "eap-ig-inputs", "eap-ig-activations"):
             raise HapError("--per-head-kv applies to --method eap, eap-ig-inputs or eap-ig-activations")
+        if self.mixed_precision is not None and self.method not in ("acdc", "exact"):
+            raise HapError("--mixed-precision applies to the patching methods (--method acdc or exact)")
+        if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
+            raise HapError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         if self.method == "acdc":
             from .acdc import AcdcConfig
 
@@ -255,7 +260,8 @@ def _attribution_config(config: DiscoverConfig, method: str) -> AttributionConfi
     return AttributionConfig(method=method, ig_steps=config.ig_steps, loss=config.loss, ablation=config.ablation,
                              batch_size=config.batch_size,
                              edges_subset=config.edges_subset if method == "exact" else None,
-                             per_head_kv=config.per_head_kv and method == config.method)
+                             per_head_kv=config.per_head_kv and method == config.method,
+                             mixed_precision=config.mixed_precision if method == "exact" else None)
 
 
 def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: dict[str, float],
@@ -312,7 +318,8 @@ def _acdc(model: Model, task: TaskData, config: DiscoverConfig, graph: Graph, da
     started = time.perf_counter()
     settings = AcdcConfig(threshold=config.threshold if config.threshold is not None else 0.0,
                           metric=config.acdc_metric, ablation=config.ablation,
-                          tests_per_forward=config.tests_per_forward, memory_gib=config.reference_memory)
+                          tests_per_forward=config.tests_per_forward, memory_gib=config.reference_memory,
+                          mixed_precision=config.mixed_precision)
     sized = config.edges is not None or config.sparsity is not None
     n_edges = n_edges_wanted(config, graph) if sized else None
     if config.threshold is not None:

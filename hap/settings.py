@@ -27,6 +27,7 @@ ATTRIBUTION_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "exact")
 PRUNING_METHODS = ("ep", "hap")
 METHODS = ATTRIBUTION_METHODS + PRUNING_METHODS + ("acdc",)
 DEFAULT_METHOD = "eap-ig-inputs"
+PRECISIONS = ("auto", "int8", "bfloat16", "float16")  # --mixed-precision (PAHQ) for acdc and exact
 DEFAULT_N_TEST = 200
 DEFAULT_TEST_FRACTION = 0.25  # custom files: the share of examples hashed into the test split
 DEFAULT_BATCH_SIZE = 16

@@ -5,7 +5,8 @@ import torch
 from naive import naive_masked_logits
 
 import hap
-from hap.ablation import AblationKind, ComputePlan, interchange_reference, mean_reference, run_masked, trace, zero_reference
+from hap.ablation import (AblationKind, ComputePlan, interchange_reference, mean_reference, record_outputs, run_masked,
+                          trace, zero_reference)
 from hap.errors import InvalidMaskError
 from hap.models.tiny_vocab import SPECIAL_TOKENS
 
@@ -113,6 +114,53 @@ def test_sparse_plans_with_per_example_masks_match_the_slow_twin(tiny_model, chu
     assert torch.allclose(fast, slow, atol=1e-5)
     fast.square().mean().backward()
     assert float(masks.grad[:, ~live].abs().sum()) == 0.0 and float(masks.grad[:, live].abs().sum()) > 0.0
+
+
+@pytest.mark.parametrize("kind", list(AblationKind))
+def test_known_early_outputs_give_the_slow_twins_logits(tiny_model, chunk_layers, kind):
+    # Copies of a batch whose masks agree on the readers before block b and differ from b on: the early
+    # blocks' recorded outputs, taken as given, give the same logits as computing everything.
+    graph = hap.Graph.from_model(tiny_model)
+    clean, corrupted = _batch(tiny_model, 31)
+    copies, size = 3, clean.shape[0]
+
+    def reference_of(n_copies):
+        if kind is AblationKind.INTERCHANGE:
+            return interchange_reference(tiny_model, corrupted.repeat(n_copies, 1))
+        if kind is AblationKind.MEAN:
+            return mean_reference(tiny_model, graph, torch.cat([corrupted, clean]).roll(1, 1))
+        return zero_reference(tiny_model, graph, clean.shape[1])
+
+    one, repeated = reference_of(1), reference_of(copies)
+    generator = torch.Generator().manual_seed(32)
+    live = (torch.rand(graph.real.shape, generator=generator) < 0.6) & graph.real
+    plan = ComputePlan.build(graph, live, kind)
+    shared = torch.rand(graph.real.shape, generator=generator)
+    for block in (1, 4, graph.n_blocks - 1):
+        later = graph.reader_block >= block
+        masks = shared.expand(copies, -1, -1).clone()
+        masks[:, :, later] = torch.rand((copies, graph.n_sources, int(later.sum())), generator=generator)
+        masks = masks.repeat_interleave(size, dim=0)  # copy i on rows i*B .. (i+1)*B
+        known = record_outputs(tiny_model, graph, clean, one, shared, block, plan)
+        with torch.no_grad():
+            fast = run_masked(tiny_model, graph, clean.repeat(copies, 1), repeated, masks, plan=plan, known=known)
+            slow = naive_masked_logits(tiny_model, graph, clean.repeat(copies, 1), repeated.outputs, masks * live)
+        assert torch.allclose(fast, slow, atol=1e-5), block
+        if block > 1:  # the given outputs are used: recorded under other early masks, they change the logits
+            other = record_outputs(tiny_model, graph, clean, one, torch.rand(graph.real.shape, generator=generator),
+                                   block, plan)
+            with torch.no_grad():
+                wrong = run_masked(tiny_model, graph, clean.repeat(copies, 1), repeated, masks, plan=plan, known=other)
+            assert not torch.allclose(wrong, slow, atol=1e-3), block
+
+
+def test_known_outputs_of_another_batch_are_refused(tiny_model):
+    graph = hap.Graph.from_model(tiny_model)
+    clean, corrupted = _batch(tiny_model, 33)
+    reference = zero_reference(tiny_model, graph, clean.shape[1])
+    known = record_outputs(tiny_model, graph, clean, reference, torch.ones(graph.real.shape), 3)
+    with pytest.raises(InvalidMaskError, match="recorded on 3 x 7 tokens"):
+        run_masked(tiny_model, graph, clean[:2], reference, torch.ones(graph.real.shape), known=known)
 
 
 def test_one_edge_ablated_changes_only_through_that_edge(tiny_llama):

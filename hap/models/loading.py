@@ -125,7 +125,8 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
         )
 
 
-def _adapter_for(hf_model: PreTrainedModel, name: str) -> ModelAdapter:
+def adapter_for(hf_model: PreTrainedModel, name: str) -> ModelAdapter:
+    """The adapter of a Hugging Face model's family (refused, naming the families, when unsupported)."""
     kind = hf_model.config.model_type
     if kind not in ADAPTERS:
         raise UnsupportedArchitectureError(
@@ -231,4 +232,4 @@ def load_model(
         origin = "pretrained"
     check_tokenizer(tokenizer, name_or_path)
     hf_model = hf_model.to(torch_device).eval().requires_grad_(False)
-    return Model(name_or_path, hf_model, tokenizer, _adapter_for(hf_model, name_or_path), origin)
+    return Model(name_or_path, hf_model, tokenizer, adapter_for(hf_model, name_or_path), origin)

@@ -1,0 +1,132 @@
+"""Reduced precision for the components a patching method is not investigating (PAHQ, Wang et al. 2025).
+
+An exact test (ACDC, exact patching) removes edges into one reader and measures the change; PAHQ computes
+the investigated component in full precision and the rest of the network in reduced precision. Here the
+investigated component is the tested reader's block (its layer's attention, its MLP, or the logits),
+a superset of PAHQ's single head. ``ReducedTwin`` is a second adapter over a reduced copy of the model;
+the masked run computes every other block's sources with it (inputs cast down, outputs cast back up).
+
+What "reduced" means depends on the device and is chosen only where it is faster:
+
+* CUDA: ``bfloat16`` (default) or ``float16`` copies of the whole model;
+* CPU: ``int8``, dynamically quantised MLP linear layers (attention keeps its float32 per-head
+  weights, which the graph slices head by head). bf16/fp16 arithmetic is emulated on CPUs without
+  AVX-512-BF16/AMX and runs several times slower (``benchmarks/precision.py``).
+
+``reduced_twin`` refuses a precision that is slower here (it times one MLP both ways) and, given a sample
+of the task, one that moves the full model's answer distribution by more than ``MAX_TWIN_KL`` nats: a
+circuit of a different model is not a circuit of this one. (Dynamic int8 MLPs move SmolLM2-135M's IOI
+answers by 1.2 nats: refused; ``benchmarks/acdc_cost.py``.)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import HapError
+from .models.adapter import ModelAdapter
+from .models.loading import Model, adapter_for
+from .settings import PRECISIONS
+
+MAX_TWIN_KL = 0.01  # nats: how far the reduced full model may move the answer distribution
+
+
+@dataclass(frozen=True)
+class ReducedTwin:
+    """A reduced-precision adapter next to the model's own: ``kind`` (int8, bfloat16, float16) and the
+    dtype its blocks compute in (float32 for int8: only the weights of its linear layers are quantised)."""
+
+    kind: str
+    adapter: ModelAdapter
+    dtype: torch.dtype
+
+    def to_dict(self) -> dict[str, str]:
+        return {"mixed_precision": self.kind}
+
+
+def _quantised_mlps(model: Model) -> torch.nn.Module:
+    """A copy of the model whose MLP linear layers are dynamically quantised to int8 (CPU only)."""
+    names = {name for name, module in model.hf_model.named_modules() if name.endswith(".mlp")}
+    if not names:
+        raise HapError(f"--mixed-precision int8: found no MLP modules in {model.name}")
+    twin = copy.deepcopy(model.hf_model)
+    spec = {name: torch.ao.quantization.per_channel_dynamic_qconfig for name in names}
+    with warnings.catch_warnings():  # torch.ao's eager quantisation announces its move to torchao
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        twin = torch.ao.quantization.quantize_dynamic(twin, spec, dtype=torch.qint8)
+    if not any(isinstance(module, torch.ao.nn.quantized.dynamic.Linear) for module in twin.modules()):
+        raise HapError(f"--mixed-precision int8 quantises nn.Linear layers, and the MLPs of {model.name} have none "
+                       "(GPT-2 writes them as Conv1D); leave it off on this model")
+    return twin
+
+
+def _mlp_seconds(adapter: ModelAdapter, dtype: torch.dtype, d_model: int, device: torch.device) -> float:
+    x = torch.randn(16, 20, d_model, device=device).to(dtype)
+    with torch.no_grad():
+        adapter.mlp(0, x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(5):
+            adapter.mlp(0, x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return (time.perf_counter() - started) / 5
+
+
+def twin_divergence(model: Model, twin: ReducedTwin, input_ids: Tensor, positions: Tensor) -> float:
+    """Mean KL(model || twin) of the next-token distributions at ``positions`` [B] of ``input_ids`` [B, T]."""
+    rows = torch.arange(len(input_ids), device=model.device)
+    ids, positions = input_ids.to(model.device), positions.to(model.device)
+    with torch.no_grad():
+        full = model.hf_model(ids).logits[rows, positions].float().log_softmax(-1)
+        reduced = twin.adapter.hf_model(ids).logits[rows, positions].float().log_softmax(-1)
+    return float((full.exp() * (full - reduced)).sum(-1).mean())
+
+
+def reduced_twin(model: Model, kind: str = "auto", check_speed: bool = True,
+                 sample: tuple[Tensor, Tensor] | None = None) -> ReducedTwin:
+    """Build the reduced twin of ``model`` (``kind``: auto = bfloat16 on CUDA, int8 on CPU). With
+    ``check_speed``, refuse a precision whose MLP runs slower than the model's own on this machine; with a
+    ``sample`` (input ids [B, T], answer positions [B]), one whose full model is further than
+    ``MAX_TWIN_KL`` from the model's."""
+    if kind not in PRECISIONS:
+        raise HapError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {kind!r}")
+    device = model.device
+    if model.dtype != torch.float32:
+        raise HapError(f"--mixed-precision reduces a float32 model; {model.name} is loaded in {model.dtype} already")
+    if model.origin == "tracr":
+        raise HapError("--mixed-precision: tracr models compute exactly in float32 and are tiny; leave it off")
+    if kind == "auto":
+        kind = "bfloat16" if device.type == "cuda" else "int8"
+    if kind == "int8":
+        if device.type != "cpu":
+            raise HapError("--mixed-precision int8 (dynamic quantisation) runs on CPU only; on CUDA use bfloat16")
+        twin = ReducedTwin(kind, adapter_for(_quantised_mlps(model), model.name), torch.float32)
+    else:
+        dtype = getattr(torch, kind)
+        hf_twin = copy.deepcopy(model.hf_model).to(dtype)
+        twin = ReducedTwin(kind, adapter_for(hf_twin, model.name), dtype)
+    if check_speed:
+        full = _mlp_seconds(model.adapter, model.dtype, model.layout.d_model, device)
+        reduced = _mlp_seconds(twin.adapter, twin.dtype, model.layout.d_model, device)
+        if reduced >= full:
+            better = "leave it off" if device.type == "cpu" and kind == "int8" else \
+                ("use --mixed-precision int8 or leave it off" if device.type == "cpu" else "leave it off")
+            raise HapError(f"--mixed-precision {kind}: on this {device.type} one MLP takes {reduced * 1e3:.2f} ms in "
+                           f"{kind} against {full * 1e3:.2f} ms in float32, so it would slow the run down; {better}")
+    if sample is not None:
+        divergence = twin_divergence(model, twin, *sample)
+        if divergence > MAX_TWIN_KL:
+            raise HapError(f"--mixed-precision {kind}: the model in {kind} answers the task's first examples with "
+                           f"KL {divergence:.3g} nats from float32 (at most {MAX_TWIN_KL} allowed), so tests on it "
+                           "would judge another model; leave it off" + (", or use bfloat16 on a GPU"
+                                                                       if device.type == "cpu" else ""))
+    return twin

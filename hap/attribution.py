@@ -27,14 +27,16 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .ablation import AblationKind, MixedPrecision, run_masked, run_with_probes, trace
-from .batches import Batch, Loss, batches, loss_function
+from .batches import Batch, Loss, TaskBatches, loss_function
 from .circuit import Scores
+from .distributed import Ranks
 from .errors import HapError
 from .graph import Graph
 from .models.loading import Model
@@ -198,8 +200,9 @@ def attribute(
     method: Method | str | None = None,
     config: AttributionConfig | None = None,
     progress: bool = False,
-    data: list[Batch] | None = None,
+    data: Sequence[Batch] | None = None,
     twin: ReducedTwin | None = None,
+    ranks: Ranks | None = None,
 ) -> Scores:
     """Score every real edge of ``model``'s graph on ``task`` with ``method``.
 
@@ -209,8 +212,11 @@ def attribute(
     method (default: ``eap-ig-inputs``). ``data``: batches already prepared
     (with their references) for this task, so they are not computed again.
     ``twin``: the reduced-precision model of ``config.mixed_precision``
-    (default: built here, and refused where it is not faster).
+    (default: built here, and refused where it is not faster). ``ranks``: in a
+    data-parallel run, this process scores its share of the batches and
+    every process returns the sum over all of them.
     """
+    ranks = ranks or Ranks()
     config = config or AttributionConfig()
     if method is not None:
         config = AttributionConfig(**{**config.to_dict(), "method": Method(method)})
@@ -231,10 +237,12 @@ def attribute(
             raise HapError(f"--edges-subset: {error.args[0]}; edge names look like a3.h1->m5") from error
     started = time.perf_counter()
     n_total = len(task)
-    with tqdm(total=n_total, desc=f"attribution ({config.method.value})", unit="ex", disable=not progress) as bar:
-        if data is None:
-            data = batches(model, graph, task, config.batch_size, config.ablation, config.loss is Loss.KL)
-        for batch in data:
+    if data is None:
+        data = TaskBatches(model, graph, task, config.batch_size, config.ablation, config.loss is Loss.KL)
+    shown = progress and ranks.is_main
+    with tqdm(total=n_total, desc=f"attribution ({config.method.value})", unit="ex", disable=not shown) as bar:
+        for index in ranks.mine(len(data)):
+            batch = data[index]
             weight = len(batch.clean) / n_total
             if config.mixed_precision is not None and twin is None:
                 twin = reduced_twin(model, config.mixed_precision, sample=(batch.clean, batch.positions))
@@ -242,8 +250,10 @@ def attribute(
                 _exact_scores(model, graph, batch, config, scores, weight, edges, twin)
             else:
                 _gradient_scores(model, graph, batch, config, scores, weight, kv_per_head)
-            bar.update(len(batch.clean))
-    scores *= graph.real
+            bar.update(len(batch.clean) * ranks.world_size)
+    scores = ranks.sum(scores) * graph.real
+    if kv_per_head is not None:
+        kv_per_head = ranks.sum(kv_per_head)
     return Scores(
         model=model.name,
         task=task.name,

@@ -27,6 +27,7 @@ from typing import Any
 from .attribution import AttributionConfig, attribute
 from .batches import GIB, ReferenceCache, TaskBatches
 from .circuit import Circuit, Scores, edges_for_sparsity, generalisation_gap, write_atomically
+from .distributed import Ranks, ranks_from_env
 from .errors import HapError
 from .evaluation import HeldOutMonitor, evaluate, faithfulness_curve
 from .graph import Graph
@@ -265,12 +266,14 @@ def _attribution_config(config: DiscoverConfig, method: str) -> AttributionConfi
 
 
 def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: dict[str, float],
-                 data: TaskBatches | None = None, monitor: HeldOutMonitor | None = None) -> Circuit:
+                 data: TaskBatches | None = None, monitor: HeldOutMonitor | None = None,
+                 ranks: Ranks | None = None) -> Circuit:
     """Run the method on the training examples and select the circuit (the stage a new method plugs into).
 
     ``data``: the training batches (made on demand, cached within the memory
     budget); ``monitor``: held-out examples that Edge Pruning and HAP measure
-    during training.
+    during training; ``ranks``: this process's share of a data-parallel run
+    (attribution methods).
     """
     graph = Graph.from_model(model)
     if data is None:
@@ -302,7 +305,7 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
                       **checkpoints)
 
     scores: Scores = attribute(model, task, config=_attribution_config(config, config.method), progress=True,
-                               data=data)
+                               data=data, ranks=ranks)
     runtime.update(scores.runtime_s)
     started = time.perf_counter()
     circuit = scores.circuit(n_edges_wanted(config, graph))
@@ -390,6 +393,10 @@ def discover(config: DiscoverConfig) -> Circuit:
     started = time.perf_counter()
     model = load_model(config.model, device=config.device, dtype=config.dtype)
     runtime["load"] = time.perf_counter() - started
+    ranks = ranks_from_env(model.device)
+    if ranks.world_size > 1 and config.method not in ATTRIBUTION_METHODS:
+        raise HapError(f"a data-parallel run (torchrun, {ranks.world_size} processes) supports the attribution "
+                       f"methods ({', '.join(ATTRIBUTION_METHODS)}) so far; run --method {config.method} as one process")
     started = time.perf_counter()
     train_spec, test_spec = split_specs(config, model)
     train_task, test_task = load_split(train_spec, model.tokenizer), load_split(test_spec, model.tokenizer)
@@ -400,7 +407,8 @@ def discover(config: DiscoverConfig) -> Circuit:
     if config.ground_truth is not None:
         read_ground_truth(config.ground_truth, graph)  # a bad file is refused before any work
     # The inputs are good: only now is the run directory touched (a mistake above leaves it as it was).
-    if not config.resume:
+    ranks.barrier()  # every process has checked the directory before the main one writes to it
+    if not config.resume and ranks.is_main:
         for stale in ("train_log.jsonl", "checkpoint.pt", "attribution.pt", "acdc_state.pt"):
             (out / stale).unlink(missing_ok=True)  # only reached with --force or a fresh directory
         shutil.rmtree(out / "snapshots", ignore_errors=True)
@@ -416,7 +424,9 @@ def discover(config: DiscoverConfig) -> Circuit:
         started = time.perf_counter()
         monitor = HeldOutMonitor.build(model, test_task, config.monitor_examples, config.ablation)
         runtime["monitor"] = time.perf_counter() - started
-    circuit = find_circuit(model, train_task, config, runtime, train, monitor)
+    circuit = find_circuit(model, train_task, config, runtime, train, monitor, ranks)
+    if not ranks.is_main:  # the main process measures the circuit and writes the run
+        return circuit
 
     circuit.metrics = measure(model, circuit, train, test, config, runtime)
     circuit.splits = {"train": train_spec.to_dict(), "test": test_spec.to_dict()}

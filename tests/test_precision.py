@@ -10,7 +10,7 @@ import torch
 
 import hap
 from hap import precision as precision_module
-from hap.ablation import AblationKind, MixedPrecision, interchange_reference, run_masked
+from hap.ablation import MixedPrecision, interchange_reference, run_masked
 from hap.acdc import AcdcConfig, acdc
 from hap.attribution import AttributionConfig, attribute
 from hap.batches import TaskBatches

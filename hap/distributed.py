@@ -1,0 +1,60 @@
+"""Data parallel over torch.distributed: which batches a process takes, and summing what they found.
+
+Launched with ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous), each
+process takes every ``world_size``-th batch, starting at its rank, and the per-rank sums are added with
+one all-reduce. Only the main process (rank 0) writes files and prints. Backend: NCCL on CUDA, gloo on
+CPU. Without ``torchrun`` (``WORLD_SIZE`` unset or 1) nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among ``world_size`` data-parallel processes."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, n: int) -> range:
+        """The indices, of ``n`` batches, this process takes."""
+        return range(self.rank, n, self.world_size)
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over all processes (the tensor itself alone); every process gets it."""
+        if self.world_size == 1:
+            return tensor
+        backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+        summed = tensor.to(backend_device).contiguous()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed.to(tensor.device)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def ranks_from_env(device: torch.device | None = None) -> Ranks:
+    """Join the process group ``torchrun`` describes in the environment (NCCL for a CUDA ``device``, gloo
+    otherwise); one process alone when it describes none."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Ranks()
+    if not dist.is_initialized():
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size())

@@ -113,7 +113,7 @@ def main() -> None:
     edges = [1 + layer * (layout.n_heads + 1) for layer in range(layout.n_layers)]
     speedup = sum(edges) / sum(n / nearest(layer) for layer, n in enumerate(edges))
     print(f"\nwhole sweep (each layer's edges at the nearest measured layer's ratio): {speedup:.2f}x")
-    divergence = twin_divergence(model, twin, data[0].clean, data[0].positions)
+    divergence = twin_divergence(model, twin, data[0])
     print(f"int8 twin: {twin_gib:.2f} GiB more resident memory; the whole model with int8 MLPs is KL "
           f"{divergence:.3f} nats from float32 at the answer (hap refuses a twin above 0.01)")
 

@@ -46,7 +46,7 @@ def main() -> None:
                 kept.append(state.kept & graph.real)
                 row.append((int(kept[-1].sum()), metrics.kl, seconds))
             differ = int((kept[0] ^ kept[1]).sum())
-            divergence = twin_divergence(model, twin, data[0].clean, data[0].positions)
+            divergence = twin_divergence(model, twin, data[0])
             print(f"| {name} | {ablation} | {tau:g} | {row[0][0]} | {row[1][0]} | {differ} | {divergence:.1e} | "
                   f"{row[0][1]:.4f} | {row[1][1]:.4f} | {row[0][2]:.1f} | {row[1][2]:.1f} |", flush=True)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -46,7 +47,9 @@ from .errors import InvalidMaskError
 from .graph import Graph
 from .models.adapter import ModelAdapter, RunContext
 from .models.loading import Model
-from .precision import ReducedTwin
+
+if TYPE_CHECKING:
+    from .precision import ReducedTwin
 
 
 class AblationKind(str, Enum):

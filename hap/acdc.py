@@ -193,7 +193,7 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
     and each reader's tests compare against the current circuit measured the same way."""
     graph = Graph.from_model(model)
     if config.mixed_precision is not None and twin is None:
-        twin = reduced_twin(model, config.mixed_precision, sample=(data[0].clean, data[0].positions))
+        twin = reduced_twin(model, config.mixed_precision, sample=data[0])
     order = sweep_order(graph)
     path = Path(run_dir) / STATE_FILE if run_dir is not None else None
     k = tests_per_forward(model, graph, data, config)
@@ -283,7 +283,7 @@ def search_threshold(model: Model, task: TaskData, config: AcdcConfig, data: Seq
                            mixed_precision=config.mixed_precision)
         folder = Path(run_dir) / f"tau-{trial.threshold:.4g}" if run_dir is not None else None
         if config.mixed_precision is not None and twin is None:
-            twin = reduced_twin(model, config.mixed_precision, sample=(data[0].clean, data[0].positions))
+            twin = reduced_twin(model, config.mixed_precision, sample=data[0])
         state = acdc(model, task, trial, data, folder, resume=resume, progress=progress, twin=twin)
         results.append((trial, state))
         kept = int(state.kept.sum())

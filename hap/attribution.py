@@ -239,13 +239,13 @@ def attribute(
     n_total = len(task)
     if data is None:
         data = TaskBatches(model, graph, task, config.batch_size, config.ablation, config.loss is Loss.KL)
+    if config.mixed_precision is not None and twin is None:
+        twin = reduced_twin(model, config.mixed_precision, sample=data[0])
     shown = progress and ranks.is_main
     with tqdm(total=n_total, desc=f"attribution ({config.method.value})", unit="ex", disable=not shown) as bar:
         for index in ranks.mine(len(data)):
             batch = data[index]
             weight = len(batch.clean) / n_total
-            if config.mixed_precision is not None and twin is None:
-                twin = reduced_twin(model, config.mixed_precision, sample=(batch.clean, batch.positions))
             if config.method is Method.EXACT:
                 _exact_scores(model, graph, batch, config, scores, weight, edges, twin)
             else:

@@ -22,6 +22,7 @@ class Ranks:
 
     rank: int = 0
     world_size: int = 1
+    device: torch.device = torch.device("cpu")  # where collectives run: the model's device under NCCL, else CPU
 
     @property
     def is_main(self) -> bool:
@@ -35,9 +36,7 @@ class Ranks:
         """The sum of ``tensor`` over all processes (the tensor itself alone); every process gets it."""
         if self.world_size == 1:
             return tensor
-        backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-            else torch.device("cpu")
-        summed = tensor.to(backend_device).contiguous()
+        summed = tensor.to(self.device).contiguous()
         dist.all_reduce(summed, op=dist.ReduceOp.SUM)
         return summed.to(tensor.device)
 
@@ -52,9 +51,7 @@ def ranks_from_env(device: torch.device | None = None) -> Ranks:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Ranks()
+    nccl = device is not None and device.type == "cuda"
     if not dist.is_initialized():
-        cuda = device is not None and device.type == "cuda"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group(backend="nccl" if nccl else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), device if nccl else torch.device("cpu"))

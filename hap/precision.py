@@ -16,7 +16,7 @@ What "reduced" means depends on the device and is chosen only where it is faster
 ``reduced_twin`` refuses a precision that is slower here (it times one MLP both ways) and, given a sample
 of the task, one that moves the full model's answer distribution by more than ``MAX_TWIN_KL`` nats: a
 circuit of a different model is not a circuit of this one. (Dynamic int8 MLPs move SmolLM2-135M's IOI
-answers by 1.2 nats: refused; ``benchmarks/acdc_cost.py``.)
+answers by 1.2-1.6 nats: refused; ``benchmarks/acdc_cost.py``.)
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
+from .ablation import answer_logits
+from .batches import Batch, kl_divergence
 from .errors import HapError
 from .models.adapter import ModelAdapter
 from .models.loading import Model, adapter_for
@@ -45,9 +46,6 @@ class ReducedTwin:
     kind: str
     adapter: ModelAdapter
     dtype: torch.dtype
-
-    def to_dict(self) -> dict[str, str]:
-        return {"mixed_precision": self.kind}
 
 
 def _quantised_mlps(model: Model) -> torch.nn.Module:
@@ -81,22 +79,21 @@ def _mlp_seconds(adapter: ModelAdapter, dtype: torch.dtype, d_model: int, device
     return (time.perf_counter() - started) / 5
 
 
-def twin_divergence(model: Model, twin: ReducedTwin, input_ids: Tensor, positions: Tensor) -> float:
-    """Mean KL(model || twin) of the next-token distributions at ``positions`` [B] of ``input_ids`` [B, T]."""
-    rows = torch.arange(len(input_ids), device=model.device)
-    ids, positions = input_ids.to(model.device), positions.to(model.device)
+def twin_divergence(model: Model, twin: ReducedTwin, sample: Batch) -> float:
+    """Mean KL(model || twin) of the answer distributions of a batch (its full-model logits when it has them)."""
+    positions = sample.positions.to(model.device)
+    full = sample.clean_logits if sample.clean_logits is not None else answer_logits(model, sample.clean, positions)
+    rows = torch.arange(len(sample.clean), device=model.device)
     with torch.no_grad():
-        full = model.hf_model(ids).logits[rows, positions].float().log_softmax(-1)
-        reduced = twin.adapter.hf_model(ids).logits[rows, positions].float().log_softmax(-1)
-    return float((full.exp() * (full - reduced)).sum(-1).mean())
+        reduced = twin.adapter.hf_model(sample.clean.to(model.device)).logits[rows, positions]
+    return float(kl_divergence(full, reduced).mean())
 
 
 def reduced_twin(model: Model, kind: str = "auto", check_speed: bool = True,
-                 sample: tuple[Tensor, Tensor] | None = None) -> ReducedTwin:
+                 sample: Batch | None = None) -> ReducedTwin:
     """Build the reduced twin of ``model`` (``kind``: auto = bfloat16 on CUDA, int8 on CPU). With
     ``check_speed``, refuse a precision whose MLP runs slower than the model's own on this machine; with a
-    ``sample`` (input ids [B, T], answer positions [B]), one whose full model is further than
-    ``MAX_TWIN_KL`` from the model's."""
+    ``sample`` batch of the task, one whose full model is further than ``MAX_TWIN_KL`` from the model's."""
     if kind not in PRECISIONS:
         raise HapError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {kind!r}")
     device = model.device
@@ -123,7 +120,7 @@ def reduced_twin(model: Model, kind: str = "auto", check_speed: bool = True,
             raise HapError(f"--mixed-precision {kind}: on this {device.type} one MLP takes {reduced * 1e3:.2f} ms in "
                            f"{kind} against {full * 1e3:.2f} ms in float32, so it would slow the run down; {better}")
     if sample is not None:
-        divergence = twin_divergence(model, twin, *sample)
+        divergence = twin_divergence(model, twin, sample)
         if divergence > MAX_TWIN_KL:
             raise HapError(f"--mixed-precision {kind}: the model in {kind} answers the task's first examples with "
                            f"KL {divergence:.3g} nats from float32 (at most {MAX_TWIN_KL} allowed), so tests on it "

@@ -135,13 +135,13 @@ def test_a_slower_precision_is_refused_with_its_timing(tiny_llama, monkeypatch):
 
 def test_a_precision_that_moves_the_model_is_refused(tiny_llama, monkeypatch):
     task = load_task("ioi", tiny_llama.tokenizer, 4, seed=1)
-    positions = task.lengths - 1
-    twin = reduced_twin(tiny_llama, "int8", check_speed=False, sample=(task.clean_ids, positions))
-    measured = precision_module.twin_divergence(tiny_llama, twin, task.clean_ids, positions)
+    batch = TaskBatches(tiny_llama, Graph.from_model(tiny_llama), task, 4)[0]
+    twin = reduced_twin(tiny_llama, "int8", check_speed=False, sample=batch)
+    measured = precision_module.twin_divergence(tiny_llama, twin, batch)
     assert 0 < measured <= precision_module.MAX_TWIN_KL
     monkeypatch.setattr(precision_module, "MAX_TWIN_KL", measured / 2)
     with pytest.raises(HapError, match=r"answers the task's first examples with KL .* nats from float32"):
-        reduced_twin(tiny_llama, "int8", check_speed=False, sample=(task.clean_ids, positions))
+        reduced_twin(tiny_llama, "int8", check_speed=False, sample=batch)
 
 
 def test_int8_on_a_model_without_linear_mlps_is_refused(tiny_gpt2):

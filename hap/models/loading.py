@@ -78,9 +78,12 @@ class Model:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The torch device to use: the given one if it exists here, else CUDA if present, else CPU."""
+    """The torch device to use: the given one if it exists here, else CUDA if present (under torchrun the
+    process's own GPU, ``LOCAL_RANK``), else CPU."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     try:
         torch_device = torch.device(device)
     except (RuntimeError, TypeError) as error:

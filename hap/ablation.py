@@ -19,7 +19,9 @@ every other edge is fixed ablated) and derives what must be computed:
   a source whose readers all read base_b writes a fixed z^_s that differs from
   the mean (z^ is precomputed in the ``Reference``).
 * a reader is *formed* when it has a live in-edge from a contributing source;
-* a source is *active* (recomputed) when one of its readers is formed.
+* a source is *active* (recomputed) when one of its readers is formed; in a
+  post-normed attention layer (``heads_normed_together``) all its heads are
+  active when one is, since they share the norm's scale.
 
 Under interchange ablation an inactive source writes exactly its corrupted
 output, so HAP's per-step cost scales with the candidate subgraph.
@@ -212,14 +214,17 @@ def _plain_run(
         mixed = adapter.attend(layer, q, k, v, ctx)
         if keep_mixed:
             kept_mixed.append(mixed)
+        beside = x  # what a parallel MLP reads: the residual before this layer's attention
         if record or output_scale is not None:
             heads, interpolated = scaled(first_head, adapter.head_outputs(layer, mixed))
             outputs.append(heads)
             x = x + (heads.sum(0) if interpolated else adapter.layer_output(layer, mixed))
         else:
             x = x + adapter.layer_output(layer, mixed)
-        block_inputs.append(x)
-        mlp, _ = scaled(first_head + layout.n_heads, adapter.mlp(layer, read(x, first_reader + per_layer - 1, 1)[0])[None])
+        mlp_input = beside if layout.parallel_attn_mlp else x
+        block_inputs.append(mlp_input)
+        mlp, _ = scaled(first_head + layout.n_heads,
+                        adapter.mlp(layer, read(mlp_input, first_reader + per_layer - 1, 1)[0])[None])
         outputs.append(mlp)
         x = x + mlp[0]
     block_inputs.append(x)
@@ -242,13 +247,12 @@ def _plain_run(
 
 
 def _block_sums(graph: Graph, outputs: Tensor) -> Tensor:
-    """block_inputs from per-source outputs: the sum of the sources before each block."""
-    sums = [torch.zeros_like(outputs[0])]
-    running = torch.zeros_like(outputs[0])
+    """block_inputs from per-source outputs: the sum of the sources before each block (before its
+    ``base_block``: a parallel MLP reads what its layer's attention reads)."""
+    before = [torch.zeros_like(outputs[0])]
     for block in range(graph.n_blocks - 1):
-        running = running + outputs[graph.sources_of_block(block)].sum(0)
-        sums.append(running)
-    return torch.stack(sums)
+        before.append(before[-1] + outputs[graph.sources_of_block(block)].sum(0))
+    return torch.stack([before[graph.base_block(block)] for block in range(graph.n_blocks)])
 
 
 def interchange_reference(model: Model, corrupted_ids: Tensor) -> Reference:
@@ -386,6 +390,8 @@ class ComputePlan:
                 q, k, v = reader_formed[:h], reader_formed[h : h + g], reader_formed[h + g :]
                 group = torch.arange(h) // layout.heads_per_group
                 active[sources] = q | k[group] | v[group]
+                if layout.heads_normed_together and bool(active[sources].any()):
+                    active[sources] = True  # the heads share the post-norm's scale: one changes them all
             else:
                 active[sources] = formed[readers]
             contributing[sources] = active[sources] | everyone_contributes

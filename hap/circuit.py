@@ -170,6 +170,8 @@ class Circuit:
                 "d_model": layout.d_model,
                 "head_dim": layout.head_dim,
                 "vocab_size": layout.vocab_size,
+                "parallel_attn_mlp": layout.parallel_attn_mlp,
+                "heads_normed_together": layout.heads_normed_together,
                 "n_edges": graph.n_edges,
                 "n_edges_in_graph": int(graph.in_graph.sum()),
             },
@@ -189,6 +191,12 @@ class Circuit:
         """Refuse a model whose graph is not the one this circuit was found on."""
         mine = (self.layout.n_layers, self.layout.n_heads, self.layout.n_kv_heads)
         theirs = (layout.n_layers, layout.n_heads, layout.n_kv_heads)
+        if self.layout.parallel_attn_mlp != layout.parallel_attn_mlp:
+            raise CircuitFileError(
+                f"{source} is a circuit of a graph whose attention and MLP run "
+                f"{'side by side' if self.layout.parallel_attn_mlp else 'one after the other'}, but model "
+                f"{self.model!r} runs them {'side by side' if layout.parallel_attn_mlp else 'one after the other'}: "
+                "pass the model it was found on with --model")
         if mine != theirs:
             raise CircuitFileError(
                 f"{source} is a circuit of a graph with {mine[0]} layers, {mine[1]} heads, {mine[2]} key/value "
@@ -230,6 +238,8 @@ class Circuit:
             d_model=shape.get("d_model", 0),
             head_dim=shape.get("head_dim", 0),
             vocab_size=shape.get("vocab_size", 0),
+            parallel_attn_mlp=bool(shape.get("parallel_attn_mlp", False)),
+            heads_normed_together=bool(shape.get("heads_normed_together", False)),
         )
         graph = Graph.from_layout(layout)
         if graph.n_edges != shape["n_edges"]:

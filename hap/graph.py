@@ -5,7 +5,10 @@ block 0 is the embedding, block 2l+1 is attention layer l, block 2l+2 is MLP
 layer l, block 2L+1 is the unembedding. A source is written by one block and a
 reader is read by one block; the edge (s -> r) is real exactly when the source's
 block comes before the reader's. That one rule gives every count in
-REFERENCE.md (GPT-2 small: 157 sources, 445 readers, 32,491 edges).
+REFERENCE.md (GPT-2 small: 157 sources, 445 readers, 32,491 edges). Where
+attention and MLP run side by side (``Layout.parallel_attn_mlp``: GPT-NeoX,
+Phi-2), MLP l reads the residual from before attention l, so the edges from
+layer l's heads to ``m{l}`` are not real (Pythia-160M: 32,347 edges).
 
 Order inside an attention block: readers are the H query inputs, then the G key
 inputs, then the G value inputs; sources are the H heads.
@@ -81,6 +84,8 @@ class Graph:
         source_block_t = torch.tensor(source_block)
         reader_block_t = torch.tensor(reader_block)
         real = source_block_t[:, None] < reader_block_t[None, :]
+        if layout.parallel_attn_mlp:
+            real &= ~((reader_block_t[None, :] % 2 == 0) & (source_block_t[:, None] == reader_block_t[None, :] - 1))
         return cls(
             layout=layout,
             source_names=_source_names(layout),
@@ -137,6 +142,12 @@ class Graph:
         return [f"{self.source_names[s]}->{self.reader_names[r]}" for s, r in zip(sources.tolist(), readers.tolist())]
 
     # -- block structure (used by the ablation primitive) --------------------
+    def base_block(self, block: int) -> int:
+        """The block whose input the readers of ``block`` read: ``block`` itself, or, for an MLP running
+        beside its layer's attention (``parallel_attn_mlp``), that attention block."""
+        parallel_mlp = self.layout.parallel_attn_mlp and 0 < block < self.n_blocks - 1 and block % 2 == 0
+        return block - 1 if parallel_mlp else block
+
     def sources_of_block(self, block: int) -> slice:
         """Index range of the sources written by ``block`` (empty for the unembedding)."""
         h = self.layout.n_heads

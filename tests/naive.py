@@ -1,7 +1,8 @@
 """Slow, obviously-correct twins of the fast paths, used only by the tests.
 
 ``naive_masked_logits`` forms every reader's input literally as
-sum_s m[s, r] * z_s + (1 - m[s, r]) * z~_s, one source at a time, and runs each
+sum_s m[s, r] * z_s + (1 - m[s, r]) * z~_s over the real edges (so a parallel
+MLP never reads its own layer's heads), one source at a time, and runs each
 head on its own. It shares only the adapter's blocks (checked against Hugging
 Face separately) with the library.
 """
@@ -41,6 +42,7 @@ def naive_masked_logits(
     for layer in range(layout.n_layers):
         readers = graph.readers_of_block(2 * layer + 1)
         sources = graph.sources_of_block(2 * layer + 1)
+        mixed = []
         for head in range(layout.n_heads):
             group = head // layout.heads_per_group
             one_head, one_group = torch.tensor([head]), torch.tensor([group])
@@ -49,7 +51,12 @@ def naive_masked_logits(
             v_reader = readers.start + layout.n_heads + layout.n_kv_heads + group
             k = adapter.keys(layer, reader_input(k_reader, own(layer, head, 0))[None], ctx, one_group)
             v = adapter.values(layer, reader_input(v_reader, own(layer, head, 1))[None], ctx, one_group)
-            outputs[sources.start + head] = adapter.head_outputs(layer, adapter.attend(layer, q, k, v, ctx), one_head)[0]
+            mixed.append(adapter.attend(layer, q, k, v, ctx))
+        # Each head attends on its own inputs; the projection back is per head, except that a post-normed
+        # layer (Gemma-2/3, OLMo-2) scales all its heads by the norm of their sum.
+        heads = adapter.head_outputs(layer, torch.cat(mixed, dim=1))
+        for head in range(layout.n_heads):
+            outputs[sources.start + head] = heads[head]
         mlp_source = graph.sources_of_block(2 * layer + 2).start
         mlp_reader = graph.readers_of_block(2 * layer + 2).start
         outputs[mlp_source] = adapter.mlp(layer, reader_input(mlp_reader))

@@ -4,7 +4,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import hap
 from hap.models.gpt2 import GPT2Adapter
-from hap.models.llama import LlamaAdapter
+from hap.models.rotary import RotaryAdapter
 
 
 def _layout(model_class, adapter_class, config):
@@ -22,7 +22,7 @@ def test_gpt2_small_shape_has_the_published_edge_count():
 def test_smollm2_shape_counts_key_value_readers_per_group():
     config = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          intermediate_size=1536, vocab_size=49152)
-    graph = hap.Graph.from_layout(_layout(LlamaForCausalLM, LlamaAdapter, config))
+    graph = hap.Graph.from_layout(_layout(LlamaForCausalLM, RotaryAdapter, config))
     # 9 q + 3 k + 3 v readers per layer, one MLP reader, plus logits.
     assert graph.n_readers == 30 * 16 + 1
     assert graph.n_sources == 1 + 30 * 10
@@ -58,3 +58,28 @@ def test_block_slices_partition_sources_and_readers(tiny_llama):
         seen_readers += range(readers.start, readers.stop)
     assert seen_sources == list(range(graph.n_sources))
     assert seen_readers == list(range(graph.n_readers))
+
+
+def test_pythia_160m_has_no_edges_from_a_layers_heads_to_its_parallel_mlp():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                           vocab_size=50304, rotary_pct=0.25, use_parallel_residual=True)
+    graph = hap.Graph.from_layout(_layout(GPTNeoXForCausalLM, RotaryAdapter, config))
+    assert graph.layout.parallel_attn_mlp
+    assert graph.n_edges == 32491 - 12 * 12  # GPT-2 small's shape less one edge per head
+    assert not graph.real[graph.source_index("a3.h5"), graph.reader_index("m3")]
+    assert graph.real[graph.edge_index("a3.h5->m4")] and graph.real[graph.edge_index("m2->m3")]
+    assert graph.base_block(8) == 7 and graph.base_block(7) == 7 and graph.base_block(graph.n_blocks - 1) == 25
+    sequential = GPTNeoXConfig(**{**config.to_dict(), "use_parallel_residual": False})
+    assert hap.Graph.from_layout(_layout(GPTNeoXForCausalLM, RotaryAdapter, sequential)).n_edges == 32491
+
+
+def test_gemma2_2b_shape_normalises_its_heads_together():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(hidden_size=2304, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                          head_dim=256, intermediate_size=9216, vocab_size=256000)
+    layout = _layout(Gemma2ForCausalLM, RotaryAdapter, config)
+    assert layout.heads_normed_together and not layout.parallel_attn_mlp
+    assert hap.Graph.from_layout(layout).n_edges == 50610

@@ -54,7 +54,7 @@ def test_unknown_model_name():
 
 def test_unsupported_architecture_names_the_supported_families(tmp_path):
     BertConfig().save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitectureError, match="'bert'.*Llama-style.*GPT-2"):
+    with pytest.raises(UnsupportedArchitectureError, match="'bert'.*rotary decoders.*GPT-2"):
         hap.load_model(str(tmp_path))
 
 

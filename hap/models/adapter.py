@@ -36,6 +36,8 @@ class Layout:
     d_model: int
     head_dim: int
     vocab_size: int
+    parallel_attn_mlp: bool = False  # layer l's MLP reads the residual beside its attention (GPT-NeoX, Phi-2)
+    heads_normed_together: bool = False  # the attention output is normed before the residual (Gemma-2/3, OLMo-2)
 
     @property
     def heads_per_group(self) -> int:
@@ -64,8 +66,11 @@ class AttentionWeights:
     b_v: Tensor | None
     b_o_share: Tensor | None
     scale: float
-    q_norm: Callable[[Tensor], Tensor] | None = None  # per-head norm of the projected queries (Qwen3), before RoPE
+    q_norm: Callable[[Tensor], Tensor] | None = None  # norm of the projected queries (Qwen3), before RoPE
     k_norm: Callable[[Tensor], Tensor] | None = None  # and of the keys
+    qk_norm_spans_heads: bool = False  # q/k norms over all heads' projections at once (OLMo-2), not per head
+    post_norm: torch.nn.Module | None = None  # RMSNorm of the layer's output before the residual (Gemma-2/3, OLMo-2)
+    softcap: float | None = None  # attention scores become softcap * tanh(scores / softcap) (Gemma-2)
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,14 @@ class RunContext:
     """Per-call facts every block needs: the tokens; for RoPE, cos/sin [1, T, K]; and,
     where attention is not plain causal, which keys each query may see ([B|1, 1, T, T] bool):
     ``attention_mask`` for every layer, or ``layer_masks`` per layer (None: causal), e.g. the
-    sliding-window layers of Mistral or Qwen2."""
+    sliding-window layers of Mistral or Qwen2. ``layer_rope``: cos/sin per layer, where layers
+    differ (Gemma-3's local and global layers)."""
 
     input_ids: Tensor
     rope: tuple[Tensor, Tensor] | None = None
     attention_mask: Tensor | None = None
     layer_masks: tuple[Tensor | None, ...] | None = None
+    layer_rope: tuple[tuple[Tensor, Tensor], ...] | None = None
 
 
 def _project(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor | None) -> Tensor:
@@ -131,21 +138,21 @@ class ModelAdapter:
         """Logits [..., V] for the un-normed ``logits`` reader input x [..., D]."""
         raise NotImplementedError
 
-    def _rope(self, x: Tensor, ctx: RunContext) -> Tensor:
+    def _rope(self, x: Tensor, ctx: RunContext, layer: int) -> Tensor:
         return x
 
     # -- attention, shared by all families ----------------------------------
     def queries(self, layer: int, x: Tensor, ctx: RunContext, heads: Tensor | None = None) -> Tensor:
         """Queries [B, n', T, K] of the selected heads from reader inputs x [n|1, B, T, D]."""
         w = self.attention[layer]
-        q = _project(w.norm(x), w.w_q, w.b_q, heads)
-        return self._rope(w.q_norm(q) if w.q_norm is not None else q, ctx)
+        q = _normed_projection(w.norm(x), w.w_q, w.b_q, heads, w.q_norm, w.qk_norm_spans_heads)
+        return self._rope(q, ctx, layer)
 
     def keys(self, layer: int, x: Tensor, ctx: RunContext, groups: Tensor | None = None) -> Tensor:
         """Keys [B, n', T, K] of the selected key/value groups."""
         w = self.attention[layer]
-        k = _project(w.norm(x), w.w_k, w.b_k, groups)
-        return self._rope(w.k_norm(k) if w.k_norm is not None else k, ctx)
+        k = _normed_projection(w.norm(x), w.w_k, w.b_k, groups, w.k_norm, w.qk_norm_spans_heads)
+        return self._rope(k, ctx, layer)
 
     def values(self, layer: int, x: Tensor, ctx: RunContext, groups: Tensor | None = None) -> Tensor:
         """Values [B, n', T, K] of the selected key/value groups."""
@@ -158,23 +165,86 @@ class ModelAdapter:
         Causal, unless ``ctx.attention_mask`` says which keys each query sees. k and v
         are already matched head by head (a group's k/v repeated for each of its heads).
         """
-        scale = self.attention[layer].scale
+        w = self.attention[layer]
         mask = ctx.layer_masks[layer] if ctx.layer_masks is not None else ctx.attention_mask
+        if w.softcap is not None:
+            return _softcapped_attention(q, k, v, mask, w.scale, w.softcap)
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=w.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale)
 
     def head_outputs(self, layer: int, mixed: Tensor, heads: Tensor | None = None) -> Tensor:
-        """Each selected head's share of the output projection: [B, n, T, K] -> [n, B, T, D]."""
+        """Each selected head's share of the layer's output: [B, n, T, K] -> [n, B, T, D].
+
+        Without a post-norm, the head's share of the output projection. With one (Gemma-2/3, OLMo-2), the
+        layer writes RMSNorm(sum of the heads' projections): a head's output is then its projection times
+        the layer's shared scale, gain / rms(sum), so the heads still sum to what the layer writes; that
+        needs every head of the layer (``heads`` None or all of them)."""
         w = self.attention[layer]
         w_o = w.w_o if heads is None else w.w_o.index_select(1, heads)
         out = torch.einsum("bhtk,dhk->hbtd", mixed, w_o)
         if w.b_o_share is not None:
             out = out + w.b_o_share
+        if w.post_norm is not None:
+            if out.shape[0] != self.layout.n_heads:
+                raise ValueError("a post-normed layer's heads share one scale: compute all of them together")
+            out = rms_norm_shares(w.post_norm, out)
         return out
 
     def layer_output(self, layer: int, mixed: Tensor) -> Tensor:
-        """The attention layer's summed output [B, T, D] from all heads' mixed values,
-        computed by the module's own projection (bit-for-bit the Hugging Face residual update)."""
+        """The attention layer's summed output [B, T, D] from all heads' mixed values, computed by the
+        module's own projection (bit-for-bit the Hugging Face residual update).
+
+        A post-normed layer writes the sum of its heads' shares instead, so that what a reader reads is
+        always the sum of what its sources wrote; Hugging Face computes those norms in float32 even in a
+        float64 model, so the two agree to float32 rounding (about 1e-6 on the logits of a tiny model)."""
+        w = self.attention[layer]
+        if w.post_norm is not None:
+            return self.head_outputs(layer, mixed).sum(0)
         batch, n_heads, length, width = mixed.shape
-        return self.attention[layer].out_proj(mixed.transpose(1, 2).reshape(batch, length, n_heads * width))
+        return w.out_proj(mixed.transpose(1, 2).reshape(batch, length, n_heads * width))
+
+
+def _normed_projection(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor | None,
+                       norm: Callable[[Tensor], Tensor] | None, spans_heads: bool) -> Tensor:
+    """``_project`` followed by the q/k norm: per head ([..., K]), or over all heads' projections of
+    the same input at once (OLMo-2's [..., H*K] norm; each input row is then projected onto every head,
+    normed, and its own head kept)."""
+    if norm is None or not spans_heads:
+        out = _project(x, weight, bias, index)
+        return norm(out) if norm is not None else out
+    n_heads, width = weight.shape[1:]
+    everyone = torch.einsum("nbtd,dhk->nbthk", x, weight)
+    if bias is not None:
+        everyone = everyone + bias
+    everyone = norm(everyone.flatten(-2)).unflatten(-1, (n_heads, width)).permute(0, 1, 3, 2, 4)  # [n, B, H, T, K]
+    if x.shape[0] == 1:
+        return everyone[0] if index is None else everyone[0].index_select(1, index)
+    rows = torch.arange(x.shape[0], device=x.device)
+    return everyone[rows, :, rows if index is None else index].transpose(0, 1)
+
+
+def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, cap: float) -> Tensor:
+    """Attention whose scores are soft-capped before the softmax, as Gemma-2 computes it (softmax in float32)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:
+        length = q.shape[-2]
+        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
+
+
+def rms_norm_shares(norm: torch.nn.Module, parts: Tensor) -> Tensor:
+    """Split RMSNorm(sum of ``parts``) [n, ..., D] into one share per part: gain * part / rms(sum).
+
+    The shares sum to the norm of the sum. ``gain`` is read off the module itself (its output on a
+    vector of ones times sqrt(1 + eps)), so Gemma's (1 + w) and the plain w norms are both covered."""
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", None)))
+    total = parts.sum(0)
+    width = total.shape[-1]
+    ones = torch.ones(width, dtype=total.dtype, device=total.device)
+    gain = norm(ones) * (1 + eps) ** 0.5
+    scale = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)
+    return parts * scale * gain

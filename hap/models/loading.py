@@ -23,7 +23,7 @@ from ..errors import (
 )
 from .adapter import Layout, ModelAdapter
 from .gpt2 import GPT2_MODEL_TYPES, GPT2Adapter
-from .llama import LLAMA_MODEL_TYPES, LlamaAdapter
+from .rotary import ROTARY_MODEL_TYPES, RotaryAdapter
 from ..settings import DEFAULT_MODEL, TINY_MODELS, built_in_models, check_model_name, tracr_dir, unknown_model
 from .tiny import build_tiny_model
 from .tracr import TracrAdapter, load_tracr
@@ -34,11 +34,12 @@ SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1"
 BUILT_IN_MODELS = built_in_models()
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    **{kind: LlamaAdapter for kind in LLAMA_MODEL_TYPES},
+    **{kind: RotaryAdapter for kind in ROTARY_MODEL_TYPES},
     **{kind: GPT2Adapter for kind in GPT2_MODEL_TYPES},
 }
-SUPPORTED_FAMILIES = ("Llama-style (llama, qwen2, mistral, qwen3, gemma, phi3: SmolLM2, Llama, Qwen2, Mistral, Qwen3, "
-                      "Gemma 1, Phi-3; full or sliding-window attention) and GPT-2 (gpt2)")
+SUPPORTED_FAMILIES = ("rotary decoders (llama, qwen2, mistral, qwen3, gemma, gemma2, gemma3_text, phi3, starcoder2, "
+                      "olmo2, gpt_neox, phi, falcon: SmolLM2, Llama, Qwen2, Mistral, Qwen3, Gemma 1/2/3, Phi-3, "
+                      "StarCoder2, OLMo-2, Pythia, Phi-2, Falcon) and GPT-2 (gpt2)")
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,

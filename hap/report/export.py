@@ -81,7 +81,7 @@ def to_mib(circuit: Circuit) -> dict[str, Any]:
     return {
         "cfg": {"n_layers": layout.n_layers, "n_heads": layout.n_heads, "n_key_value_heads": layout.n_kv_heads,
                 "d_model": layout.d_model, "d_head": layout.head_dim, "d_vocab": layout.vocab_size,
-                "parallel_attn_mlp": False},
+                "parallel_attn_mlp": layout.parallel_attn_mlp},
         "nodes": nodes,
         "edges": edges,
         "metadata": {"written_by": "hap-circuits", "source_format": FORMAT, "model": circuit.model,
@@ -112,7 +112,7 @@ def from_mib(document: dict[str, Any], model: str | None = None, task: str | Non
         raise MibFormatError(f"{source}: n_heads={n_heads} is not a multiple of n_key_value_heads={n_kv}")
     layout = Layout(family=meta.get("family", "unknown"), n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
                     d_model=int(cfg.get("d_model", 0)), head_dim=int(cfg.get("d_head", 0)),
-                    vocab_size=int(cfg.get("d_vocab", 0)))
+                    vocab_size=int(cfg.get("d_vocab", 0)), parallel_attn_mlp=bool(cfg.get("parallel_attn_mlp", False)))
     graph = Graph.from_layout(layout)
     scores = torch.zeros(graph.real.shape, dtype=torch.float64)
     in_graph = torch.zeros(graph.real.shape, dtype=torch.bool)

@@ -172,6 +172,7 @@ class Circuit:
                 "vocab_size": layout.vocab_size,
                 "parallel_attn_mlp": layout.parallel_attn_mlp,
                 "heads_normed_together": layout.heads_normed_together,
+                "kv_ungrouped": layout.kv_ungrouped,
                 "n_edges": graph.n_edges,
                 "n_edges_in_graph": int(graph.in_graph.sum()),
             },
@@ -197,6 +198,12 @@ class Circuit:
                 f"{'side by side' if self.layout.parallel_attn_mlp else 'one after the other'}, but model "
                 f"{self.model!r} runs them {'side by side' if layout.parallel_attn_mlp else 'one after the other'}: "
                 "pass the model it was found on with --model")
+        if self.layout.kv_ungrouped != layout.kv_ungrouped:
+            graphs = ("the per-head key/value graph", "the grouped graph")
+            raise CircuitFileError(
+                f"{source} is a circuit of {graphs[not self.layout.kv_ungrouped]} but the model is loaded on "
+                f"{graphs[not layout.kv_ungrouped]}: load it with hap.load_model(..., per_head_kv_graph="
+                f"{self.layout.kv_ungrouped})")
         if mine != theirs:
             raise CircuitFileError(
                 f"{source} is a circuit of a graph with {mine[0]} layers, {mine[1]} heads, {mine[2]} key/value "
@@ -240,6 +247,7 @@ class Circuit:
             vocab_size=shape.get("vocab_size", 0),
             parallel_attn_mlp=bool(shape.get("parallel_attn_mlp", False)),
             heads_normed_together=bool(shape.get("heads_normed_together", False)),
+            kv_ungrouped=bool(shape.get("kv_ungrouped", False)),
         )
         graph = Graph.from_layout(layout)
         if graph.n_edges != shape["n_edges"]:

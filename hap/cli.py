@@ -111,7 +111,7 @@ def _discover(args: argparse.Namespace) -> int:
         "sparsity": args.sparsity, "n_examples": args.n_examples, "n_test": args.n_test, "test_task": args.test_task,
         "test_fraction": args.test_fraction, "batch_size": args.batch_size, "seed": args.seed,
         "ig_steps": args.ig_steps, "loss": args.loss, "ablation": args.ablation, "edges_subset": subset,
-        "per_head_kv": args.per_head_kv,
+        "per_head_kv": args.per_head_kv, "kv_graph": args.kv_graph,
         "curve": args.curve, "ground_truth": args.ground_truth, "threshold": args.threshold,
         "acdc_metric": args.acdc_metric, "tests_per_forward": args.tests_per_forward,
         "threshold_runs": args.threshold_runs, "mixed_precision": args.mixed_precision, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
@@ -150,7 +150,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .models.tracr import TracrTransformer
 
     circuit = Circuit.load(args.circuit, model=args.model)
-    model = load_model(circuit.model, device=args.device, dtype=args.dtype)
+    model = load_model(circuit.model, device=args.device, dtype=args.dtype,
+                       per_head_kv_graph=circuit.layout.kv_ungrouped)
     circuit.check_fits(model.layout, str(args.circuit))
     task, note, split = _examples(args, circuit, model.tokenizer, args.circuit)
     started = time.perf_counter()
@@ -203,7 +204,8 @@ def _curve(args: argparse.Namespace) -> int:
     path = Path(args.scores)
     path = path / "circuit.json" if path.is_dir() else path
     circuit = Circuit.load(path, model=args.model)
-    model = load_model(circuit.model, device=args.device, dtype=args.dtype)
+    model = load_model(circuit.model, device=args.device, dtype=args.dtype,
+                       per_head_kv_graph=circuit.layout.kv_ungrouped)
     circuit.check_fits(model.layout, str(path))
     task, note, split = _examples(args, circuit, model.tokenizer, str(path))
     scores = Scores(circuit.model, circuit.task, circuit.method, circuit.layout, circuit.scores, circuit.config)
@@ -269,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--per-head-kv", action="store_true", default=None,
                           help="eap/eap-ig: also score each query head's own copy of its group's key/value input "
                           "(the graph MIB uses; hap export --format mib then writes those scores)")
+    discover.add_argument("--kv-graph", default=None, choices=("grouped", "per-head"),
+                          help="per-head: discover on MIB's graph, where every query head has its own key/value "
+                          "input (edge counts comparable with MIB under grouped-query attention); default grouped")
     discover.add_argument("--curve", action="store_true", default=None, help="also compute the MIB curve")
     discover.add_argument("--ground-truth", default=None, metavar="FILE",
                           help="true edges (JSON list or {\"edges\": [...]}): report precision, recall, exact "

@@ -85,6 +85,7 @@ class DiscoverConfig:
     ablation: str = "interchange"
     edges_subset: tuple[str, ...] | None = None
     per_head_kv: bool = False
+    kv_graph: str = "grouped"  # or "per-head": MIB's graph, every query head its own key/value input
     curve: bool = False
     ground_truth: str | None = None  # a file of true edges; tracr models know theirs
     # ACDC
@@ -145,6 +146,11 @@ class DiscoverConfig:
                            + (", or --threshold TAU" if self.method == "acdc" else ""))
         if self.per_head_kv and self.method not in ("eap", "eap-ig-inputs", "eap-ig-activations"):
             raise HapError("--per-head-kv applies to --method eap, eap-ig-inputs or eap-ig-activations")
+        if self.kv_graph not in ("grouped", "per-head"):
+            raise HapError(f"--kv-graph {self.kv_graph}: choose grouped or per-head")
+        if self.per_head_kv and self.kv_graph == "per-head":
+            raise HapError("--per-head-kv scores per-head key/value inputs on the grouped graph; the per-head graph "
+                           "(--kv-graph per-head) already has them as edges: drop --per-head-kv")
         if self.mixed_precision is not None and self.method not in ("acdc", "exact"):
             raise HapError("--mixed-precision applies to the patching methods (--method acdc or exact)")
         if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
@@ -391,7 +397,8 @@ def discover(config: DiscoverConfig) -> Circuit:
     out = Path(config.out)
     runtime: dict[str, float] = {}
     started = time.perf_counter()
-    model = load_model(config.model, device=config.device, dtype=config.dtype)
+    model = load_model(config.model, device=config.device, dtype=config.dtype,
+                       per_head_kv_graph=config.kv_graph == "per-head")
     runtime["load"] = time.perf_counter() - started
     ranks = ranks_from_env(model.device)
     if ranks.world_size > 1 and config.method not in ATTRIBUTION_METHODS:

@@ -118,7 +118,7 @@ def ensemble_run(runs: Sequence[str | Path], how: str, out: str | Path, edges: i
     n_edges = edges if edges is not None else max(1, edges_for_sparsity(graph, sparsity))
     if not 1 <= n_edges <= graph.n_edges:
         raise HapError(f"--edges must be between 1 and the model's {graph.n_edges} edges, got {n_edges}")
-    model = load_model(circuits[0].model, device=device, dtype=dtype)
+    model = load_model(circuits[0].model, device=device, dtype=dtype, per_head_kv_graph=circuits[0].layout.kv_ungrouped)
     circuits[0].check_fits(model.layout, str(runs[0]))
     batch_size = int(circuits[0].config.get("batch_size", 16))
     test_task = load_split(TaskSpec.from_dict(splits["test"], "test split"), model.tokenizer)

@@ -106,11 +106,12 @@ def reduced_twin(model: Model, kind: str = "auto", check_speed: bool = True,
     if kind == "int8":
         if device.type != "cpu":
             raise HapError("--mixed-precision int8 (dynamic quantisation) runs on CPU only; on CUDA use bfloat16")
-        twin = ReducedTwin(kind, adapter_for(_quantised_mlps(model), model.name), torch.float32)
+        twin_model, dtype = _quantised_mlps(model), torch.float32
     else:
         dtype = getattr(torch, kind)
-        hf_twin = copy.deepcopy(model.hf_model).to(dtype)
-        twin = ReducedTwin(kind, adapter_for(hf_twin, model.name), dtype)
+        twin_model = copy.deepcopy(model.hf_model).to(dtype)
+    twin_adapter = adapter_for(twin_model, model.name)
+    twin = ReducedTwin(kind, twin_adapter.ungrouped() if model.layout.kv_ungrouped else twin_adapter, dtype)
     if check_speed:
         full = _mlp_seconds(model.adapter, model.dtype, model.layout.d_model, device)
         reduced = _mlp_seconds(twin.adapter, twin.dtype, model.layout.d_model, device)

@@ -86,3 +86,85 @@ def test_export_writes_each_heads_own_score_and_the_cli_flag(gqa_model, tmp_path
                  "--out", str(tmp_path / "bad")]) == 2
     assert "--per-head-kv" in capsys.readouterr().err
     assert json.loads((out / "circuit.json").read_text())["config"]["per_head_kv"] is True
+
+
+# -- discovery on the per-head graph (--kv-graph per-head) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def per_head_model(gqa_model) -> hap.Model:
+    return hap.load_model("tiny-llama", device="cpu", dtype="float64", per_head_kv_graph=True)
+
+
+def test_the_per_head_graph_has_mibs_readers_and_edge_count(gqa_model, per_head_model):
+    grouped, per_head = Graph.from_model(gqa_model), Graph.from_model(per_head_model)
+    layout = gqa_model.layout
+    assert per_head_model.layout.kv_ungrouped and per_head_model.layout.n_kv_heads == layout.n_heads
+    assert "a1.h3<k>" in per_head.reader_names and "a1.g0<k>" not in per_head.reader_names
+    extra_readers = 2 * layout.n_layers * (layout.n_heads - layout.n_kv_heads)
+    assert per_head.n_readers == grouped.n_readers + extra_readers
+    with pytest.raises(Exception, match="per-head"):
+        hap.Circuit(model="tiny-llama", task="t", method="m", layout=per_head_model.layout,
+                    scores=torch.zeros(per_head.real.shape), in_graph=per_head.real).check_fits(gqa_model.layout)
+
+
+@pytest.mark.parametrize("kind", ["interchange", "mean"])
+def test_a_per_head_graph_run_equals_each_head_reading_its_own_kv_copy(gqa_model, per_head_model, kind):
+    """The fast masked run on the per-head graph against the slow twin on the *grouped* model, where each
+    query head reads its own copy of its group's k/v input weighted by its own mask (MIB's semantics)."""
+    from hap.ablation import interchange_reference, mean_reference, run_masked
+    from hap.verify import verify_prompts
+
+    grouped, per_head = Graph.from_model(gqa_model), Graph.from_model(per_head_model)
+    clean, corrupted = verify_prompts(gqa_model)
+    reference = (interchange_reference(per_head_model, corrupted) if kind == "interchange"
+                 else mean_reference(per_head_model, per_head, corrupted))
+    generator = torch.Generator().manual_seed(5)
+    mask = torch.rand(per_head.real.shape, generator=generator, dtype=torch.float64) * per_head.real
+    layout = gqa_model.layout
+    grouped_mask = torch.zeros(grouped.real.shape, dtype=torch.float64)
+    kv_mask = torch.zeros(grouped.n_sources, layout.n_layers, layout.n_heads, 2, dtype=torch.float64)
+    for r, name in enumerate(per_head.reader_names):
+        if name.endswith(("<k>", "<v>")):
+            layer, head = (int(part[1:]) for part in name[:-3].split("."))
+            kv_mask[:, layer, head, int(name.endswith("<v>"))] = mask[:, r]
+        else:
+            grouped_mask[:, grouped.reader_index(name)] = mask[:, r]
+    with torch.no_grad():
+        fast = run_masked(per_head_model, per_head, clean, reference, mask)
+        slow = naive_masked_logits(gqa_model, grouped, clean, reference.outputs, grouped_mask, kv_mask)
+    assert torch.allclose(fast, slow, atol=1e-9)
+
+
+def test_per_head_graph_scores_equal_the_per_head_kv_scores(gqa_model, per_head_model):
+    task = load_task("ioi", gqa_model.tokenizer, 6, seed=3)
+    split = attribute(gqa_model, task, config=AttributionConfig(method="eap", batch_size=3, per_head_kv=True))
+    per_head = attribute(per_head_model, task, config=AttributionConfig(method="eap", batch_size=3))
+    grouped, graph = Graph.from_model(gqa_model), Graph.from_model(per_head_model)
+    for r, name in enumerate(graph.reader_names):
+        if name.endswith(("<k>", "<v>")):
+            layer, head = (int(part[1:]) for part in name[:-3].split("."))
+            expected = split.kv_per_head[:, layer, head, int(name.endswith("<v>"))]
+        else:
+            expected = split.values[:, grouped.reader_index(name)]
+        assert torch.allclose(per_head.values[:, r], expected, atol=1e-6), name
+
+
+def test_discover_on_the_per_head_graph_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["discover", "--model", "tiny-llama", "--method", "hap", "--kv-graph", "per-head", "--edges", "40",
+                 "--steps", "20", "--n-examples", "8", "--n-test", "8", "--out", str(out), "--no-report"]) == 0
+    document = json.loads((out / "circuit.json").read_text())
+    assert document["graph"]["kv_ungrouped"] is True
+    kept = [name for name, edge in document["edges"].items() if edge["in_graph"]]
+    assert 0 < len(kept) <= 40 and all(".g" not in name for name in document["edges"])
+    printed = document["metrics"]["test"]["kl"]
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--json"]) == 0  # reloads the model on the per-head graph by itself
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kl"] == pytest.approx(printed, rel=1e-4)
+    assert main(["export", str(out), "--format", "mib", "--out", str(tmp_path / "mib.json")]) == 0
+    mib = json.loads((tmp_path / "mib.json").read_text())
+    assert set(mib["edges"]) == set(document["edges"])  # one MIB edge per edge: nothing split
+    assert main(["discover", "--model", "tiny-llama", "--method", "eap", "--kv-graph", "per-head", "--per-head-kv",
+                 "--edges", "5", "--out", str(tmp_path / "bad")]) == 2
+    assert "drop --per-head-kv" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -17,7 +17,8 @@ formed (a leading ``1`` means "one residual shared by all of them").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -38,6 +39,7 @@ class Layout:
     vocab_size: int
     parallel_attn_mlp: bool = False  # layer l's MLP reads the residual beside its attention (GPT-NeoX, Phi-2)
     heads_normed_together: bool = False  # the attention output is normed before the residual (Gemma-2/3, OLMo-2)
+    kv_ungrouped: bool = False  # every query head reads its own copy of its group's k/v input (MIB's graph)
 
     @property
     def heads_per_group(self) -> int:
@@ -140,6 +142,32 @@ class ModelAdapter:
 
     def _rope(self, x: Tensor, ctx: RunContext, layer: int) -> Tensor:
         return x
+
+    def ungrouped(self) -> ModelAdapter:
+        """This adapter on MIB's graph: under grouped-query attention every query head reads its own copy
+        of its group's key and value input (as TransformerLens' ``ungroup_grouped_query_attention``), so
+        the k/v readers are ``a{l}.h{h}<k>``/``<v>``, one per head. The heads project their copies with
+        their group's weights; with every edge on the model computes what it computed before."""
+        layout = self.layout
+        if layout.n_kv_heads == layout.n_heads:
+            return self
+        if any(w.k_norm is not None and w.qk_norm_spans_heads for w in self.attention):
+            from ..errors import UnsupportedArchitectureError
+
+            raise UnsupportedArchitectureError("the per-head k/v graph needs per-head key norms; this model norms "
+                                               "all key groups at once: use the grouped graph")
+        group = torch.arange(layout.n_heads) // layout.heads_per_group
+
+        def per_head(weights: AttentionWeights) -> AttentionWeights:
+            index = group.to(weights.w_k.device)
+            return replace(weights, w_k=weights.w_k.index_select(1, index), w_v=weights.w_v.index_select(1, index),
+                           b_k=None if weights.b_k is None else weights.b_k.index_select(0, index),
+                           b_v=None if weights.b_v is None else weights.b_v.index_select(0, index))
+
+        other = copy.copy(self)
+        other.layout = replace(layout, n_kv_heads=layout.n_heads, kv_ungrouped=True)
+        other.attention = [per_head(weights) for weights in self.attention]
+        return other
 
     # -- attention, shared by all families ----------------------------------
     def queries(self, layer: int, x: Tensor, ctx: RunContext, heads: Tensor | None = None) -> Tensor:

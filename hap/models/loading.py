@@ -209,6 +209,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     seed: int = 0,
+    per_head_kv_graph: bool = False,
 ) -> Model:
     """Load a model and wrap it in its adapter, in eval mode with frozen weights.
 
@@ -217,6 +218,8 @@ def load_model(
     ``tiny-gpt2`` (random, from ``seed``), ``tracr-<program>`` (a shipped
     compiled RASP program) or a tracr directory, a Hugging Face model id, or a
     local directory. ``device`` defaults to CUDA when present; ``dtype`` to float32.
+    ``per_head_kv_graph``: the adapter on MIB's graph, where every query head has its own key/value
+    input (``ModelAdapter.ungrouped``; the same graph without grouped-query attention).
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
@@ -236,4 +239,5 @@ def load_model(
         origin = "pretrained"
     check_tokenizer(tokenizer, name_or_path)
     hf_model = hf_model.to(torch_device).eval().requires_grad_(False)
-    return Model(name_or_path, hf_model, tokenizer, adapter_for(hf_model, name_or_path), origin)
+    adapter = adapter_for(hf_model, name_or_path)
+    return Model(name_or_path, hf_model, tokenizer, adapter.ungrouped() if per_head_kv_graph else adapter, origin)

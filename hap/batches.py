@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .ablation import (AblationKind, CompactReference, Reference, answer_logits, interchange_reference,
                        mean_reference, zero_reference)
+from .errors import HapError
 from .graph import Graph
 from .models.loading import Model
 from .settings import DEFAULT_REFERENCE_MEMORY_GIB
@@ -140,22 +141,48 @@ class ReferenceCache:
 class TaskBatches(Sequence[Batch]):
     """The batches of a task in order, made on demand and kept within a ``ReferenceCache``.
 
-    Batch i holds examples ``[i * batch_size, (i + 1) * batch_size)``. Several
-    ``TaskBatches`` (train and test, or a ``head``) may share one cache; ``name``
-    keeps their keys apart. Mean/zero references are made once for the task.
+    Batch i holds examples ``[i * batch_size, (i + 1) * batch_size)`` (of a ``shard``, its share of
+    them). Several ``TaskBatches`` (train and test, or a ``head``) may share one cache; ``name`` keeps
+    their keys apart. Mean/zero references are made once for the whole task.
     """
 
     def __init__(self, model: Model, graph: Graph, task: TaskData, batch_size: int,
                  kind: AblationKind | str = AblationKind.INTERCHANGE, clean_logits: bool = True,
-                 cache: ReferenceCache | None = None, name: str = "task") -> None:
+                 cache: ReferenceCache | None = None, name: str = "task",
+                 bounds: list[tuple[int, int]] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model, self.graph, self.task = model, graph, task
         self.batch_size, self.kind, self.clean_logits = batch_size, AblationKind(kind), clean_logits
         self.cache = cache if cache is not None else ReferenceCache(memory_budget=0)
         self.name = name
-        self._parts = list(task.batches(batch_size))
+        whole = [(start, min(start + batch_size, len(task))) for start in range(0, len(task), batch_size)]
+        self.whole_sizes = [stop - start for start, stop in whole]  # examples in each batch, all shares together
+        self._bounds = whole if bounds is None else bounds
+        self._parts = [task.slice(start, stop) for start, stop in self._bounds]
         self._shared: Reference | None = None
+
+    def shard(self, rank: int, world_size: int) -> TaskBatches:
+        """This process's share of every batch (data parallel): batch i of the shard holds the ``rank``-th of
+        ``world_size`` near-equal consecutive pieces of batch i; ``whole_sizes`` still counts the whole
+        batch, so a loss summed over the share and divided by it adds up, over the processes, to the
+        batch's mean. Every process needs an example of every batch."""
+        if world_size == 1:
+            return self
+        smallest = min(self.whole_sizes)
+        if smallest < world_size:
+            raise HapError(f"data parallel over {world_size} processes: a batch of {smallest} examples cannot give "
+                           "each process one; choose --batch-size and --n-examples so that every batch (the last "
+                           f"included) has at least {world_size}")
+        bounds = []
+        for index, size in enumerate(self.whole_sizes):
+            start = index * self.batch_size
+            cuts = [start + size * k // world_size for k in range(world_size + 1)]
+            bounds.append((cuts[rank], cuts[rank + 1]))
+        shard = TaskBatches(self.model, self.graph, self.task, self.batch_size, self.kind, self.clean_logits,
+                            self.cache, self.name, bounds)
+        shard._shared = self._shared
+        return shard
 
     def __len__(self) -> int:
         return len(self._parts)
@@ -169,8 +196,8 @@ class TaskBatches(Sequence[Batch]):
             raise IndexError(index)
         index %= len(self)
         part = self._parts[index]
-        start = index * self.batch_size
-        key = (self.name, start, start + len(part))
+        start, stop = self._bounds[index]
+        key = (self.name, start, stop)
         stored = self.cache.get(key)
         if stored is None or (self.clean_logits and stored.clean_logits is None):
             stored = self._make(part)

@@ -279,7 +279,7 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
     ``data``: the training batches (made on demand, cached within the memory
     budget); ``monitor``: held-out examples that Edge Pruning and HAP measure
     during training; ``ranks``: this process's share of a data-parallel run
-    (attribution methods).
+    (attribution, Edge Pruning and HAP).
     """
     graph = Graph.from_model(model)
     if data is None:
@@ -301,14 +301,15 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
                        "snapshot_every": config.snapshot_every}
         if config.method == "ep":
             started = time.perf_counter()
-            result = prune(model, task, pruning, data=data, progress=True, monitor=monitor, **checkpoints)
+            result = prune(model, task, pruning, data=data, progress=True, monitor=monitor, ranks=ranks,
+                           **checkpoints)
             runtime["pruning"] = time.perf_counter() - started
             return pruned_circuit(model, task, "ep", result, {"pruning": pruning.to_dict()})
         hybrid_config = HybridConfig(pruning=pruning, attribution=_attribution_config(config, config.attribution),
                                      candidates=config.candidates, warm_start=config.warm_start,
                                      attribution_examples=config.attribution_examples)
         return hybrid(model, task, hybrid_config, runtime=runtime, progress=True, data=data, monitor=monitor,
-                      **checkpoints)
+                      ranks=ranks, **checkpoints)
 
     scores: Scores = attribute(model, task, config=_attribution_config(config, config.method), progress=True,
                                data=data, ranks=ranks)
@@ -401,9 +402,9 @@ def discover(config: DiscoverConfig) -> Circuit:
                        per_head_kv_graph=config.kv_graph == "per-head")
     runtime["load"] = time.perf_counter() - started
     ranks = ranks_from_env(model.device)
-    if ranks.world_size > 1 and config.method not in ATTRIBUTION_METHODS:
+    if ranks.world_size > 1 and config.method not in (*ATTRIBUTION_METHODS, *PRUNING_METHODS):
         raise HapError(f"a data-parallel run (torchrun, {ranks.world_size} processes) supports the attribution "
-                       f"methods ({', '.join(ATTRIBUTION_METHODS)}) so far; run --method {config.method} as one process")
+                       f"methods, ep and hap so far; run --method {config.method} as one process")
     started = time.perf_counter()
     train_spec, test_spec = split_specs(config, model)
     train_task, test_task = load_split(train_spec, model.tokenizer), load_split(test_spec, model.tokenizer)
@@ -427,7 +428,7 @@ def discover(config: DiscoverConfig) -> Circuit:
     train = TaskBatches(model, graph, train_task, config.batch_size, config.ablation, cache=cache, name="train")
     test = TaskBatches(model, graph, test_task, config.batch_size, config.ablation, cache=cache, name="test")
     monitor = None
-    if config.method in PRUNING_METHODS:
+    if config.method in PRUNING_METHODS:  # every process knows it (a checkpoint records it); the main one measures
         started = time.perf_counter()
         monitor = HeldOutMonitor.build(model, test_task, config.monitor_examples, config.ablation)
         runtime["monitor"] = time.perf_counter() - started

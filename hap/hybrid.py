@@ -22,6 +22,7 @@ from torch import Tensor
 from .attribution import AttributionConfig, attribute
 from .batches import ReferenceCache, TaskBatches
 from .circuit import Circuit, Scores, prune_dangling, top_edges
+from .distributed import Ranks
 from .errors import HapError
 from .evaluation import HeldOutMonitor
 from .graph import Graph
@@ -118,7 +119,7 @@ def warm_start_log_alpha(graph: Graph, scores: Tensor, candidates: Tensor, keep:
 
 
 def _attribution_stage(model: Model, data: TaskBatches, config: HybridConfig, run_dir: Path | None,
-                       resume: bool, runtime: dict[str, float]) -> Scores:
+                       resume: bool, runtime: dict[str, float], ranks: Ranks) -> Scores:
     """Stage 1 on the first ``attribution_examples`` of ``data``, saved in the run directory so a resumed
     run does not redo it."""
     if config.attribution_examples is not None:
@@ -135,9 +136,9 @@ def _attribution_stage(model: Model, data: TaskBatches, config: HybridConfig, ru
             raise HapError(f"{saved} does not hold this model's edge scores; delete it and resume (stage 1 is redone)")
         return Scores(model.name, task.name, config.attribution.method.value, model.layout, values,
                       config.attribution.to_dict())
-    scores = attribute(model, task, config=config.attribution, progress=True, data=data)
+    scores = attribute(model, task, config=config.attribution, progress=True, data=data, ranks=ranks)
     runtime.update(scores.runtime_s)
-    if saved is not None:
+    if saved is not None and ranks.is_main:
         saved.parent.mkdir(parents=True, exist_ok=True)
         temporary = saved.with_name(f".{saved.name}.tmp")
         torch.save(scores.values, temporary)
@@ -159,20 +160,23 @@ def hybrid(
     data: TaskBatches | None = None,
     monitor: HeldOutMonitor | None = None,
     snapshot_every: int | None = None,
+    ranks: Ranks | None = None,
 ) -> Circuit:
     """Run HAP; returns the circuit (scores: the learned gate values on the candidates).
 
     ``data``: the training batches, shared by both stages (default: made on demand
     within the default memory budget); ``monitor``: held-out examples measured
-    during pruning (see ``prune``).
+    during pruning (see ``prune``); ``ranks``: data parallel under torchrun (both
+    stages: each process attributes its batches, then prunes on its share of each).
     """
+    ranks = ranks if ranks is not None else Ranks()
     runtime = {} if runtime is None else runtime
     run_path = Path(run_dir) if run_dir is not None else None
     graph = Graph.from_model(model)
     if data is None:
         data = TaskBatches(model, graph, task, config.pruning.batch_size, config.pruning.ablation,
                            cache=ReferenceCache())
-    scores = _attribution_stage(model, data, config, run_path, resume, runtime)
+    scores = _attribution_stage(model, data, config, run_path, resume, runtime, ranks)
 
     started = time.perf_counter()
     candidates = select_candidates(graph, scores.values, config.candidates)
@@ -189,7 +193,7 @@ def hybrid(
     result = prune(model, task, config.pruning, live=candidates, init_log_alpha=init, run_dir=run_path,
                    resume=resume, checkpoint_seconds=checkpoint_seconds, checkpoint_every=checkpoint_every,
                    progress=progress, on_step=on_step, data=data, monitor=monitor,
-                   snapshot_every=snapshot_every)
+                   snapshot_every=snapshot_every, ranks=ranks)
     runtime["pruning"] = time.perf_counter() - started
     circuit = pruned_circuit(model, task, "hap", result, {
         **config.to_dict(), "n_candidates": int(candidates.sum()),

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from .ablation import AblationKind, ComputePlan, run_masked
 from .batches import Batch, ReferenceCache, TaskBatches, divergence
 from .circuit import Circuit, prune_dangling, write_atomically
+from .distributed import Ranks
 from .errors import HapError
 from .evaluation import HeldOutMonitor
 from .graph import Graph
@@ -371,6 +372,7 @@ def prune(
     progress: bool = False,
     monitor: HeldOutMonitor | None = None,
     snapshot_every: int | None = None,
+    ranks: Ranks | None = None,
 ) -> PruningResult:
     """Learn edge masks over the ``live`` edges (default: every real edge) and binarise them.
 
@@ -384,7 +386,12 @@ def prune(
     ``snapshot_every``: also keep the masks every N steps in ``run_dir/snapshots/``
     (``step-000100.pt``: step, log alpha [E] and the live edges' indices), to
     look at or re-time the circuit as it was then.
+    ``ranks``: data parallel under torchrun. Every process takes its share of each step's batch
+    (``TaskBatches.shard``), the KL gradients of the masks are summed over the processes, and the
+    penalty's are added once, so every process holds the same masks and multipliers as one process with
+    the whole batch would; only the main process logs, measures the monitor and writes checkpoints.
     """
+    ranks = ranks if ranks is not None else Ranks()
     graph = Graph.from_model(model)
     device = model.device
     live = graph.real.clone() if live is None else live.cpu().bool() & graph.real
@@ -418,23 +425,31 @@ def prune(
         n_edges = graph.n_edges
         start = 1.0 - float(gate_keep_probability(log_alpha, config.beta).sum()) / n_edges
         state = _new_state(log_alpha.to(device).requires_grad_(True), node, config, start)
-    if run_path is not None:
+    if run_path is not None and ranks.is_main:
         run_path.mkdir(parents=True, exist_ok=True)
         _truncate_log(run_path / "train_log.jsonl", state.step)
+    writing = run_path is not None and ranks.is_main
 
     if data is None:
         data = TaskBatches(model, graph, task, config.batch_size, config.ablation, cache=ReferenceCache())
+    if ranks.world_size > 1:
+        if not isinstance(data, TaskBatches):
+            raise HapError("data-parallel pruning shards a TaskBatches; pass data=TaskBatches(...) or none")
+        data = data.shard(ranks.rank, ranks.world_size)
+    whole_sizes = getattr(data, "whole_sizes", None)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
     index = (sources.to(device), readers.to(device))
     last_save = time.perf_counter()
     bar = tqdm(total=config.steps, initial=min(state.step, config.steps), desc="pruning", unit="step",
-               disable=not progress)
+               disable=not (progress and ranks.is_main))
     last_test_kl = None
     try:
         while not _done(state, config, graph.n_edges):
             step_started = time.perf_counter()
             step = state.step
-            batch = data[int(order[step % len(data)])]
+            batch_index = int(order[step % len(data)])
+            batch = data[batch_index]
+            whole = whole_sizes[batch_index] if whole_sizes is not None else len(batch.clean)
             stretched = gate_stretched(state.log_alpha, config.beta, state.generator)
             mask = torch.zeros(graph.real.shape, device=device, dtype=model.dtype).index_put(
                 index, stretched.clamp(0.0, 1.0).to(model.dtype))
@@ -445,22 +460,27 @@ def prune(
             step_plan, grad_entries = step_plan_of(graph, live, stretched, node_stretched, kind)
             logits = run_masked(model, graph, batch.clean, batch.reference, mask, step_plan, batch.positions,
                                 grad_entries=grad_entries)
-            kl = divergence(batch.clean_logits, logits).mean()
+            # This process's share of the batch mean: its examples' KL over the whole batch's size.
+            kl_share = divergence(batch.clean_logits, logits).sum() / whole
             target = _target(state, config, step)
             expected = _expected_sparsity(state, config, graph.n_edges)
             gap = expected - target
-            loss = kl + state.lambdas[0] * gap + state.lambdas[1] * gap**2
+            penalty = state.lambdas[0] * gap + state.lambdas[1] * gap**2
             node_expected = None
             if state.node_log_alpha is not None:
                 node_target = config.node_target_sparsity * min(1.0, step / config.sparsity_warmup_steps)
                 node_expected = 1.0 - gate_keep_probability(state.node_log_alpha, config.beta).mean()
                 node_gap = node_expected - node_target
-                loss = loss + state.lambdas[2] * node_gap + state.lambdas[3] * node_gap**2
+                penalty = penalty + state.lambdas[2] * node_gap + state.lambdas[3] * node_gap**2
             for group in state.mask_optimizer.param_groups:
                 group["lr"] = _learning_rate(config, step)
             state.mask_optimizer.zero_grad()
             state.lambda_optimizer.zero_grad()
-            loss.backward()
+            if kl_share.requires_grad:  # not when every sampled gate is clamped at 0 or 1
+                kl_share.backward()
+            kl = _sum_kl_gradients(ranks, state, kl_share.detach())
+            penalty.backward()  # the same on every process: added once, after the sum
+            loss = kl + penalty.detach()
             state.mask_optimizer.step()
             state.lambda_optimizer.step()
             with torch.no_grad():  # keep every gate within reach of the penalty's gradient
@@ -478,10 +498,11 @@ def prune(
                     "seconds": round(state.seconds, 3)}
             if node_expected is not None:
                 line["expected_node_sparsity"] = node_expected.item()
-            if monitor is not None and (state.step % config.eval_period == 0 or _done(state, config, graph.n_edges)):
+            if monitor is not None and ranks.is_main and (state.step % config.eval_period == 0
+                                                          or _done(state, config, graph.n_edges)):
                 kept, _, _ = _circuit_of(graph, live, state, config, n_keep)
                 line.update(monitor.measure(model, kept))
-            if run_path is not None:
+            if writing:
                 with open(run_path / "train_log.jsonl", "a") as log:
                     log.write(json.dumps(line) + "\n")
                 if snapshot_every is not None and state.step % snapshot_every == 0:
@@ -503,15 +524,31 @@ def prune(
             if on_step is not None:
                 on_step(state.step)
     except KeyboardInterrupt:
-        if checkpoint is not None:
+        if checkpoint is not None and ranks.is_main:
             save_checkpoint(checkpoint, state, fingerprint)
         raise
     finally:
         bar.close()
-    if checkpoint is not None:
+    if checkpoint is not None and ranks.is_main:
         save_checkpoint(checkpoint, state, fingerprint)
     seconds_per_step = state.seconds / state.step if state.step else float("nan")
     return _read_off(graph, live, state, config, n_keep, seconds_per_step)
+
+
+def _sum_kl_gradients(ranks: Ranks, state: PruningState, kl_share: Tensor) -> Tensor:
+    """Sum the processes' KL gradients of the masks (and their KL shares, returned: the batch's mean KL).
+    One process alone: its gradient and KL as they are."""
+    if ranks.world_size == 1:
+        return kl_share
+    masks = [state.log_alpha] + ([state.node_log_alpha] if state.node_log_alpha is not None else [])
+    flat = torch.cat([(m.grad if m.grad is not None else torch.zeros_like(m)).flatten() for m in masks]
+                     + [kl_share.reshape(1).to(state.log_alpha.dtype)])
+    flat = ranks.sum(flat)
+    offset = 0
+    for m in masks:
+        m.grad = flat[offset : offset + m.numel()].view_as(m).clone()
+        offset += m.numel()
+    return flat[-1]
 
 
 def _circuit_of(graph: Graph, live: Tensor, state: PruningState, config: PruningConfig,

@@ -40,6 +40,9 @@ def _add_model_options(parser: argparse.ArgumentParser, default: str | None = DE
     parser.add_argument("--model", default=default, help=help_model)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32 (default), float64, float16, bfloat16")
+    parser.add_argument("--device-map", default=None, metavar="auto|balanced|FILE.json",
+                        help="spread a model larger than one device over several: its layers run where their "
+                        "weights are (accelerate's device map; instead of --device)")
 
 
 def _add_task_options(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +91,7 @@ def _verify(args: argparse.Namespace) -> int:
     from .models.loading import load_model
     from .verify import verify_model
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     report = verify_model(model, random_tokens=args.random_tokens, seed=args.seed)
     print(json.dumps(report))
     return 0 if report["passed"] else 1
@@ -122,7 +125,7 @@ def _discover(args: argparse.Namespace) -> int:
         "checkpoint_every": args.checkpoint_every, "snapshot_every": args.snapshot_every,
         "cache_dir": args.cache_dir,
         "reference_memory": args.reference_memory,
-        "device": args.device, "dtype": args.dtype, "force": args.force, "resume": args.resume is not None,
+        "device": args.device, "device_map": args.device_map, "dtype": args.dtype, "force": args.force, "resume": args.resume is not None,
         "report": not args.no_report,
     }
     given = {key: value for key, value in flags.items() if value is not None}
@@ -150,7 +153,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .models.tracr import TracrTransformer
 
     circuit = Circuit.load(args.circuit, model=args.model)
-    model = load_model(circuit.model, device=args.device, dtype=args.dtype,
+    model = load_model(circuit.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                        per_head_kv_graph=circuit.layout.kv_ungrouped)
     circuit.check_fits(model.layout, str(args.circuit))
     task, note, split = _examples(args, circuit, model.tokenizer, args.circuit)
@@ -204,7 +207,7 @@ def _curve(args: argparse.Namespace) -> int:
     path = Path(args.scores)
     path = path / "circuit.json" if path.is_dir() else path
     circuit = Circuit.load(path, model=args.model)
-    model = load_model(circuit.model, device=args.device, dtype=args.dtype,
+    model = load_model(circuit.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                        per_head_kv_graph=circuit.layout.kv_ungrouped)
     circuit.check_fits(model.layout, str(path))
     task, note, split = _examples(args, circuit, model.tokenizer, str(path))

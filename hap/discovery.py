@@ -41,7 +41,7 @@ from .tasks import TaskData, TaskSpec, is_program_task, load_split, task_splits
 
 # ATTRIBUTION_METHODS, PRUNING_METHODS, METHODS: hap.settings (the CLI lists them before importing torch)
 # Settings that may differ between a run and its resumption.
-NOT_COMPARED_ON_RESUME = ("resume", "force", "command", "report", "out", "device", "cache_dir", "reference_memory",
+NOT_COMPARED_ON_RESUME = ("resume", "force", "command", "report", "out", "device", "device_map", "cache_dir", "reference_memory",
                           "snapshot_every", "checkpoint_every", "ground_truth", "tests_per_forward")
 # Training examples by default: attribution methods score every example; pruning draws batches from them
 # (its per-step cost does not depend on their number; see README "Budget").
@@ -115,6 +115,7 @@ class DiscoverConfig:
     reference_memory: float = DEFAULT_REFERENCE_MEMORY_GIB
     # Running
     device: str | None = None
+    device_map: str | None = None  # auto, balanced or a JSON file: the layers over several devices
     dtype: str | None = None
     force: bool = False
     resume: bool = False
@@ -399,9 +400,12 @@ def discover(config: DiscoverConfig) -> Circuit:
     runtime: dict[str, float] = {}
     started = time.perf_counter()
     model = load_model(config.model, device=config.device, dtype=config.dtype,
-                       per_head_kv_graph=config.kv_graph == "per-head")
+                       per_head_kv_graph=config.kv_graph == "per-head", device_map=config.device_map)
     runtime["load"] = time.perf_counter() - started
     ranks = ranks_from_env(model.device)
+    if ranks.world_size > 1 and config.device_map is not None:
+        raise HapError("--device-map spreads one process's model over the devices; under torchrun each process "
+                       "loads its own model on its own GPU: drop --device-map (or run one process)")
     if ranks.world_size > 1 and config.method not in (*ATTRIBUTION_METHODS, *PRUNING_METHODS):
         raise HapError(f"a data-parallel run (torchrun, {ranks.world_size} processes) supports the attribution "
                        f"methods, ep and hap so far; run --method {config.method} as one process")

@@ -143,6 +143,16 @@ class ModelAdapter:
     def _rope(self, x: Tensor, ctx: RunContext, layer: int) -> Tensor:
         return x
 
+    # -- where the blocks' weights are (models spread over devices: ``placement``) ----
+    def embed_device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    def mlp_device(self, layer: int) -> torch.device:
+        return self.embed_device()
+
+    def unembed_device(self) -> torch.device:
+        return self.embed_device()
+
     def ungrouped(self) -> ModelAdapter:
         """This adapter on MIB's graph: under grouped-query attention every query head reads its own copy
         of its group's key and value input (as TransformerLens' ``ungroup_grouped_query_attention``), so

@@ -74,6 +74,15 @@ class GPT2Adapter(ModelAdapter):
         positions = torch.arange(ctx.input_ids.shape[1], device=ctx.input_ids.device)
         return body.wte(ctx.input_ids) + body.wpe(positions)[None]
 
+    def embed_device(self) -> torch.device:
+        return self.hf_model.transformer.wte.weight.device
+
+    def mlp_device(self, layer: int) -> torch.device:
+        return self.hf_model.transformer.h[layer].mlp.c_fc.weight.device
+
+    def unembed_device(self) -> torch.device:
+        return self.hf_model.lm_head.weight.device
+
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         block = self.hf_model.transformer.h[layer]
         return block.mlp(block.ln_2(x))

@@ -5,6 +5,7 @@ Hugging Face checkpoint of a supported family, or a tiny built-in test model.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from ..errors import (
 )
 from .adapter import Layout, ModelAdapter
 from .gpt2 import GPT2_MODEL_TYPES, GPT2Adapter
+from .placement import placed
 from .rotary import ROTARY_MODEL_TYPES, RotaryAdapter
 from ..settings import DEFAULT_MODEL, TINY_MODELS, built_in_models, check_model_name, tracr_dir, unknown_model
 from .tiny import build_tiny_model
@@ -210,6 +212,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     seed: int = 0,
     per_head_kv_graph: bool = False,
+    device_map: str | dict[str, str | int] | None = None,
 ) -> Model:
     """Load a model and wrap it in its adapter, in eval mode with frozen weights.
 
@@ -220,10 +223,16 @@ def load_model(
     local directory. ``device`` defaults to CUDA when present; ``dtype`` to float32.
     ``per_head_kv_graph``: the adapter on MIB's graph, where every query head has its own key/value
     input (``ModelAdapter.ungrouped``; the same graph without grouped-query attention).
+    ``device_map``: spread the layers over several devices instead of ``device`` (a model larger than
+    one): ``auto``/``balanced`` (accelerate decides from the devices' free memory), a JSON file or a dict
+    of module name -> device (``{"model.layers.0": "cuda:0", ...}``); blocks then run where their
+    weights are and the bookkeeping stays on the embedding's device (``hap.models.placement``).
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     compiled = tracr_dir(name_or_path)
+    if compiled is not None and device_map is not None:
+        raise UnsupportedArchitectureError("tracr models are tiny: load them on one --device, without --device-map")
     if compiled is not None:
         tracr_model, tokenizer = load_tracr(compiled)
         tracr_model = tracr_model.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
@@ -238,6 +247,42 @@ def load_model(
         hf_model, tokenizer = _load_pretrained(name_or_path, torch_dtype)
         origin = "pretrained"
     check_tokenizer(tokenizer, name_or_path)
-    hf_model = hf_model.to(torch_device).eval().requires_grad_(False)
+    if device_map is None:
+        hf_model = hf_model.to(torch_device)
+    else:
+        hf_model = dispatch(hf_model, device_map)
+    hf_model = hf_model.eval().requires_grad_(False)
     adapter = adapter_for(hf_model, name_or_path)
+    if device_map is not None:
+        adapter = placed(adapter, adapter.embed_device())
     return Model(name_or_path, hf_model, tokenizer, adapter.ungrouped() if per_head_kv_graph else adapter, origin)
+
+
+def dispatch(hf_model: PreTrainedModel, device_map: str | dict[str, str | int]) -> PreTrainedModel:
+    """Place the model's modules as ``device_map`` says (accelerate's ``dispatch_model``): a dict, a JSON
+    file of one, or ``auto``/``balanced`` (whole decoder layers, by the devices' free memory)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced"):
+        path = Path(device_map)
+        if not path.is_file():
+            raise DeviceNotAvailableError(f"--device-map {device_map!r}: give auto, balanced or a JSON file mapping "
+                                          "module names to devices")
+        try:
+            device_map = json.loads(path.read_text())
+        except ValueError as error:
+            raise DeviceNotAvailableError(f"--device-map {path} is not JSON ({error})") from None
+    if isinstance(device_map, str):
+        no_split = list(getattr(hf_model, "_no_split_modules", None) or [])
+        memory = get_balanced_memory(hf_model, no_split_module_classes=no_split) if device_map == "balanced" else None
+        device_map = infer_auto_device_map(hf_model, max_memory=memory, no_split_module_classes=no_split)
+    if not isinstance(device_map, dict) or not device_map:
+        raise DeviceNotAvailableError("a device map is a non-empty mapping of module names to devices")
+    for module, device in device_map.items():
+        if device == "disk":
+            raise DeviceNotAvailableError(f"the model does not fit the devices' memory ({module} would go to disk); "
+                                          "add devices or use a smaller dtype")
+        resolve_device(f"cuda:{device}" if isinstance(device, int) else device)  # a clear error for a bad one
+    return dispatch_model(hf_model, device_map={name: (f"cuda:{device}" if isinstance(device, int) else device)
+                                                for name, device in device_map.items()})

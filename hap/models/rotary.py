@@ -260,6 +260,15 @@ class RotaryAdapter(ModelAdapter):
     def embed(self, ctx: RunContext) -> Tensor:
         return self.hf_model.get_input_embeddings()(ctx.input_ids)
 
+    def embed_device(self) -> torch.device:
+        return self.hf_model.get_input_embeddings().weight.device
+
+    def mlp_device(self, layer: int) -> torch.device:
+        return next(self.layers[layer].mlp.parameters()).device
+
+    def unembed_device(self) -> torch.device:
+        return self.hf_model.get_output_embeddings().weight.device
+
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         block, wiring = self.layers[layer], self.wiring
         out = block.mlp(getattr(block, wiring.mlp_norm)(x) if wiring.mlp_norm else x)

@@ -97,8 +97,9 @@ def reduced_twin(model: Model, kind: str = "auto", check_speed: bool = True,
     if kind not in PRECISIONS:
         raise HapError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {kind!r}")
     device = model.device
-    if model.dtype != torch.float32:
-        raise HapError(f"--mixed-precision reduces a float32 model; {model.name} is loaded in {model.dtype} already")
+    if model.weights_dtype != torch.float32:
+        raise HapError(f"--mixed-precision reduces a float32 model; {model.name} is loaded in {model.weights_dtype} "
+                       "already")
     if model.origin == "tracr":
         raise HapError("--mixed-precision: tracr models compute exactly in float32 and are tiny; leave it off")
     if kind == "auto":

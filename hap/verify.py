@@ -88,7 +88,7 @@ def verify_model(model: Model, random_tokens: bool = False, seed: int = 0) -> di
     def diff(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a.float() - b.float()).abs().max())
 
-    tolerance = TOLERANCE[model.dtype]
+    tolerance = TOLERANCE[model.weights_dtype]
     figures = {
         "adapter_vs_hf_max_abs_diff": diff(adapter, hf_clean),
         "all_on_vs_clean_max_abs_diff": diff(all_on, hf_clean),
@@ -96,13 +96,13 @@ def verify_model(model: Model, random_tokens: bool = False, seed: int = 0) -> di
         "skipped_vs_full_max_abs_diff": diff(skipped, full),
     }
     floor = None
-    if model.dtype == torch.float32 and max(figures.values()) > tolerance:
+    if model.weights_dtype == torch.float32 and max(figures.values()) > tolerance:
         floor = float32_noise_floor(model, clean, corrupted, hf_clean, hf_corrupted)
     report = {
         "model": model.name,
         "family": model.layout.family,
         "device": str(model.device),
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype": str(model.weights_dtype).removeprefix("torch."),
         "n_edges": graph.n_edges,
         "prompts": ("program-inputs" if isinstance(model.hf_model, TracrTransformer)
                     else "random-tokens" if random_tokens else "sentences"),

@@ -89,7 +89,12 @@ def test_dtype_not_supported(dtype):
 
 def test_half_precision_loads_in_that_dtype():
     model = hap.load_model("tiny-gpt2", device="cpu", dtype="bf16")
-    assert model.dtype == torch.bfloat16
+    assert model.weights_dtype == torch.bfloat16  # the weights; the sums the engine keeps are float32
+    assert model.dtype == torch.float32
+    from hap.verify import verify_model
+
+    report = verify_model(model)
+    assert report["dtype"] == "bfloat16" and report["passed"], report
 
 
 def test_cli_verify_prints_one_json_line(capsys):

@@ -103,3 +103,30 @@ def test_discover_with_a_device_map(tmp_path):
     assert main(["discover", "--model", "tiny-llama", "--device-map", "auto", "--edges", "20", "--n-examples", "4",
                  "--n-test", "4", "--out", str(out), "--no-report"]) == 0
     assert json.loads((out / "run.json").read_text())["device_map"] == "auto"
+
+
+def test_half_precision_weights_compute_in_bf16_and_keep_the_sums_in_float32(tmp_path):
+    """bf16 weights: blocks in bf16, deltas / references / masked sums in float32, closer to exact arithmetic
+    on the same (rounded) weights than running the bookkeeping in bf16 too."""
+    import copy
+
+    from hap.cli import main
+
+    model = hap.load_model("tiny-llama", device="cpu", dtype="bfloat16")
+    assert model.weights_dtype == torch.bfloat16 and model.dtype == torch.float32
+    graph = hap.Graph.from_model(model)
+    task = load_task("ioi", model.tokenizer, 8, seed=1)
+    exact_hf = copy.deepcopy(model.hf_model).to(torch.float64)  # the same rounded weights, exact arithmetic
+    exact = Model("exact", exact_hf, model.tokenizer, adapter_for(exact_hf, "exact"), "built-in")
+    all_bf16 = Model("bf16", model.hf_model, model.tokenizer, adapter_for(model.hf_model, "bf16"), "built-in")
+    mask = torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name, candidate in (("exact", exact), ("float32 sums", model), ("bf16 sums", all_bf16)):
+        reference = interchange_reference(candidate, task.corrupted_ids)
+        assert reference.outputs.dtype == candidate.dtype
+        logits[name] = run_masked(candidate, graph, task.clean_ids, reference, mask.to(candidate.dtype)).double()
+    error = {name: float((logits[name] - logits["exact"]).abs().mean()) for name in ("float32 sums", "bf16 sums")}
+    assert 0 < error["float32 sums"] < error["bf16 sums"], error
+    out = tmp_path / "run"
+    assert main(["discover", "--model", "tiny-llama", "--dtype", "bfloat16", "--method", "hap", "--edges", "30",
+                 "--steps", "10", "--n-examples", "4", "--n-test", "4", "--out", str(out), "--no-report"]) == 0

@@ -77,6 +77,12 @@ class Model:
 
     @property
     def dtype(self) -> torch.dtype:
+        """What the ablation primitive keeps and sums in: the weights' dtype, or float32 for half-precision
+        weights (their blocks compute in half precision; ``hap.models.placement``)."""
+        return getattr(self.adapter, "dtype", None) or self.weights_dtype
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
         return next(self.hf_model.parameters()).dtype
 
 
@@ -252,9 +258,7 @@ def load_model(
     else:
         hf_model = dispatch(hf_model, device_map)
     hf_model = hf_model.eval().requires_grad_(False)
-    adapter = adapter_for(hf_model, name_or_path)
-    if device_map is not None:
-        adapter = placed(adapter, adapter.embed_device())
+    adapter = placed(adapter_for(hf_model, name_or_path), torch_device if device_map is None else None)
     return Model(name_or_path, hf_model, tokenizer, adapter.ungrouped() if per_head_kv_graph else adapter, origin)
 
 

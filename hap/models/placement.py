@@ -1,4 +1,5 @@
-"""Models larger than one device: the layers on several devices, the bookkeeping on one.
+"""Models larger than one device, and half-precision weights: blocks run where (and in the dtype) their
+weights are; the bookkeeping stays on one device, in float32.
 
 A model loaded with a ``device_map`` (``hap.load_model(..., device_map="auto")``, through accelerate)
 keeps each layer's weights on its own device. ``PlacedAdapter`` wraps the family's adapter so that every
@@ -7,6 +8,11 @@ rotary tables and masks) move to that device, and what the block writes (head an
 comes back to the *home* device, the embedding's. Everything the ablation primitive keeps across blocks
 (the delta buffer, the references, the masks and their gradients) stays on the home device, so the
 engine itself is unchanged; moves are differentiable, so attribution and pruning gradients cross devices.
+
+Half-precision weights (``--dtype bfloat16``/``float16``) go through the same wrapper: each block computes
+in the weights' dtype, and what the engine keeps (the deltas, references, masked sums, masks) stays in
+float32, where summing hundreds of deltas would otherwise lose the small ones (``Model.dtype`` is that
+bookkeeping dtype, ``Model.weights_dtype`` the weights').
 
 What moves per block is its readers' inputs there and its sources' outputs back ([n, B, T, D] each way);
 the weights never move. A GPU user should check that the home device has room for the bookkeeping
@@ -36,12 +42,14 @@ def context_on(ctx: RunContext, device: torch.device) -> RunContext:
 
 
 class PlacedAdapter(ModelAdapter):
-    """``inner`` (a family adapter over a model spread across devices), run block by block where each
-    block's weights are; results on ``home``."""
+    """``inner`` (a family adapter over a model spread across devices, or with half-precision weights), run
+    block by block where each block's weights are, in their dtype; results on ``home`` in ``dtype``."""
 
-    def __init__(self, inner: ModelAdapter, home: torch.device) -> None:
+    def __init__(self, inner: ModelAdapter, home: torch.device, dtype: torch.dtype | None = None) -> None:
         super().__init__(inner.hf_model)
         self.inner, self.home = inner, home
+        self.weights_dtype = next(inner.hf_model.parameters()).dtype
+        self.dtype = dtype if dtype is not None else self.weights_dtype
         self.layout, self.attention = inner.layout, inner.attention
 
     # -- where each block runs ----------------------------------------------
@@ -68,7 +76,10 @@ class PlacedAdapter(ModelAdapter):
         return context_on(ctx, device)  # rotary tables and masks: [1, 1, T, K] and [1, 1, T, T], cheap to move
 
     def _back(self, x: Tensor) -> Tensor:
-        return x.to(self.home)
+        return x.to(self.home, self.dtype)
+
+    def _there(self, x: Tensor, device: torch.device) -> Tensor:
+        return x.to(device, self.weights_dtype)
 
     # -- the blocks, delegated ---------------------------------------------
     def prepare(self, input_ids: Tensor) -> RunContext:
@@ -78,44 +89,54 @@ class PlacedAdapter(ModelAdapter):
         return self._back(self.inner.embed(self._context(ctx, self.embed_device())))
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
-        return self._back(self.inner.mlp(layer, x.to(self.mlp_device(layer))))
+        return self._back(self.inner.mlp(layer, self._there(x, self.mlp_device(layer))))
 
     def unembed(self, x: Tensor) -> Tensor:
-        return self._back(self.inner.unembed(x.to(self.unembed_device())))
+        return self._back(self.inner.unembed(self._there(x, self.unembed_device())))
 
     def queries(self, layer: int, x: Tensor, ctx: RunContext, heads: Tensor | None = None) -> Tensor:
         device = self.attention_device(layer)
-        return self._back(self.inner.queries(layer, x.to(device), self._context(ctx, device), _on(heads, device)))
+        return self._back(self.inner.queries(layer, self._there(x, device), self._context(ctx, device), _on(heads, device)))
 
     def keys(self, layer: int, x: Tensor, ctx: RunContext, groups: Tensor | None = None) -> Tensor:
         device = self.attention_device(layer)
-        return self._back(self.inner.keys(layer, x.to(device), self._context(ctx, device), _on(groups, device)))
+        return self._back(self.inner.keys(layer, self._there(x, device), self._context(ctx, device), _on(groups, device)))
 
     def values(self, layer: int, x: Tensor, ctx: RunContext, groups: Tensor | None = None) -> Tensor:
         device = self.attention_device(layer)
-        return self._back(self.inner.values(layer, x.to(device), self._context(ctx, device), _on(groups, device)))
+        return self._back(self.inner.values(layer, self._there(x, device), self._context(ctx, device), _on(groups, device)))
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, ctx: RunContext) -> Tensor:
         device = self.attention_device(layer)
-        return self._back(self.inner.attend(layer, q.to(device), k.to(device), v.to(device),
+        return self._back(self.inner.attend(layer, self._there(q, device), self._there(k, device), self._there(v, device),
                                              self._context(ctx, device)))
 
     def head_outputs(self, layer: int, mixed: Tensor, heads: Tensor | None = None) -> Tensor:
         device = self.attention_device(layer)
-        return self._back(self.inner.head_outputs(layer, mixed.to(device), _on(heads, device)))
+        return self._back(self.inner.head_outputs(layer, self._there(mixed, device), _on(heads, device)))
 
     def layer_output(self, layer: int, mixed: Tensor) -> Tensor:
-        return self._back(self.inner.layer_output(layer, mixed.to(self.attention_device(layer))))
+        return self._back(self.inner.layer_output(layer, self._there(mixed, self.attention_device(layer))))
 
     def ungrouped(self) -> ModelAdapter:
-        return PlacedAdapter(self.inner.ungrouped(), self.home)
+        return PlacedAdapter(self.inner.ungrouped(), self.home, self.dtype)
 
 
 def _on(index: Tensor | None, device: torch.device) -> Tensor | None:
     return None if index is None else index.to(device)
 
 
-def placed(adapter: ModelAdapter, home: torch.device) -> ModelAdapter:
-    """``adapter`` itself when its model's weights share one device, else a ``PlacedAdapter``."""
-    devices = {parameter.device for parameter in adapter.hf_model.parameters()}
-    return adapter if len(devices) <= 1 else PlacedAdapter(adapter, home)
+HALF = (torch.bfloat16, torch.float16)
+
+
+def placed(adapter: ModelAdapter, home: torch.device | None = None) -> ModelAdapter:
+    """``adapter`` itself when its model's weights share one device and are not half precision, else a
+    ``PlacedAdapter`` (float32 bookkeeping for half-precision weights) with its results on ``home``
+    (default: the embedding's device)."""
+    parameters = list(adapter.hf_model.parameters())
+    devices = {parameter.device for parameter in parameters}
+    half = parameters[0].dtype in HALF
+    if len(devices) <= 1 and not half:
+        return adapter
+    return PlacedAdapter(adapter, home if home is not None else adapter.embed_device(),
+                         torch.float32 if half else None)

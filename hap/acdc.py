@@ -14,6 +14,11 @@ away and the next group starts after it. Every decision therefore compares exact
 one-at-a-time sweep compares, and the result is the same (the tests check this against a plain loop).
 At high sparsity nearly every edge is removed, so a group decides about k edges per forward.
 
+Readers that feed nothing the logits still read are decided without a forward: the sweep visits readers
+latest first, so when it reaches a reader whose sources (a head, a key/value group's heads, an MLP) have
+lost every out-edge, removing any of its in-edges leaves the metric exactly unchanged (a rise of 0, below
+any tau > 0), and they all go (``reaches_nothing``). The result is the one-at-a-time sweep's.
+
 A run's state (the circuit so far, each edge's score, the position in the sweep) is written to
 ``acdc_state.pt`` in the run directory after every reader and every few minutes, so an interrupted run
 resumes where it stopped.
@@ -85,12 +90,13 @@ class AcdcState:
     position: int
     metric: float
     forwards: int = 0
+    untested: int = 0  # edges removed without a forward: their reader fed nothing the logits still read
 
     def save(self, path: Path, config: AcdcConfig) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
         torch.save({"kept": self.kept, "scores": self.scores, "position": self.position, "metric": self.metric,
-                    "forwards": self.forwards, "config": config.decisive()}, temporary)
+                    "forwards": self.forwards, "untested": self.untested, "config": config.decisive()}, temporary)
         temporary.replace(path)
 
     @classmethod
@@ -104,7 +110,7 @@ class AcdcState:
             raise HapError(f"{path} was written by a run with other settings or another model; "
                            "use the same command, or --force to start again")
         return cls(saved["kept"], saved["scores"], int(saved["position"]), float(saved["metric"]),
-                   int(saved["forwards"]))
+                   int(saved["forwards"]), int(saved.get("untested", 0)))
 
 
 def sweep_order(graph: Graph) -> list[tuple[int, int]]:
@@ -115,6 +121,21 @@ def sweep_order(graph: Graph) -> list[tuple[int, int]]:
         sources = torch.nonzero(graph.real[:, reader]).flatten().tolist()
         order += [(source, reader) for source in sorted(sources, reverse=True)]
     return order
+
+
+def reaches_nothing(graph: Graph, feeds: Tensor, kept: Tensor, reader: int) -> bool:
+    """Whether no source ``reader`` feeds keeps an out-edge in ``kept`` (``feeds``: ``graph.feeds()``). The
+    sweep decides readers latest first, so those out-edges are final: nothing downstream reads what the
+    reader's input changes, and removing any of its in-edges leaves the metric exactly as it is. In a
+    post-normed layer a head's input moves its layer-mates' outputs too, so all of them must be cut off."""
+    if reader == graph.n_readers - 1:
+        return False  # the logits are the output itself
+    fed = feeds[reader]
+    block = int(graph.reader_block[reader])
+    if graph.layout.heads_normed_together and block % 2 == 1:
+        fed = torch.zeros_like(fed)
+        fed[graph.sources_of_block(block)] = True
+    return not bool(kept[fed].any())
 
 
 def _per_example_metric(config: AcdcConfig, batch: Batch, logits: Tensor, full_metric: Tensor) -> Tensor:
@@ -211,10 +232,24 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
               "forward", flush=True)
     saved_at = time.monotonic()
     known: tuple[int, list[KnownOutputs]] | None = None  # (reader, its prefix outputs per batch)
+    feeds = graph.feeds()
     with tqdm(total=len(order), initial=state.position, desc="acdc", unit="edge", disable=not progress) as bar:
         while state.position < len(order):
             group = order[state.position: state.position + k]
             reader = group[0][1]
+            if config.threshold > 0 and reaches_nothing(graph, feeds, state.kept, reader):
+                # Every test of this reader would measure a rise of exactly 0 < tau: remove its edges untested.
+                while state.position < len(order) and order[state.position][1] == reader:
+                    source, _ = order[state.position]
+                    state.kept[source, reader] = False
+                    state.scores[source, reader] = 0.0
+                    state.position += 1
+                    state.untested += 1
+                bar.update(state.position - bar.n)
+                if path is not None:
+                    state.save(path, config)
+                    saved_at = time.monotonic()
+                continue
             group = [edge for edge in group if edge[1] == reader]  # one reader per group: save between readers
             precision = MixedPrecision(twin, int(graph.reader_block[reader])) if twin is not None else None
             if known is None or known[0] != reader:

@@ -69,6 +69,30 @@ def test_batched_sweep_equals_the_one_at_a_time_loop(tiny_gpt2_64, plain_sweep, 
     assert 0 < int(expected.sum()) < graph.n_edges  # the threshold removes some edges and keeps others
     kept_scores = state.scores[state.kept & graph.real]
     assert bool((kept_scores >= threshold).all())  # a kept edge's removal cost at least tau
+    if ablation != "interchange":  # here most readers end up feeding nothing: decided without a forward
+        assert state.untested > graph.n_edges // 2
+        assert state.forwards <= (graph.n_edges - state.untested) + 1  # at most one per tested edge, + baseline
+        assert bool((state.scores[~state.kept & graph.real] < threshold).all())
+
+
+def test_a_reader_feeds_nothing_only_when_every_source_it_moves_is_cut_off():
+    from hap.acdc import reaches_nothing
+    from hap.models.adapter import Layout
+
+    for normed_together in (False, True):
+        layout = Layout("x", n_layers=2, n_heads=2, n_kv_heads=1, d_model=8, head_dim=4, vocab_size=10,
+                        heads_normed_together=normed_together)
+        graph = Graph.from_layout(layout)
+        feeds = graph.feeds()
+        kept = graph.real.clone()
+        kept[graph.source_index("a0.h0")] = False  # head 0 of layer 0 lost every out-edge, head 1 has its own
+        q0, k0 = graph.reader_index("a0.h0<q>"), graph.reader_index("a0.g0<k>")
+        # Layer-mates normed together: head 0's input still moves head 1's output.
+        assert reaches_nothing(graph, feeds, kept, q0) is (not normed_together)
+        assert not reaches_nothing(graph, feeds, kept, k0)  # the group's key input also feeds head 1
+        kept[graph.source_index("a0.h1")] = False
+        assert reaches_nothing(graph, feeds, kept, q0) and reaches_nothing(graph, feeds, kept, k0)
+        assert not reaches_nothing(graph, feeds, kept, graph.n_readers - 1)  # the logits are the output
 
 
 def test_logit_difference_metric_equals_its_loop(tiny_gpt2_64):

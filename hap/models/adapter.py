@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UnsupportedArchitectureError
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -162,8 +164,6 @@ class ModelAdapter:
         if layout.n_kv_heads == layout.n_heads:
             return self
         if any(w.k_norm is not None and w.qk_norm_spans_heads for w in self.attention):
-            from ..errors import UnsupportedArchitectureError
-
             raise UnsupportedArchitectureError("the per-head k/v graph needs per-head key norms; this model norms "
                                                "all key groups at once: use the grouped graph")
         group = torch.arange(layout.n_heads) // layout.heads_per_group

@@ -18,7 +18,7 @@ continues where an interruption left it.
 The wall-clock seconds logged by a run that shares the machine are inflated by whatever else runs;
 ``time`` re-times each method's steps alone, from its snapshots (the step cost changes as the masks
 sparsify), and re-times HAP's attribution stage. ``report`` draws held-out KL against those
-seconds and writes the table.
+seconds and writes the table (``table.md``; ``summary.json`` for comparison.py).
 
     python benchmarks/converged.py run    --out benchmarks/converged/ioi --task ioi
     python benchmarks/converged.py time   --out benchmarks/converged/ioi
@@ -241,6 +241,11 @@ def report(args: argparse.Namespace) -> None:
             f"| {method} | {steps} | {_fmt(reached)} | {speed} | {_fmt(total)} | {test['kl']:.3f} | "
             f"{test['logit_diff']:.3f} | {test['accuracy']:.3f} | {test['faithfulness']:.3f} | "
             f"{train.get('faithfulness', float('nan')):.3f} | {'n/a' if expected is None else f'{expected:.4f}'} |")
+    summary = {method: {"steps": steps, "seconds_to_reach": reached, "total_seconds": total, "test": test,
+                        "train": train, "final_expected_sparsity": expected}
+               for method, steps, reached, total, test, train, expected in rows}
+    write_atomically(out / "summary.json", json.dumps({"ep_final_test_kl": ep_final, "within": WITHIN,
+                                                       "methods": summary}, indent=1))
     full = rows[0][4]["full_model"]
     lines.append(f"\nFull model on the test split: logit diff {full['logit_diff']:.3f}, accuracy "
                  f"{full['accuracy']:.3f}; EP's final held-out KL (64-example monitor batch) {ep_final:.4f}.")

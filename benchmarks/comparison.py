@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--acdc", action="append", default=[], help="finished ACDC run directories (repeatable)")
     parser.add_argument("--memory-steps", type=int, default=30)
+    parser.add_argument("--skip-memory", action="store_true",
+                        help="do not re-run EP, HAP and EAP-IG to measure their peak memory (their column stays empty)")
     args = parser.parse_args()
     converged, out = Path(args.converged), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,13 +71,17 @@ def main() -> None:
 
     # The converged runs: their results and re-timed seconds; their memory from a short run of the same settings.
     for method, name in (("ep", "Edge Pruning"), ("hap", "HAP"), ("eap-ig", "EAP-IG top-N")):
+        peak = None
         if method == "eap-ig":
-            peak, _ = measured(discover_argv(settings, "eap-ig-inputs", out / "memory-eap-ig", []))
+            if not args.skip_memory:
+                peak, _ = measured(discover_argv(settings, "eap-ig-inputs", out / "memory-eap-ig", []))
             note = "attribution on all training examples"
         else:
             steps = ["--steps", str(args.memory_steps)] + (["--warm-start"] if method == "hap" else [])
-            peak, _ = measured(discover_argv(settings, method, out / f"memory-{method}", steps))
-            note = f"{summary[method]['steps']} steps; memory from a {args.memory_steps}-step run"
+            if not args.skip_memory:
+                peak, _ = measured(discover_argv(settings, method, out / f"memory-{method}", steps))
+            note = f"{summary[method]['steps']} steps" + ("" if args.skip_memory else
+                                                          f"; memory from a {args.memory_steps}-step run")
         row(name, Circuit.load(converged / method), summary[method]["total_seconds"], peak, note)
     peak, _ = measured(discover_argv(settings, "eap", out / "eap", []))
     eap = Circuit.load(out / "eap")

@@ -33,6 +33,7 @@ from .batches import Batch, kl_divergence
 from .errors import HapError
 from .models.adapter import ModelAdapter
 from .models.loading import Model, adapter_for
+from .models.placement import placed
 from .settings import PRECISIONS
 
 MAX_TWIN_KL = 0.01  # nats: how far the reduced full model may move the answer distribution
@@ -111,7 +112,7 @@ def reduced_twin(model: Model, kind: str = "auto", check_speed: bool = True,
     else:
         dtype = getattr(torch, kind)
         twin_model = copy.deepcopy(model.hf_model).to(dtype)
-    twin_adapter = adapter_for(twin_model, model.name)
+    twin_adapter = placed(adapter_for(twin_model, model.name), model.device)  # a model over devices: its twin too
     twin = ReducedTwin(kind, twin_adapter.ungrouped() if model.layout.kv_ungrouped else twin_adapter, dtype)
     if check_speed:
         full = _mlp_seconds(model.adapter, model.dtype, model.layout.d_model, device)

@@ -19,6 +19,19 @@ latest first, so when it reaches a reader whose sources (a head, a key/value gro
 lost every out-edge, removing any of its in-edges leaves the metric exactly unchanged (a rise of 0, below
 any tau > 0), and they all go (``reaches_nothing``). The result is the one-at-a-time sweep's.
 
+Searching tau for a circuit of N edges (``search_threshold``) runs several sweeps, made cheaper exactly
+and by prediction:
+
+- two sweeps at thresholds tau and tau' decide every edge alike until the first tested edge whose rise
+  lies between them (the circuits, hence every measured rise, are the same up to there), so a new sweep
+  replays the longest such prefix of an earlier one (``replayed_prefix``) and tests only the rest;
+- the next tau is the one the nearest finished sweep's rises predict for N edges (the N-th largest rise),
+  kept strictly inside the bracket of thresholds known to keep too many and too few (bisection when the
+  prediction falls outside), and the search stops at a sweep keeping between N and N * (1 + tolerance);
+- once a finished sweep keeps at least N, a sweep whose *decided* kept edges already exceed
+  N * (1 + tolerance) is stopped: whatever it decides next, it keeps too many (its state is saved, so a
+  later search can resume or replay it).
+
 A run's state (the circuit so far, each edge's score, the position in the sweep) is written to
 ``acdc_state.pt`` in the run directory after every reader and every few minutes, so an interrupted run
 resumes where it stopped.
@@ -91,12 +104,19 @@ class AcdcState:
     metric: float
     forwards: int = 0
     untested: int = 0  # edges removed without a forward: their reader fed nothing the logits still read
+    replayed: int = 0  # edges decided by replaying an earlier sweep at another tau (``replayed_prefix``)
+
+    def n_decided_kept(self, n_order: int) -> int:
+        """Kept edges among the decided ones (every undecided edge is still kept): a lower bound on the
+        finished sweep's size. ``n_order``: the number of edges in the sweep."""
+        return int(self.kept.sum()) - (n_order - self.position)
 
     def save(self, path: Path, config: AcdcConfig) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
         torch.save({"kept": self.kept, "scores": self.scores, "position": self.position, "metric": self.metric,
-                    "forwards": self.forwards, "untested": self.untested, "config": config.decisive()}, temporary)
+                    "forwards": self.forwards, "untested": self.untested, "replayed": self.replayed,
+                    "config": config.decisive()}, temporary)
         temporary.replace(path)
 
     @classmethod
@@ -110,7 +130,7 @@ class AcdcState:
             raise HapError(f"{path} was written by a run with other settings or another model; "
                            "use the same command, or --force to start again")
         return cls(saved["kept"], saved["scores"], int(saved["position"]), float(saved["metric"]),
-                   int(saved["forwards"]), int(saved.get("untested", 0)))
+                   int(saved["forwards"]), int(saved.get("untested", 0)), int(saved.get("replayed", 0)))
 
 
 def sweep_order(graph: Graph) -> list[tuple[int, int]]:
@@ -136,6 +156,27 @@ def reaches_nothing(graph: Graph, feeds: Tensor, kept: Tensor, reader: int) -> b
         fed = torch.zeros_like(fed)
         fed[graph.sources_of_block(block)] = True
     return not bool(kept[fed].any())
+
+
+def replayed_prefix(graph: Graph, order: Sequence[tuple[int, int]], earlier: AcdcState,
+                    threshold: float) -> tuple[int, Tensor, Tensor]:
+    """(p, kept, scores): the first p decisions of a sweep at ``threshold``, replayed from the ``earlier``
+    sweep (same model, data and settings, another tau). Up to the first decided edge whose recorded rise
+    falls on the other side of ``threshold``, both sweeps have removed the same edges, so they measure the
+    same rises; that edge is decided by its recorded rise too, and the new sweep goes on from the next.
+    Untested edges (rise recorded as 0) replay as removed, as they are for any tau > 0; a sweep at tau 0
+    replays nothing."""
+    kept, scores = graph.real.clone(), torch.zeros(graph.real.shape)
+    if threshold <= 0 or earlier.position == 0:
+        return 0, kept, scores
+    edges = torch.tensor(order[:earlier.position]).T
+    rises = earlier.scores[edges[0], edges[1]]
+    removed = rises < threshold
+    differs = torch.nonzero(removed == earlier.kept[edges[0], edges[1]]).flatten()
+    p = int(differs[0]) + 1 if len(differs) else earlier.position
+    kept[edges[0, :p][removed[:p]], edges[1, :p][removed[:p]]] = False
+    scores[edges[0, :p], edges[1, :p]] = rises[:p]
+    return p, kept, scores
 
 
 def _per_example_metric(config: AcdcConfig, batch: Batch, logits: Tensor, full_metric: Tensor) -> Tensor:
@@ -208,10 +249,13 @@ def tests_per_forward(model: Model, graph: Graph, data: Sequence[Batch], config:
 
 def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch], run_dir: str | Path | None = None,
          resume: bool = False, progress: bool = False, checkpoint_seconds: float = 120.0,
-         twin: ReducedTwin | None = None) -> AcdcState:
+         twin: ReducedTwin | None = None, replay: Sequence[AcdcState] = (),
+         stop_above: int | None = None) -> AcdcState:
     """Run the sweep (see the module docstring) and return its final state. With ``config.mixed_precision``
     every block but the tested reader's runs on ``twin`` (default: built here, refused where not faster),
-    and each reader's tests compare against the current circuit measured the same way."""
+    and each reader's tests compare against the current circuit measured the same way. ``replay``: earlier
+    sweeps of the same settings at other thresholds, whose longest shared prefix a fresh sweep replays;
+    ``stop_above``: return (unfinished, saved) once more than this many decided edges are kept."""
     graph = Graph.from_model(model)
     if config.mixed_precision is not None and twin is None:
         twin = reduced_twin(model, config.mixed_precision, sample=data[0])
@@ -221,9 +265,16 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
     if resume and path is not None and path.is_file():
         state = AcdcState.load(path, config, graph)
     else:
-        full = graph.real.clone()
-        state = AcdcState(full, torch.zeros(graph.real.shape), 0, circuit_metrics(model, graph, data, config, [full],
-                                                                                    full)[0], 1)
+        replays = [replayed_prefix(graph, order, earlier, config.threshold) for earlier in replay]
+        position, kept, scores = max(replays, key=lambda replayed: replayed[0], default=(0, graph.real.clone(),
+                                                                                           torch.zeros(graph.real.shape)))
+        state = AcdcState(kept, scores, position, circuit_metrics(model, graph, data, config, [kept], kept)[0], 1,
+                          replayed=position)
+        if progress and position:
+            print(f"ACDC (tau {config.threshold:g}): the first {position:,} decisions replayed from an earlier "
+                  "sweep at another tau (the same up to there)", flush=True)
+        if path is not None:
+            state.save(path, config)
     n_batches = len(data)
     if progress:
         left = len(order) - state.position
@@ -234,7 +285,8 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
     known: tuple[int, list[KnownOutputs]] | None = None  # (reader, its prefix outputs per batch)
     feeds = graph.feeds()
     with tqdm(total=len(order), initial=state.position, desc="acdc", unit="edge", disable=not progress) as bar:
-        while state.position < len(order):
+        while state.position < len(order) and not (stop_above is not None
+                                                    and state.n_decided_kept(len(order)) > stop_above):
             group = order[state.position: state.position + k]
             reader = group[0][1]
             if config.threshold > 0 and reaches_nothing(graph, feeds, state.kept, reader):
@@ -277,7 +329,8 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
                     break  # kept: the later tests assumed its removal; redo them from the current circuit
             bar.update(state.position - bar.n)
             done_reader = state.position == len(order) or order[state.position][1] != reader
-            if path is not None and (done_reader or time.monotonic() - saved_at > checkpoint_seconds):
+            too_many = stop_above is not None and state.n_decided_kept(len(order)) > stop_above
+            if path is not None and (done_reader or too_many or time.monotonic() - saved_at > checkpoint_seconds):
                 state.save(path, config)
                 saved_at = time.monotonic()
     return state
@@ -302,35 +355,112 @@ def acdc_circuit(model: Model, task: TaskData, config: AcdcConfig, state: AcdcSt
     return Circuit(model.name, task.name, "acdc", model.layout, state.scores.clone(), kept, config=settings)
 
 
+@dataclass
+class Sweep:
+    """One sweep of a threshold search: its settings, its (possibly stopped) state, whether it finished."""
+
+    config: AcdcConfig
+    state: AcdcState
+    finished: bool
+
+    def summary(self) -> dict[str, Any]:
+        return {"threshold": self.config.threshold, "kept": int(self.state.kept.sum()), "finished": self.finished,
+                "decided": self.state.position, "replayed": self.state.replayed, "forwards": self.state.forwards}
+
+    def same_decisions(self, order: Sequence[tuple[int, int]]) -> tuple[float, float]:
+        """(a, b): every tau in (a, b] decides this sweep's decided edges exactly as it did (an edge goes
+        when its rise is below tau, so a is the largest rise of a removed edge, b the smallest of a kept
+        one), so a sweep there ends (or stops) with this one's circuit."""
+        edges = torch.tensor(order[:self.state.position]).T
+        rises = self.state.scores[edges[0], edges[1]]
+        kept = self.state.kept[edges[0], edges[1]]
+        below = float(rises[~kept].max()) if bool((~kept).any()) else -math.inf
+        above = float(rises[kept].min()) if bool(kept.any()) else math.inf
+        return below, above
+
+
+def next_threshold(sweeps: Sequence[Sweep], n_edges: int, low: float, high: float) -> float:
+    """The next tau to try for about ``n_edges`` kept edges, strictly inside (low, high) (thresholds known
+    to keep too many and too few): the ``n_edges``-th largest rise of the finished sweep nearest the bracket
+    (removing an edge of smaller rise costs less than tau), pulled at least a tenth of the bracket (on a log
+    scale) inside it; the bracket's log midpoint when nothing has finished yet or the prediction is not a
+    positive number."""
+    middle = math.sqrt(low * high)
+    finished = [sweep for sweep in sweeps if sweep.finished]
+    if not finished:
+        return middle
+    nearest = min(finished, key=lambda sweep: abs(math.log(sweep.config.threshold / middle)))
+    rises = nearest.state.scores[nearest.state.scores > 0].sort(descending=True).values
+    if len(rises) == 0:
+        return middle
+    predicted = float(rises[min(n_edges, len(rises)) - 1])
+    if not predicted > 0:
+        return middle
+    margin = (math.log(high) - math.log(low)) / 10
+    return math.exp(min(max(math.log(predicted), math.log(low) + margin), math.log(high) - margin))
+
+
 def search_threshold(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch], n_edges: int,
                      run_dir: str | Path | None = None, resume: bool = False, runs: int = 6, low: float = 1e-5,
-                     high: float = 1.0, progress: bool = False,
-                     twin: ReducedTwin | None = None) -> tuple[AcdcConfig, AcdcState]:
-    """Sweeps at thresholds bisected on a log scale in [low, high] (``runs`` of them, each resumable in its
-    own ``tau-<value>`` folder) for a circuit of about ``n_edges``; returns the sweep with the fewest kept
-    edges at or above ``n_edges`` (else the one with the most), to be cut to ``n_edges`` by
-    ``acdc_circuit``."""
-    results: list[tuple[AcdcConfig, AcdcState]] = []
-    for _ in range(runs):
-        tau = math.sqrt(low * high)
-        trial = AcdcConfig(threshold=float(f"{tau:.4g}"), metric=config.metric, ablation=config.ablation,
+                     high: float = 1.0, tolerance: float = 0.1, progress: bool = False,
+                     twin: ReducedTwin | None = None) -> tuple[AcdcConfig, AcdcState, list[Sweep]]:
+    """Up to ``runs`` sweeps at thresholds in (low, high) (see the module docstring: predicted tau, replayed
+    prefixes, sweeps stopped once they keep too many), each resumable in its own ``tau-<value>`` folder, for
+    a circuit of about ``n_edges``; stops at a sweep keeping between ``n_edges`` and ``n_edges * (1 +
+    tolerance)``, or when no tau is left between the thresholds known to keep too many and too few (each
+    sweep's result holds on an interval of tau, ``Sweep.same_decisions``). If no sweep ended within the
+    tolerance, the stopped sweep with the fewest decided kept edges is finished when it may beat the
+    finished ones. Returns the finished sweep with the fewest kept edges at or above ``n_edges`` (else the
+    one with the most), to be cut to ``n_edges`` by ``acdc_circuit``, and every sweep run."""
+    if tolerance < 0:
+        raise HapError(f"--threshold-tolerance must be >= 0, got {tolerance}")
+    graph = Graph.from_model(model)
+    order = sweep_order(graph)
+    enough_at_most = math.floor(n_edges * (1 + tolerance))
+    if config.mixed_precision is not None and twin is None:
+        twin = reduced_twin(model, config.mixed_precision, sample=data[0])
+
+    def run(threshold: float, replay: Sequence[AcdcState], stop_above: int | None) -> Sweep:
+        trial = AcdcConfig(threshold=threshold, metric=config.metric, ablation=config.ablation,
                            tests_per_forward=config.tests_per_forward, memory_gib=config.memory_gib,
                            mixed_precision=config.mixed_precision)
-        folder = Path(run_dir) / f"tau-{trial.threshold:.4g}" if run_dir is not None else None
-        if config.mixed_precision is not None and twin is None:
-            twin = reduced_twin(model, config.mixed_precision, sample=data[0])
-        state = acdc(model, task, trial, data, folder, resume=resume, progress=progress, twin=twin)
-        results.append((trial, state))
-        kept = int(state.kept.sum())
+        folder = Path(run_dir) / f"tau-{threshold:.6g}" if run_dir is not None else None
+        state = acdc(model, task, trial, data, folder, resume=resume, progress=progress, twin=twin, replay=replay,
+                     stop_above=stop_above)
+        sweep = Sweep(trial, state, state.position == len(order))
         if progress:
-            print(f"ACDC tau {trial.threshold:g}: {kept:,} edges kept (want {n_edges:,})", flush=True)
-        if kept == n_edges:
+            told = f"{int(state.kept.sum()):,} edges kept" if sweep.finished else \
+                f"stopped: {state.n_decided_kept(len(order)):,} decided edges kept already"
+            print(f"ACDC tau {threshold:g}: {told} (want {n_edges:,}; {state.replayed:,} decisions replayed, "
+                  f"{state.forwards:,} forwards)", flush=True)
+        return sweep
+
+    def kept(sweep: Sweep) -> int:
+        return int(sweep.state.kept.sum())
+
+    sweeps: list[Sweep] = []
+    for _ in range(runs):
+        if not high > low * (1 + 1e-6):
+            break  # every tau left decides like a sweep already run
+        known_enough = any(sweep.finished and kept(sweep) >= n_edges for sweep in sweeps)
+        sweep = run(float(f"{next_threshold(sweeps, n_edges, low, high):.6g}"), [sweep.state for sweep in sweeps],
+                    enough_at_most if known_enough else None)
+        sweeps.append(sweep)
+        if sweep.finished and n_edges <= kept(sweep) <= enough_at_most:
             break
-        if kept > n_edges:
-            low = tau
+        below, above = sweep.same_decisions(order)
+        if kept(sweep) > n_edges:  # a stopped sweep keeps more than it has decided: too many as well
+            low = max(low, sweep.config.threshold, above)
         else:
-            high = tau
-    enough = [result for result in results if int(result[1].kept.sum()) >= n_edges]
-    if enough:
-        return min(enough, key=lambda result: int(result[1].kept.sum()))
-    return max(results, key=lambda result: int(result[1].kept.sum()))
+            high = min(high, sweep.config.threshold, max(below, low))
+    enough = [sweep for sweep in sweeps if sweep.finished and kept(sweep) >= n_edges]
+    stopped = [sweep for sweep in sweeps if not sweep.finished]
+    best = min(enough, key=kept) if enough else None
+    if stopped and (best is None or kept(best) > enough_at_most):
+        fewest = min(stopped, key=lambda sweep: (sweep.state.n_decided_kept(len(order)), kept(sweep)))
+        if best is None or fewest.state.n_decided_kept(len(order)) < kept(best):
+            sweeps.append(run(fewest.config.threshold, [fewest.state], None))  # replays it all, then goes on
+            enough = [sweep for sweep in sweeps if sweep.finished and kept(sweep) >= n_edges]
+    finished = [sweep for sweep in sweeps if sweep.finished]
+    chosen = min(enough, key=kept) if enough else max(finished, key=kept)
+    return chosen.config, chosen.state, sweeps

@@ -117,7 +117,8 @@ def _discover(args: argparse.Namespace) -> int:
         "per_head_kv": args.per_head_kv, "kv_graph": args.kv_graph,
         "curve": args.curve, "ground_truth": args.ground_truth, "threshold": args.threshold,
         "acdc_metric": args.acdc_metric, "tests_per_forward": args.tests_per_forward,
-        "threshold_runs": args.threshold_runs, "mixed_precision": args.mixed_precision, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
+        "threshold_runs": args.threshold_runs,
+        "threshold_tolerance": args.threshold_tolerance, "mixed_precision": args.mixed_precision, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
         "lr_warmup": args.lr_warmup, "sparsity_warmup": args.sparsity_warmup, "node_masks": args.node_masks,
         "max_extra_steps": args.max_extra_steps, "node_sparsity": args.node_sparsity, "candidates": args.candidates,
         "attribution": args.attribution, "attribution_examples": args.attribution_examples,
@@ -289,7 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--tests-per-forward", type=int, default=None,
                        help="acdc: edge tests batched in one forward (default: as --reference-memory allows)")
     sweep.add_argument("--threshold-runs", type=int, default=None,
-                       help="acdc with --edges/--sparsity: sweeps of the TAU bisection (default 6)")
+                       help="acdc with --edges/--sparsity: at most this many sweeps of the TAU search (default 6)")
+    sweep.add_argument("--threshold-tolerance", type=float, default=None,
+                       help="acdc with --edges/--sparsity: stop the TAU search at a sweep keeping N to N * (1 + "
+                       "this) edges (default 0.1)")
     sweep.add_argument("--mixed-precision", default=None, choices=settings.PRECISIONS,
                        help="acdc/exact (PAHQ): compute every block but the tested edge's reader's in reduced "
                        "precision (auto: bfloat16 on CUDA, int8 MLPs on CPU); refused where it is not faster")

@@ -16,6 +16,7 @@ whose settings match ``DIR/run.json``.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import shutil
 import sys
@@ -93,6 +94,7 @@ class DiscoverConfig:
     acdc_metric: str = "kl"
     tests_per_forward: int | None = None
     threshold_runs: int = 6
+    threshold_tolerance: float = 0.1  # the search stops at a sweep keeping N .. N * (1 + this) edges
     mixed_precision: str | None = None  # acdc and exact (PAHQ): auto, int8, bfloat16, float16; None = off
     # Edge Pruning and HAP (None: the model's default, PRUNING_DEFAULTS)
     steps: int | None = None
@@ -163,6 +165,9 @@ class DiscoverConfig:
                        ablation=self.ablation, tests_per_forward=self.tests_per_forward)  # refuses bad values
             if self.threshold_runs < 1:
                 raise HapError(f"--threshold-runs must be at least 1, got {self.threshold_runs}")
+            if not 0 <= self.threshold_tolerance < math.inf:
+                raise HapError(f"--threshold-tolerance is a fraction >= 0 (0.1: up to 10% more edges than "
+                               f"wanted), got {self.threshold_tolerance}")
         if self.edges is not None and self.edges < 1:
             raise HapError(f"--edges must be at least 1, got {self.edges}")
         if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
@@ -323,7 +328,7 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
 
 def _acdc(model: Model, task: TaskData, config: DiscoverConfig, graph: Graph, data: TaskBatches,
           runtime: dict[str, float]) -> Circuit:
-    """ACDC at ``--threshold``, or at the threshold a bisection finds for ``--edges``/``--sparsity``."""
+    """ACDC at ``--threshold``, or at the threshold ``search_threshold`` finds for ``--edges``/``--sparsity``."""
     from .acdc import AcdcConfig, acdc, acdc_circuit, search_threshold
 
     started = time.perf_counter()
@@ -337,8 +342,13 @@ def _acdc(model: Model, task: TaskData, config: DiscoverConfig, graph: Graph, da
         state = acdc(model, task, settings, data, config.out, resume=config.resume, progress=True)
     else:
         assert n_edges is not None
-        settings, state = search_threshold(model, task, settings, data, n_edges, config.out, config.resume,
-                                           runs=config.threshold_runs, progress=True)
+        settings, state, sweeps = search_threshold(model, task, settings, data, n_edges, config.out,
+                                                   config.resume, runs=config.threshold_runs,
+                                                   tolerance=config.threshold_tolerance, progress=True)
+        runtime["acdc"] = time.perf_counter() - started
+        circuit = acdc_circuit(model, task, settings, state, n_edges)
+        circuit.config["threshold_search"] = [sweep.summary() for sweep in sweeps]
+        return circuit
     runtime["acdc"] = time.perf_counter() - started
     return acdc_circuit(model, task, settings, state, n_edges)
 
@@ -442,7 +452,8 @@ def discover(config: DiscoverConfig) -> Circuit:
 
     circuit.metrics = measure(model, circuit, train, test, config, runtime)
     circuit.splits = {"train": train_spec.to_dict(), "test": test_spec.to_dict()}
-    circuit.config = {**circuit.config, **config.to_dict()}
+    given = {key: value for key, value in config.to_dict().items() if value is not None or key not in circuit.config}
+    circuit.config = {**circuit.config, **given}  # what the method resolved (e.g. the tau searched) beats None
     circuit.runtime_s = {**circuit.runtime_s, **runtime}
     circuit.save(out / "circuit.json")
     if config.report:

@@ -408,11 +408,12 @@ def prune(
 
     run_path = Path(run_dir) if run_dir is not None else None
     checkpoint = run_path / "checkpoint.pt" if run_path is not None else None
-    if resume:
-        if checkpoint is None or not checkpoint.is_file():
-            raise HapError(f"nothing to resume in {run_dir}: it has no checkpoint.pt")
+    if resume and checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint, fingerprint, config, device)
-    else:
+    else:  # a fresh run, or one stopped before its first checkpoint: from step 0 (its log is cut below)
+        if resume and progress and ranks.is_main:
+            print(f"{run_dir} has no checkpoint.pt yet (stopped before the first): pruning starts from step 0",
+                  flush=True)
         generator = torch.Generator().manual_seed(config.seed)
         if init_log_alpha is not None:
             log_alpha = init_log_alpha.cpu()[sources, readers].float().clone()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
+import hap
 from hap.ablation import run_masked
-from hap.acdc import AcdcConfig, AcdcState, acdc, acdc_circuit, sweep_order
+from hap.acdc import (AcdcConfig, AcdcState, Sweep, acdc, acdc_circuit, next_threshold, replayed_prefix,
+                      search_threshold, sweep_order)
 from hap.batches import TaskBatches, divergence
 from hap.cli import main
 from hap.errors import HapError
@@ -167,3 +170,83 @@ def test_cli_acdc_runs_resumes_and_refuses_a_bad_threshold(tmp_path, capsys):
     at = argv.index("--threshold") + 1
     assert main([*argv[:at], "-1", *argv[at + 1:], "--force"]) == 2
     assert "--threshold" in capsys.readouterr().err
+
+
+def test_threshold_search_sweeps_equal_fresh_sweeps_at_their_tau(tmp_path):
+    """Replayed prefixes and stopped sweeps change what is computed, never a decision: every sweep of the
+    search equals a fresh sweep at its tau (a stopped one on the edges it decided), and the stopped sweep
+    the search finishes at the end (none ended within the tolerance here) ends as the fresh one."""
+    model = hap.load_model("tiny-llama", device="cpu", dtype="float64")
+    graph = Graph.from_model(model)
+    task = load_task("ioi", model.tokenizer, 8, seed=2)
+    batches = list(TaskBatches(model, graph, task, 4, "interchange"))
+    order = sweep_order(graph)
+    edges = torch.tensor(order).T
+    n_edges = 10
+    config, state, sweeps = search_threshold(model, task, AcdcConfig(threshold=0.0, tests_per_forward=8), batches,
+                                             n_edges, tmp_path, low=1e-9, high=1e-3, tolerance=0.1)
+    assert state.position == len(order) and int(state.kept.sum()) >= n_edges
+    assert any(sweep.state.replayed > 0 for sweep in sweeps)  # prefixes were replayed ...
+    stopped = [sweep for sweep in sweeps if not sweep.finished]
+    assert stopped  # ... sweeps with too many edges were stopped, and the last one finishes one of them
+    assert sweeps[-1].finished and sweeps[-1].config.threshold in [sweep.config.threshold for sweep in stopped]
+    assert sweeps[-1].state.replayed > 0 and config == sweeps[-1].config
+    for sweep in sweeps:
+        fresh = acdc(model, task, sweep.config, batches)
+        if sweep.finished:
+            assert torch.equal(sweep.state.kept, fresh.kept), sweep.summary()
+        else:
+            decided = edges[:, :sweep.state.position]
+            assert torch.equal(sweep.state.kept[decided[0], decided[1]], fresh.kept[decided[0], decided[1]])
+            assert sweep.state.n_decided_kept(len(order)) > 11
+        below, above = sweep.same_decisions(order)
+        assert below < sweep.config.threshold <= above
+
+
+def test_replayed_prefix_stops_after_the_first_edge_decided_otherwise(tiny_gpt2_64):
+    model = tiny_gpt2_64
+    graph = Graph.from_model(model)
+    task = load_task("ioi", model.tokenizer, 4, seed=1)
+    batches = list(TaskBatches(model, graph, task, 4, "interchange"))
+    earlier = acdc(model, task, AcdcConfig(threshold=1e-6, tests_per_forward=8), batches)
+    order = sweep_order(graph)
+    rises = torch.stack([earlier.scores[source, reader] for source, reader in order])
+    kept_then = torch.stack([earlier.kept[source, reader] for source, reader in order])
+    first_kept = int(torch.nonzero(kept_then).flatten()[0])
+    above = float(rises[first_kept]) * 1.01  # that edge would be removed at this tau: the sweeps part there
+    assert all(float(rise) < above for rise, kept in zip(rises[:first_kept], kept_then[:first_kept]) if not kept)
+    p, kept, scores = replayed_prefix(graph, order, earlier, above)
+    assert p == first_kept + 1
+    source, reader = order[p - 1]
+    assert not bool(kept[source, reader]) and bool(earlier.kept[source, reader])
+    assert bool(kept[[s for s, _ in order[p:]], [r for _, r in order[p:]]].all())  # the rest undecided: kept
+    assert replayed_prefix(graph, order, earlier, 1e-6)[0] == len(order)  # the same tau replays everything
+    assert replayed_prefix(graph, order, earlier, 0.0)[0] == 0  # tau 0 tests even edges ACDC skipped
+
+
+def test_next_threshold_predicts_from_the_nearest_finished_sweep_inside_the_bracket():
+    scores = torch.zeros(4, 5)
+    scores[0, :5] = torch.tensor([0.5, 0.2, 0.1, 0.05, 0.01])
+    state = AcdcState(torch.ones(4, 5, dtype=torch.bool), scores, 20, 0.0)
+    finished = Sweep(AcdcConfig(threshold=0.05), state, finished=True)
+    assert next_threshold([], 3, 1e-4, 1.0) == pytest.approx(1e-2)  # nothing finished: the log midpoint
+    assert next_threshold([Sweep(AcdcConfig(threshold=0.05), state, finished=False)], 3, 1e-4, 1.0) \
+        == pytest.approx(1e-2)
+    assert next_threshold([finished], 3, 1e-4, 1.0) == pytest.approx(0.1)  # the 3rd largest rise
+    assert next_threshold([finished], 3, 0.05, 1.0) == pytest.approx(0.1)
+    # a prediction at or beyond the bracket is pulled a tenth of it (log scale) inside
+    assert next_threshold([finished], 1, 1e-4, 0.5) == pytest.approx(math.exp(math.log(0.5) - math.log(5e3) / 10))
+    assert next_threshold([finished], 5, 0.05, 1.0) == pytest.approx(0.05 * math.exp(math.log(20) / 10))
+
+
+def test_cli_acdc_of_a_given_size_records_its_threshold_search(tmp_path):
+    out = tmp_path / "run"
+    assert main(["discover", "--model", "tiny-gpt2", "--method", "acdc", "--edges", "5", "--threshold-runs", "3",
+                 "--ablation", "zero",
+                 "--n-examples", "4", "--n-test", "4", "--out", str(out), "--no-report"]) == 0
+    document = json.loads((out / "circuit.json").read_text())
+    search = document["config"]["threshold_search"]
+    assert 1 <= len(search) <= 3 and search[0]["finished"] and search[0]["replayed"] == 0
+    assert [(out / f"tau-{sweep['threshold']:.6g}" / "acdc_state.pt").is_file() for sweep in search] == [True] * len(search)
+    assert document["config"]["threshold"] in [sweep["threshold"] for sweep in search]
+    assert sum(edge["in_graph"] for edge in document["edges"].values()) <= 5

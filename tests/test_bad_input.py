@@ -76,6 +76,7 @@ DISCOVER_MISTAKES = [
     (["--edges", "5", "--task", "nope"], ["nope"]),
     (["--edges", "5", "--task", "missing.jsonl"], ["missing.jsonl"]),
     (["--method", "acdc", "--threshold", "-1"], ["--threshold"]),
+    (["--method", "acdc", "--edges", "5", "--threshold-tolerance", "-0.1"], ["--threshold-tolerance"]),
     (["--method", "hap", "--sparsity", "0.5", "--candidates", "0.01"], ["--candidates"]),
     (["--method", "ep", "--edges", "5", "--steps", "0"], ["--steps"]),
     (["--edges", "5", "--steps", "many"], ["--steps"]),

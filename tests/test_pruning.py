@@ -158,6 +158,18 @@ def test_an_interrupted_run_resumes_to_the_same_circuit(tiny_gpt2, tmp_path):
     assert [line["step"] for line in log] == list(range(1, straight.steps + 1))
     assert log == straight_log
 
+    def interrupt_early(step: int) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # killed before the first checkpoint: resuming starts over
+        prune(tiny_gpt2, task, config, run_dir=tmp_path / "early", checkpoint_every=7, on_step=interrupt_early)
+    (tmp_path / "early" / "checkpoint.pt").unlink()  # a kill leaves none (Ctrl-C writes one)
+    assert len((tmp_path / "early" / "train_log.jsonl").read_text().splitlines()) == 5
+    again = prune(tiny_gpt2, task, config, run_dir=tmp_path / "early", resume=True, checkpoint_every=7)
+    assert torch.equal(again.in_graph, straight.in_graph)
+    assert _log_without_time(tmp_path / "early" / "train_log.jsonl") == straight_log
+
 
 def _log_without_time(path):
     """The log's records without their wall-clock seconds (the only field a resumption may change)."""

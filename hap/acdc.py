@@ -362,10 +362,12 @@ class Sweep:
     config: AcdcConfig
     state: AcdcState
     finished: bool
+    folder: str  # its state's folder in the run directory
 
     def summary(self) -> dict[str, Any]:
         return {"threshold": self.config.threshold, "kept": int(self.state.kept.sum()), "finished": self.finished,
-                "decided": self.state.position, "replayed": self.state.replayed, "forwards": self.state.forwards}
+                "decided": self.state.position, "replayed": self.state.replayed, "forwards": self.state.forwards,
+                "folder": self.folder}
 
     def same_decisions(self, order: Sequence[tuple[int, int]]) -> tuple[float, float]:
         """(a, b): every tau in (a, b] decides this sweep's decided edges exactly as it did (an edge goes
@@ -420,14 +422,14 @@ def search_threshold(model: Model, task: TaskData, config: AcdcConfig, data: Seq
     if config.mixed_precision is not None and twin is None:
         twin = reduced_twin(model, config.mixed_precision, sample=data[0])
 
-    def run(threshold: float, replay: Sequence[AcdcState], stop_above: int | None) -> Sweep:
+    def run(threshold: float, replay: Sequence[AcdcState], stop_above: int | None, name: str) -> Sweep:
         trial = AcdcConfig(threshold=threshold, metric=config.metric, ablation=config.ablation,
                            tests_per_forward=config.tests_per_forward, memory_gib=config.memory_gib,
                            mixed_precision=config.mixed_precision)
-        folder = Path(run_dir) / f"tau-{threshold:.6g}" if run_dir is not None else None
+        folder = Path(run_dir) / name if run_dir is not None else None
         state = acdc(model, task, trial, data, folder, resume=resume, progress=progress, twin=twin, replay=replay,
                      stop_above=stop_above)
-        sweep = Sweep(trial, state, state.position == len(order))
+        sweep = Sweep(trial, state, state.position == len(order), name)
         if progress:
             told = f"{int(state.kept.sum()):,} edges kept" if sweep.finished else \
                 f"stopped: {state.n_decided_kept(len(order)):,} decided edges kept already"
@@ -438,13 +440,17 @@ def search_threshold(model: Model, task: TaskData, config: AcdcConfig, data: Seq
     def kept(sweep: Sweep) -> int:
         return int(sweep.state.kept.sum())
 
+    if progress:
+        print(f"ACDC search for {n_edges:,} of {len(order):,} edges: up to {runs} sweeps at tau in [{low:g}, {high:g}] "
+              f"(each prints its forwards; about {len(order):,} tests at most), stopping within "
+              f"{n_edges:,}..{enough_at_most:,} edges", flush=True)
     sweeps: list[Sweep] = []
     for _ in range(runs):
         if not high > low * (1 + 1e-6):
             break  # every tau left decides like a sweep already run
         known_enough = any(sweep.finished and kept(sweep) >= n_edges for sweep in sweeps)
-        sweep = run(float(f"{next_threshold(sweeps, n_edges, low, high):.6g}"), [sweep.state for sweep in sweeps],
-                    enough_at_most if known_enough else None)
+        tau = float(f"{next_threshold(sweeps, n_edges, low, high):.6g}")
+        sweep = run(tau, [sweep.state for sweep in sweeps], enough_at_most if known_enough else None, f"tau-{tau:.6g}")
         sweeps.append(sweep)
         if sweep.finished and n_edges <= kept(sweep) <= enough_at_most:
             break
@@ -459,7 +465,8 @@ def search_threshold(model: Model, task: TaskData, config: AcdcConfig, data: Seq
     if stopped and (best is None or kept(best) > enough_at_most):
         fewest = min(stopped, key=lambda sweep: (sweep.state.n_decided_kept(len(order)), kept(sweep)))
         if best is None or fewest.state.n_decided_kept(len(order)) < kept(best):
-            sweeps.append(run(fewest.config.threshold, [fewest.state], None))  # replays it all, then goes on
+            # Replays it all, then goes on; its own folder, so a resumed search retraces the same sweeps.
+            sweeps.append(run(fewest.config.threshold, [fewest.state], None, f"{fewest.folder}-finished"))
             enough = [sweep for sweep in sweeps if sweep.finished and kept(sweep) >= n_edges]
     finished = [sweep for sweep in sweeps if sweep.finished]
     chosen = min(enough, key=kept) if enough else max(finished, key=kept)

@@ -202,6 +202,18 @@ def test_threshold_search_sweeps_equal_fresh_sweeps_at_their_tau(tmp_path):
         below, above = sweep.same_decisions(order)
         assert below < sweep.config.threshold <= above
 
+    def trail(found):
+        return [{key: value for key, value in sweep.summary().items() if key != "forwards"} for sweep in found]
+
+    cut = tmp_path / "cut"  # a search interrupted (Ctrl-C) in its fourth sweep resumes along the same sweeps
+    with pytest.raises(KeyboardInterrupt):
+        search_threshold(model, task, AcdcConfig(threshold=0.0, tests_per_forward=8), Interrupting(batches, 220),
+                         n_edges, cut, low=1e-9, high=1e-3, tolerance=0.1)
+    assert 2 <= len(list(cut.iterdir())) < len(sweeps)
+    _, _, resumed = search_threshold(model, task, AcdcConfig(threshold=0.0, tests_per_forward=8), batches, n_edges,
+                                     cut, resume=True, low=1e-9, high=1e-3, tolerance=0.1)
+    assert trail(resumed) == trail(sweeps)
+
 
 def test_replayed_prefix_stops_after_the_first_edge_decided_otherwise(tiny_gpt2_64):
     model = tiny_gpt2_64
@@ -228,9 +240,9 @@ def test_next_threshold_predicts_from_the_nearest_finished_sweep_inside_the_brac
     scores = torch.zeros(4, 5)
     scores[0, :5] = torch.tensor([0.5, 0.2, 0.1, 0.05, 0.01])
     state = AcdcState(torch.ones(4, 5, dtype=torch.bool), scores, 20, 0.0)
-    finished = Sweep(AcdcConfig(threshold=0.05), state, finished=True)
+    finished = Sweep(AcdcConfig(threshold=0.05), state, finished=True, folder="tau-0.05")
     assert next_threshold([], 3, 1e-4, 1.0) == pytest.approx(1e-2)  # nothing finished: the log midpoint
-    assert next_threshold([Sweep(AcdcConfig(threshold=0.05), state, finished=False)], 3, 1e-4, 1.0) \
+    assert next_threshold([Sweep(AcdcConfig(threshold=0.05), state, finished=False, folder="tau-0.05")], 3, 1e-4, 1.0) \
         == pytest.approx(1e-2)
     assert next_threshold([finished], 3, 1e-4, 1.0) == pytest.approx(0.1)  # the 3rd largest rise
     assert next_threshold([finished], 3, 0.05, 1.0) == pytest.approx(0.1)
@@ -247,6 +259,6 @@ def test_cli_acdc_of_a_given_size_records_its_threshold_search(tmp_path):
     document = json.loads((out / "circuit.json").read_text())
     search = document["config"]["threshold_search"]
     assert 1 <= len(search) <= 3 and search[0]["finished"] and search[0]["replayed"] == 0
-    assert [(out / f"tau-{sweep['threshold']:.6g}" / "acdc_state.pt").is_file() for sweep in search] == [True] * len(search)
+    assert [(out / sweep["folder"] / "acdc_state.pt").is_file() for sweep in search] == [True] * len(search)
     assert document["config"]["threshold"] in [sweep["threshold"] for sweep in search]
     assert sum(edge["in_graph"] for edge in document["edges"].values()) <= 5

@@ -26,8 +26,10 @@ and by prediction:
   lies between them (the circuits, hence every measured rise, are the same up to there), so a new sweep
   replays the longest such prefix of an earlier one (``replayed_prefix``) and tests only the rest;
 - the next tau is the one the nearest finished sweep's rises predict for N edges (the N-th largest rise),
-  kept strictly inside the bracket of thresholds known to keep too many and too few (bisection when the
-  prediction falls outside), and the search stops at a sweep keeping between N and N * (1 + tolerance);
+  kept a tenth (log scale) inside the bracket of thresholds known to keep too many and too few; a sweep's
+  result holds for every tau between the largest rise it removed and the smallest it kept, so the bracket
+  shrinks to where a different circuit is possible; the search stops at a sweep keeping between N and
+  N * (1 + tolerance), or when the bracket is empty;
 - once a finished sweep keeps at least N, a sweep whose *decided* kept edges already exceed
   N * (1 + tolerance) is stopped: whatever it decides next, it keeps too many (its state is saved, so a
   later search can resume or replay it).

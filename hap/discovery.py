@@ -329,7 +329,7 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
 def _acdc(model: Model, task: TaskData, config: DiscoverConfig, graph: Graph, data: TaskBatches,
           runtime: dict[str, float]) -> Circuit:
     """ACDC at ``--threshold``, or at the threshold ``search_threshold`` finds for ``--edges``/``--sparsity``."""
-    from .acdc import AcdcConfig, acdc, acdc_circuit, search_threshold
+    from .acdc import AcdcConfig, Sweep, acdc, acdc_circuit, search_threshold
 
     started = time.perf_counter()
     settings = AcdcConfig(threshold=config.threshold if config.threshold is not None else 0.0,
@@ -338,6 +338,7 @@ def _acdc(model: Model, task: TaskData, config: DiscoverConfig, graph: Graph, da
                           mixed_precision=config.mixed_precision)
     sized = config.edges is not None or config.sparsity is not None
     n_edges = n_edges_wanted(config, graph) if sized else None
+    sweeps: list[Sweep] = []
     if config.threshold is not None:
         state = acdc(model, task, settings, data, config.out, resume=config.resume, progress=True)
     else:
@@ -345,12 +346,11 @@ def _acdc(model: Model, task: TaskData, config: DiscoverConfig, graph: Graph, da
         settings, state, sweeps = search_threshold(model, task, settings, data, n_edges, config.out,
                                                    config.resume, runs=config.threshold_runs,
                                                    tolerance=config.threshold_tolerance, progress=True)
-        runtime["acdc"] = time.perf_counter() - started
-        circuit = acdc_circuit(model, task, settings, state, n_edges)
-        circuit.config["threshold_search"] = [sweep.summary() for sweep in sweeps]
-        return circuit
     runtime["acdc"] = time.perf_counter() - started
-    return acdc_circuit(model, task, settings, state, n_edges)
+    circuit = acdc_circuit(model, task, settings, state, n_edges)
+    if sweeps:
+        circuit.config["threshold_search"] = [sweep.summary() for sweep in sweeps]
+    return circuit
 
 
 def _cache(config: DiscoverConfig) -> ReferenceCache:

@@ -113,6 +113,12 @@ class AcdcState:
         finished sweep's size. ``n_order``: the number of edges in the sweep."""
         return int(self.kept.sum()) - (n_order - self.position)
 
+    def decided(self, order: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+        """(edges [2, P], rises [P], kept [P]): the decided edges in sweep order (``sweep_order``), P =
+        ``position``, with each one's recorded rise and whether it was kept."""
+        edges = torch.tensor(order[:self.position], dtype=torch.long).reshape(-1, 2).T
+        return edges, self.scores[edges[0], edges[1]], self.kept[edges[0], edges[1]]
+
     def save(self, path: Path, config: AcdcConfig) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
@@ -171,10 +177,9 @@ def replayed_prefix(graph: Graph, order: Sequence[tuple[int, int]], earlier: Acd
     kept, scores = graph.real.clone(), torch.zeros(graph.real.shape)
     if threshold <= 0 or earlier.position == 0:
         return 0, kept, scores
-    edges = torch.tensor(order[:earlier.position]).T
-    rises = earlier.scores[edges[0], edges[1]]
+    edges, rises, kept_then = earlier.decided(order)
     removed = rises < threshold
-    differs = torch.nonzero(removed == earlier.kept[edges[0], edges[1]]).flatten()
+    differs = torch.nonzero(removed == kept_then).flatten()
     p = int(differs[0]) + 1 if len(differs) else earlier.position
     kept[edges[0, :p][removed[:p]], edges[1, :p][removed[:p]]] = False
     scores[edges[0, :p], edges[1, :p]] = rises[:p]
@@ -375,9 +380,7 @@ class Sweep:
         """(a, b): every tau in (a, b] decides this sweep's decided edges exactly as it did (an edge goes
         when its rise is below tau, so a is the largest rise of a removed edge, b the smallest of a kept
         one), so a sweep there ends (or stops) with this one's circuit."""
-        edges = torch.tensor(order[:self.state.position]).T
-        rises = self.state.scores[edges[0], edges[1]]
-        kept = self.state.kept[edges[0], edges[1]]
+        _, rises, kept = self.state.decided(order)
         below = float(rises[~kept].max()) if bool((~kept).any()) else -math.inf
         above = float(rises[kept].min()) if bool(kept.any()) else math.inf
         return below, above

@@ -88,19 +88,28 @@ class Reference:
     each source writes when all its readers read ``block_inputs`` (equal to
     ``outputs`` under interchange ablation). A leading batch size of 1
     broadcasts over any batch; mean/zero references cover any length up to T.
+    ``copies``: the run's batch is this many copies of the reference's batch,
+    one after another (ACDC's batched tests), read without repeating the
+    tensors (``of_copies``).
     """
 
     kind: AblationKind
     outputs: Tensor
     block_inputs: Tensor
     fixed_outputs: Tensor
+    copies: int = 1
+
+    def of_copies(self, copies: int) -> Reference:
+        """This reference for a batch made of ``copies`` copies of its own batch."""
+        return Reference(self.kind, self.outputs, self.block_inputs, self.fixed_outputs, copies)
 
     def fit(self, batch: int, length: int) -> Reference:
         """This reference cut to a batch of ``batch`` x ``length`` tokens."""
         ref_batch, ref_length = self.outputs.shape[1], self.outputs.shape[2]
-        if ref_batch not in (1, batch):
+        if ref_batch != 1 and ref_batch * self.copies != batch:
+            copies = f" ({self.copies} copies of it)" if self.copies > 1 else ""
             raise InvalidMaskError(
-                f"the reference was built for a batch of {ref_batch} examples but the run has {batch}; "
+                f"the reference was built for a batch of {ref_batch} examples{copies} but the run has {batch}; "
                 "build one reference per batch (interchange needs the batch's own corrupted prompts)"
             )
         if length > ref_length:
@@ -111,7 +120,24 @@ class Reference:
         if length == ref_length:
             return self
         cut = slice(0, length)
-        return Reference(self.kind, self.outputs[:, :, cut], self.block_inputs[:, :, cut], self.fixed_outputs[:, :, cut])
+        return Reference(self.kind, self.outputs[:, :, cut], self.block_inputs[:, :, cut], self.fixed_outputs[:, :, cut],
+                         self.copies)
+
+    def rows(self, values: Tensor) -> Tensor:
+        """A tensor of this reference [n, B|1, T, D] with one row per example of the run's batch: broadcast
+        when B is 1, repeated for copies (a copy only then)."""
+        if values.shape[1] == 1 or self.copies == 1:
+            return values
+        return values.repeat(1, self.copies, 1, 1)
+
+    def subtract(self, values: Tensor, sources: Tensor) -> Tensor:
+        """values [n, batch, T, D] minus the reference's outputs of ``sources`` [n], broadcast over copies
+        (nothing repeated)."""
+        reference = self.outputs.index_select(0, sources)
+        if reference.shape[1] == 1 or self.copies == 1:
+            return values - reference
+        n, _, length, width = values.shape
+        return (values.view(n, self.copies, -1, length, width) - reference[:, None]).view(values.shape)
 
 
 # ---------------------------------------------------------------------------
@@ -421,13 +447,22 @@ class Probe:
 
 @dataclass(frozen=True)
 class KnownOutputs:
-    """What the sources of the blocks before ``until_block`` wrote in one masked run (``record_outputs``):
-    ``outputs`` [n, B, T, D] for sources 0 .. n-1. Those outputs depend only on the masks of readers in
-    blocks before ``until_block``; a later run whose masks agree there (for every example) takes them as
-    given instead of recomputing those blocks. Its batch may be the recorded one repeated (copies of the
-    batch with different masks downstream, as ACDC's batched tests are)."""
+    """What the blocks before ``until_block`` contribute to one masked run (``record_outputs``), for runs
+    that differ from it only from that block on (ACDC's tests of one reader).
 
-    outputs: Tensor
+    ``deltas`` [n, B, T, D]: z_s - z~_s of sources 0 .. n-1, the sources of those blocks; ``mask`` [n, R]:
+    the mask they were recorded under, on live edges (0 elsewhere); ``readers`` [u] and ``sums``
+    [u, B, T, D]: for each reader of ``until_block`` or later with an entry in ``mask``, the sum over s of
+    mask[s, r] * deltas_s. The deltas depend only on the masks of readers before ``until_block``. A run
+    whose masks agree there (for every example; the caller's promise) computes no block before it: each
+    reader's input takes its ``sums`` plus (m - mask)[s, r] * deltas_s over the entries where the run's
+    mask m differs (the tested edges). Its batch may be the recorded one repeated (copies of the batch
+    with different masks downstream, as ACDC's batched tests are)."""
+
+    deltas: Tensor
+    mask: Tensor
+    readers: Tensor
+    sums: Tensor
     until_block: int
 
 
@@ -567,10 +602,14 @@ class _MaskedRun:
         self.ctx: RunContext = self.adapter.prepare(input_ids.to(self.device))
         self.output_scale, self.probes = output_scale, probes
         self.group_of_head = _group_of_heads(self.adapter, self.device)
-        self.recorded = self.ref.fixed_outputs.expand(-1, self.batch, -1, -1).clone() if record else None
-        # Rows of the delta buffer: the contributing sources, in block order. Entries that are not live are
-        # fixed ablated whatever the caller's mask says.
+        self.recorded = self.ref.rows(self.ref.fixed_outputs).expand(-1, self.batch, -1, -1).clone() if record else None
+        # Rows of the delta buffer: the contributing sources, in block order (those of known blocks
+        # excepted: they enter through ``known.sums``). Entries that are not live are fixed ablated
+        # whatever the caller's mask says.
         row_source = plan.contributing.nonzero().flatten()
+        if known is not None:
+            row_source = row_source[row_source >= known.deltas.shape[0]]
+            self._known_changes(mask, plan)
         self.live_rows = plan.live[row_source]  # [rows, R] bool, on the CPU (it decides shapes)
         # Entries whose mask gradient is wanted, by buffer row: none without autograd, else grad_entries or all.
         if not (mask.requires_grad and torch.is_grad_enabled()):
@@ -616,6 +655,44 @@ class _MaskedRun:
         wanted[graph.n_blocks - 1] = torch.tensor([graph.n_readers - 1], device=device)
         return wanted, active_heads
 
+    def _known_changes(self, mask: Tensor, plan: ComputePlan) -> None:
+        """Where this run's mask differs from the one the known blocks were recorded under: ``known_diff``
+        [(B,) n, R] (this run's live mask minus the recorded one) and ``known_changed`` [n, R] bool (any
+        example), on the known sources' out-edges; and each reader's slot in ``known.sums`` (-1: none)."""
+        known, n = self.known, self.known.deltas.shape[0]
+        live = plan.live[:n].to(device=self.device, dtype=self.model.dtype)
+        ours = mask.detach().to(device=self.device, dtype=self.model.dtype)[..., :n, :] * live
+        self.known_diff = ours - known.mask
+        changed = self.known_diff != 0
+        self.known_changed = (changed.any(0) if changed.dim() == 3 else changed).cpu()
+        self.known_slot = torch.full((self.graph.n_readers,), -1, dtype=torch.long)
+        self.known_slot[known.readers.cpu()] = torch.arange(len(known.readers))
+
+    def _known_part(self, readers: Tensor) -> tuple[Tensor, Tensor] | None:
+        """What the known blocks add to these readers' inputs: (their positions in ``readers`` [u'], sums
+        [u', B, T, D]), or None when they add nothing."""
+        readers_cpu = readers.cpu()
+        slots = self.known_slot[readers_cpu]
+        changed = self.known_changed[:, readers_cpu]
+        used = ((slots >= 0) | changed.any(0)).nonzero().flatten()
+        if len(used) == 0:
+            return None
+        known, copies = self.known, self.batch // self.known.deltas.shape[1]
+        values = torch.zeros((len(used), *known.sums.shape[1:]), device=self.device, dtype=self.model.dtype)
+        have = (slots[used] >= 0).nonzero().flatten()
+        if len(have):
+            values[have.to(self.device)] = known.sums.index_select(0, slots[used[have]].to(self.device))
+        values = values.repeat(1, copies, 1, 1) if copies > 1 else values
+        for position in (changed[:, used].any(0)).nonzero().flatten().tolist():
+            reader = int(readers_cpu[used[position]])
+            sources = self.known_changed[:, reader].nonzero().flatten().to(self.device)
+            weights = self.known_diff[..., sources, reader]  # [(B,) m]
+            deltas = known.deltas.index_select(0, sources)
+            deltas = deltas.repeat(1, copies, 1, 1) if copies > 1 else deltas
+            pattern = "bm,mbtd->btd" if weights.dim() == 2 else "m,mbtd->btd"
+            values[position] += torch.einsum(pattern, weights, deltas)
+        return used.to(self.device), values
+
     # -- the delta buffer --------------------------------------------------
     def add_deltas(self, sources: slice, computed_index: Tensor, computed: Tensor | None) -> None:
         """Write this block's rows: computed outputs [n, B, T, D] of its active sources (global
@@ -625,17 +702,18 @@ class _MaskedRun:
         if len(index) == 0:
             return
         if self.output_scale is not None and computed is not None:
-            computed = _interpolate(ref.outputs[computed_index], computed, self.output_scale[computed_index.cpu()])
+            computed = _interpolate(ref.rows(ref.outputs[computed_index]), computed,
+                                    self.output_scale[computed_index.cpu()])
         if computed is not None and self.recorded is not None:
             self.recorded[computed_index] = computed.detach()
         if computed is not None and len(computed_index) == len(index):
             # The usual case (always under interchange): contributing == active.
-            values = computed - ref.outputs[index]
+            values = ref.subtract(computed, index)
         else:
-            values = (ref.fixed_outputs[index] - ref.outputs[index]).expand(-1, self.batch, -1, -1)
+            values = ref.rows(ref.fixed_outputs[index] - ref.outputs[index]).expand(-1, self.batch, -1, -1)
             if computed is not None:
                 rows = torch.searchsorted(index, computed_index)
-                values = values.index_put((rows,), computed - ref.outputs[computed_index])
+                values = values.index_put((rows,), ref.subtract(computed, computed_index))
         self.buffer[self.n_rows : self.n_rows + len(index)] = values.detach()
         self.pieces.append(values)
         self.n_rows += len(index)
@@ -719,9 +797,10 @@ class _MaskedRun:
         the chunk's one product; rows written inside the chunk are summed here."""
         if self._chunk_of(block) != self.chunk["id"] or block not in self.chunk["blocks"]:
             self._start_chunk(block)
-        x = self.ref.block_inputs[block].expand(self.batch, -1, -1)[None]
+        x = self.ref.rows(self.ref.block_inputs[block][None]).expand(-1, self.batch, -1, -1)
         for found in (self.chunk["sums"].get(block),
-                      self._masked_sum(self.chunk["rows"], self.chunk["pieces"], readers)):
+                      self._masked_sum(self.chunk["rows"], self.chunk["pieces"], readers),
+                      self._known_part(readers) if self.known is not None else None):
             if found is not None:
                 x = _add_rows(x, len(readers), *found)
         return self._probe(x, readers)
@@ -737,9 +816,7 @@ class _MaskedRun:
     def run(self, positions: Tensor | None, stop_block: int | None = None) -> tuple[Tensor | None, Tensor | None]:
         """(logits, recorded outputs); with ``stop_block``, stop before computing that block (no logits)."""
         graph, adapter, device = self.graph, self.adapter, self.device
-        if self._is_known(0):
-            self.add_deltas(graph.sources_of_block(0), *self._given(0))
-        else:
+        if not self._is_known(0):
             self.add_deltas(graph.sources_of_block(0), torch.zeros(1, dtype=torch.long, device=device),
                             adapter.embed(self.ctx)[None])
         for layer in range(self.model.layout.n_layers):
@@ -748,8 +825,8 @@ class _MaskedRun:
                     return None, self.recorded
                 sources = graph.sources_of_block(block)
                 if self._is_known(block):
-                    self.add_deltas(sources, *self._given(block))
-                elif block % 2 == 1:
+                    continue  # enters through known.sums
+                if block % 2 == 1:
                     self._attention_block(layer)
                 elif block in self.wanted:
                     x = self.inputs(block, self.wanted[block])
@@ -767,16 +844,6 @@ class _MaskedRun:
 
     def _is_known(self, block: int) -> bool:
         return block < self.known_until
-
-    def _given(self, block: int) -> tuple[Tensor, Tensor | None]:
-        """The recorded outputs of the block's active sources, repeated to this run's batch."""
-        sources = self.graph.sources_of_block(block)
-        index = sources.start + self.plan.active[sources].nonzero().flatten().to(self.device)
-        if len(index) == 0:
-            return index, None
-        given = self.known.outputs.index_select(0, index)
-        copies = self.batch // given.shape[1]
-        return index, (given.repeat(1, copies, 1, 1) if copies > 1 else given)
 
     def _attention_block(self, layer: int) -> None:
         adapter, block = self.adapter, 2 * layer + 1
@@ -815,7 +882,7 @@ class _MaskedRun:
             return self.inputs(block, logits_reader)[0]
         rows = torch.arange(self.batch, device=self.device)
         positions = positions.to(self.device)
-        base = self.ref.block_inputs[block].expand(self.batch, -1, -1)[rows, positions]  # [B, D]
+        base = self.ref.rows(self.ref.block_inputs[block][None])[0].expand(self.batch, -1, -1)[rows, positions]
         used = self.live_rows[: self.n_rows, -1].nonzero().flatten()
         if len(used):
             at_answer = torch.cat([piece.expand(-1, self.batch, -1, -1)[:, rows, positions]
@@ -824,6 +891,9 @@ class _MaskedRun:
             sub = self.mask_rows[..., : self.n_rows, -1].index_select(-1, used_device)  # [(B,) u]
             pattern = "ubd,u->bd" if sub.dim() == 1 else "ubd,bu->bd"
             base = base + torch.einsum(pattern, at_answer.index_select(0, used_device), sub)
+        found = self._known_part(logits_reader) if self.known is not None else None
+        if found is not None:
+            base = base + found[1][0, rows, positions]
         return self._probe(base[None, :, None], logits_reader)[0]
 
 
@@ -896,13 +966,15 @@ def run_masked(
         _check_known(graph, known, input_ids)
     if precision is not None and torch.is_grad_enabled() and mask.requires_grad:
         raise InvalidMaskError("mixed precision is for measuring runs (no gradient); run under torch.no_grad()")
+    if known is not None and torch.is_grad_enabled() and mask.requires_grad:
+        raise InvalidMaskError("known outputs are for measuring runs (no gradient); run under torch.no_grad()")
     logits, _ = _run(model, graph, input_ids, reference, mask, plan, positions, record=False,
                      grad_entries=grad_entries, known=known, precision=precision)
     return logits
 
 
 def _check_known(graph: Graph, known: KnownOutputs, input_ids: Tensor) -> None:
-    n, recorded_batch, length = known.outputs.shape[:3]
+    n, recorded_batch, length = known.deltas.shape[:3]
     if not 0 <= known.until_block < graph.n_blocks or n < graph.sources_of_block(known.until_block).start:
         raise InvalidMaskError(f"known outputs cover {n} sources, fewer than the blocks before block "
                                f"{known.until_block} have; record them with record_outputs on this graph")
@@ -914,7 +986,10 @@ def _check_known(graph: Graph, known: KnownOutputs, input_ids: Tensor) -> None:
 def record_outputs(model: Model, graph: Graph, input_ids: Tensor, reference: Reference, mask: Tensor,
                    until_block: int, plan: ComputePlan | None = None,
                    precision: MixedPrecision | None = None) -> KnownOutputs:
-    """Run ``run_masked`` (no gradients) up to ``until_block`` and keep what the sources before it wrote."""
+    """Run ``run_masked`` (no gradients, a 2-D ``mask``) up to ``until_block`` and keep what the sources
+    before it contribute to later readers (``KnownOutputs``)."""
+    if mask.dim() != 2:
+        raise InvalidMaskError("record_outputs takes one [S, R] mask for the whole batch")
     if plan is None:
         plan = ComputePlan.build(graph, None, reference.kind)
     n = graph.sources_of_block(until_block).start
@@ -922,7 +997,14 @@ def record_outputs(model: Model, graph: Graph, input_ids: Tensor, reference: Ref
         run = _MaskedRun(model, graph, input_ids, reference, mask.detach(), plan, True, None, None,
                          precision=precision)
         _, recorded = run.run(None, stop_block=until_block)
-    return KnownOutputs(recorded[:n].clone(), until_block)
+        deltas = recorded[:n] - run.ref.outputs[:n]
+        live = plan.live[:n].to(device=model.device, dtype=model.dtype)
+        recorded_mask = mask.detach()[:n].to(device=model.device, dtype=model.dtype) * live
+        later = (graph.reader_block >= until_block).to(model.device)
+        readers = ((recorded_mask != 0).any(0) & later).nonzero().flatten()
+        weights = recorded_mask.index_select(1, readers).T  # [u, n]
+        sums = (weights @ deltas.flatten(1)).view(len(readers), *deltas.shape[1:])
+    return KnownOutputs(deltas, recorded_mask, readers, sums, until_block)
 
 
 def run_with_probes(

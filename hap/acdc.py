@@ -193,15 +193,6 @@ def _per_example_metric(config: AcdcConfig, batch: Batch, logits: Tensor, full_m
     return full_metric - batch.task.logit_diff(logits)
 
 
-def _repeated(reference: Reference, times: int, batch: int, length: int) -> Reference:
-    """The batch's reference for the batch repeated ``times`` times (mean/zero broadcast as they are)."""
-    reference = reference.fit(batch, length)
-    if reference.outputs.shape[1] == 1:
-        return reference
-    return Reference(reference.kind, reference.outputs.repeat(1, times, 1, 1),
-                     reference.block_inputs.repeat(1, times, 1, 1), reference.fixed_outputs.repeat(1, times, 1, 1))
-
-
 def circuit_metrics(model: Model, graph: Graph, data: Sequence[Batch], config: AcdcConfig,
                     circuits: Sequence[Tensor], live: Tensor, known: Sequence[KnownOutputs] | None = None,
                     precision: MixedPrecision | None = None) -> list[float]:
@@ -216,10 +207,10 @@ def circuit_metrics(model: Model, graph: Graph, data: Sequence[Batch], config: A
     stacked = torch.stack([circuit.to(model.dtype) for circuit in circuits]).to(model.device)  # [k, S, R]
     with torch.no_grad():
         for index, batch in enumerate(data):
-            size, length = batch.clean.shape
+            size = batch.clean.shape[0]
             masks = stacked.repeat_interleave(size, dim=0)  # [k*B, S, R]: circuit i on rows i*B .. (i+1)*B
-            logits = run_masked(model, graph, batch.clean.repeat(k, 1), _repeated(batch.reference, k, size, length),
-                                masks, plan, batch.positions.repeat(k),
+            logits = run_masked(model, graph, batch.clean.repeat(k, 1), batch.reference.of_copies(k), masks, plan,
+                                batch.positions.repeat(k),
                                 known=None if known is None else known[index], precision=precision)
             full = batch.task.logit_diff(batch.clean_logits)
             copies = logits.view(k, size, -1)

@@ -143,15 +143,35 @@ def test_known_early_outputs_give_the_slow_twins_logits(tiny_model, chunk_layers
         masks = masks.repeat_interleave(size, dim=0)  # copy i on rows i*B .. (i+1)*B
         known = record_outputs(tiny_model, graph, clean, one, shared, block, plan)
         with torch.no_grad():
-            fast = run_masked(tiny_model, graph, clean.repeat(copies, 1), repeated, masks, plan=plan, known=known)
+            fast = run_masked(tiny_model, graph, clean.repeat(copies, 1), one.of_copies(copies), masks, plan=plan,
+                              known=known)
             slow = naive_masked_logits(tiny_model, graph, clean.repeat(copies, 1), repeated.outputs, masks * live)
         assert torch.allclose(fast, slow, atol=1e-5), block
         if block > 1:  # the given outputs are used: recorded under other early masks, they change the logits
             other = record_outputs(tiny_model, graph, clean, one, torch.rand(graph.real.shape, generator=generator),
                                    block, plan)
             with torch.no_grad():
-                wrong = run_masked(tiny_model, graph, clean.repeat(copies, 1), repeated, masks, plan=plan, known=other)
+                wrong = run_masked(tiny_model, graph, clean.repeat(copies, 1), one.of_copies(copies), masks,
+                                   plan=plan, known=other)
             assert not torch.allclose(wrong, slow, atol=1e-3), block
+
+
+def test_a_reference_of_copies_reads_like_the_repeated_reference(tiny_model):
+    # Copies of a batch under one reference of the batch (nothing repeated) give the logits of the
+    # reference repeated; a reference for another number of copies is refused.
+    graph = hap.Graph.from_model(tiny_model)
+    clean, corrupted = _batch(tiny_model, 34)
+    copies = 2
+    masks = torch.rand((copies * clean.shape[0], *graph.real.shape), generator=torch.Generator().manual_seed(35))
+    with torch.no_grad():
+        shared = run_masked(tiny_model, graph, clean.repeat(copies, 1),
+                            interchange_reference(tiny_model, corrupted).of_copies(copies), masks)
+        repeated = run_masked(tiny_model, graph, clean.repeat(copies, 1),
+                              interchange_reference(tiny_model, corrupted.repeat(copies, 1)), masks)
+    assert torch.allclose(shared, repeated, atol=1e-6)
+    with pytest.raises(InvalidMaskError, match=r"3 examples \(3 copies of it\) but the run has 6"):
+        run_masked(tiny_model, graph, clean.repeat(copies, 1), interchange_reference(tiny_model, corrupted).of_copies(3),
+                   masks)
 
 
 def test_known_outputs_of_another_batch_are_refused(tiny_model):

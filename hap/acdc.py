@@ -223,16 +223,18 @@ def circuit_metrics(model: Model, graph: Graph, data: Sequence[Batch], config: A
 
 
 def prefix_outputs(model: Model, graph: Graph, data: Sequence[Batch], config: AcdcConfig, kept: Tensor,
-                   reader: int, precision: MixedPrecision | None = None) -> list[KnownOutputs]:
+                   reader: int, precision: MixedPrecision | None = None,
+                   earlier: Sequence[KnownOutputs] | None = None) -> list[KnownOutputs]:
     """Per batch, what the sources before ``reader``'s block write in the circuit ``kept``. Testing the
     edges into ``reader`` changes only that reader's input, so these outputs hold for all its tests: each
     test then computes the blocks from the reader's on (sparse by then, since later readers were decided
-    first) instead of the whole model."""
+    first) instead of the whole model. ``earlier``: those of a reader of the same block (the sweep has not
+    touched the readers before the block since): their outputs are reused, only the sums redone."""
     plan = ComputePlan.build(graph, kept, config.ablation)
     block = int(graph.reader_block[reader])
     mask = kept.to(device=model.device, dtype=model.dtype)
-    return [record_outputs(model, graph, batch.clean, batch.reference, mask, block, plan, precision)
-            for batch in data]
+    return [record_outputs(model, graph, batch.clean, batch.reference, mask, block, plan, precision,
+                           None if earlier is None else earlier[index]) for index, batch in enumerate(data)]
 
 
 def tests_per_forward(model: Model, graph: Graph, data: Sequence[Batch], config: AcdcConfig) -> int:
@@ -303,7 +305,9 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
             group = [edge for edge in group if edge[1] == reader]  # one reader per group: save between readers
             precision = MixedPrecision(twin, int(graph.reader_block[reader])) if twin is not None else None
             if known is None or known[0] != reader:
-                known = (reader, prefix_outputs(model, graph, data, config, state.kept, reader, precision))
+                same_block = known is not None and graph.reader_block[known[0]] == graph.reader_block[reader]
+                known = (reader, prefix_outputs(model, graph, data, config, state.kept, reader, precision,
+                                                known[1] if same_block else None))
                 if precision is not None:  # the baseline in this reader's precision assignment
                     state.metric = circuit_metrics(model, graph, data, config, [state.kept], state.kept, known[1],
                                                    precision)[0]

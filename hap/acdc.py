@@ -405,9 +405,11 @@ def next_threshold(sweeps: Sequence[Sweep], n_edges: int, low: float, high: floa
 def search_threshold(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch], n_edges: int,
                      run_dir: str | Path | None = None, resume: bool = False, runs: int = 6, low: float = 1e-5,
                      high: float = 1.0, tolerance: float = 0.1, progress: bool = False,
-                     twin: ReducedTwin | None = None) -> tuple[AcdcConfig, AcdcState, list[Sweep]]:
+                     twin: ReducedTwin | None = None, start: float | None = None,
+                     ) -> tuple[AcdcConfig, AcdcState, list[Sweep]]:
     """Up to ``runs`` sweeps at thresholds in (low, high) (see the module docstring: predicted tau, replayed
-    prefixes, sweeps stopped once they keep too many), each resumable in its own ``tau-<value>`` folder, for
+    prefixes, sweeps stopped once they keep too many), the first at ``start`` (default: the log midpoint),
+    each resumable in its own ``tau-<value>`` folder, for
     a circuit of about ``n_edges``; stops at a sweep keeping between ``n_edges`` and ``n_edges * (1 +
     tolerance)``, or when no tau is left between the thresholds known to keep too many and too few (each
     sweep's result holds on an interval of tau, ``Sweep.same_decisions``). If no sweep ended within the
@@ -416,6 +418,8 @@ def search_threshold(model: Model, task: TaskData, config: AcdcConfig, data: Seq
     one with the most), to be cut to ``n_edges`` by ``acdc_circuit``, and every sweep run."""
     if tolerance < 0:
         raise HapError(f"--threshold-tolerance must be >= 0, got {tolerance}")
+    if start is not None and not low < start < high:
+        raise HapError(f"--threshold-start must lie between {low:g} and {high:g}, got {start:g}")
     graph = Graph.from_model(model)
     order = sweep_order(graph)
     enough_at_most = math.floor(n_edges * (1 + tolerance))
@@ -449,7 +453,7 @@ def search_threshold(model: Model, task: TaskData, config: AcdcConfig, data: Seq
         if not high > low * (1 + 1e-6):
             break  # every tau left decides like a sweep already run
         known_enough = any(sweep.finished and kept(sweep) >= n_edges for sweep in sweeps)
-        tau = float(f"{next_threshold(sweeps, n_edges, low, high):.6g}")
+        tau = float(f"{start if start is not None and not sweeps else next_threshold(sweeps, n_edges, low, high):.6g}")
         sweep = run(tau, [sweep.state for sweep in sweeps], enough_at_most if known_enough else None, f"tau-{tau:.6g}")
         sweeps.append(sweep)
         if sweep.finished and n_edges <= kept(sweep) <= enough_at_most:

@@ -118,6 +118,7 @@ def _discover(args: argparse.Namespace) -> int:
         "curve": args.curve, "ground_truth": args.ground_truth, "threshold": args.threshold,
         "acdc_metric": args.acdc_metric, "tests_per_forward": args.tests_per_forward,
         "threshold_runs": args.threshold_runs, "threshold_tolerance": args.threshold_tolerance,
+        "threshold_start": args.threshold_start,
         "mixed_precision": args.mixed_precision, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
         "lr_warmup": args.lr_warmup, "sparsity_warmup": args.sparsity_warmup, "node_masks": args.node_masks,
         "max_extra_steps": args.max_extra_steps, "node_sparsity": args.node_sparsity, "candidates": args.candidates,
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--threshold-tolerance", type=float, default=None,
                        help="acdc with --edges/--sparsity: stop the TAU search at a sweep keeping N to N * (1 + "
                        "this) edges (default 0.1)")
+    sweep.add_argument("--threshold-start", type=float, default=None, metavar="TAU",
+                       help="acdc with --edges/--sparsity: the TAU of the search's first sweep (default: the log "
+                       "midpoint of 1e-5..1); a good guess saves whole sweeps")
     sweep.add_argument("--mixed-precision", default=None, choices=settings.PRECISIONS,
                        help="acdc/exact (PAHQ): compute every block but the tested edge's reader's in reduced "
                        "precision (auto: bfloat16 on CUDA, int8 MLPs on CPU); refused where it is not faster")

@@ -95,6 +95,7 @@ class DiscoverConfig:
     tests_per_forward: int | None = None
     threshold_runs: int = 6
     threshold_tolerance: float = 0.1  # the search stops at a sweep keeping N .. N * (1 + this) edges
+    threshold_start: float | None = None  # the search's first tau (default: the log midpoint of its bracket)
     mixed_precision: str | None = None  # acdc and exact (PAHQ): auto, int8, bfloat16, float16; None = off
     # Edge Pruning and HAP (None: the model's default, PRUNING_DEFAULTS)
     steps: int | None = None
@@ -168,6 +169,9 @@ class DiscoverConfig:
             if not 0 <= self.threshold_tolerance < math.inf:
                 raise HapError(f"--threshold-tolerance is a fraction >= 0 (0.1: up to 10% more edges than "
                                f"wanted), got {self.threshold_tolerance}")
+            if self.threshold_start is not None and (self.threshold is not None or not 1e-5 < self.threshold_start < 1):
+                raise HapError("--threshold-start is where the TAU search of --edges/--sparsity begins: a number "
+                               f"between 1e-05 and 1 (exclusive), without --threshold; got {self.threshold_start}")
         if self.edges is not None and self.edges < 1:
             raise HapError(f"--edges must be at least 1, got {self.edges}")
         if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
@@ -345,7 +349,8 @@ def _acdc(model: Model, task: TaskData, config: DiscoverConfig, graph: Graph, da
         assert n_edges is not None
         settings, state, sweeps = search_threshold(model, task, settings, data, n_edges, config.out,
                                                    config.resume, runs=config.threshold_runs,
-                                                   tolerance=config.threshold_tolerance, progress=True)
+                                                   tolerance=config.threshold_tolerance, progress=True,
+                                                   start=config.threshold_start)
     runtime["acdc"] = time.perf_counter() - started
     circuit = acdc_circuit(model, task, settings, state, n_edges)
     if sweeps:

@@ -262,3 +262,9 @@ def test_cli_acdc_of_a_given_size_records_its_threshold_search(tmp_path):
     assert [(out / sweep["folder"] / "acdc_state.pt").is_file() for sweep in search] == [True] * len(search)
     assert document["config"]["threshold"] in [sweep["threshold"] for sweep in search]
     assert sum(edge["in_graph"] for edge in document["edges"].values()) <= 5
+    started = tmp_path / "started"  # --threshold-start: the first sweep is there, the rest follow the search
+    assert main(["discover", "--model", "tiny-gpt2", "--method", "acdc", "--edges", "5", "--threshold-runs", "2",
+                 "--ablation", "zero", "--threshold-start", "0.0123",
+                 "--n-examples", "4", "--n-test", "4", "--out", str(started), "--no-report"]) == 0
+    search = json.loads((started / "circuit.json").read_text())["config"]["threshold_search"]
+    assert search[0]["threshold"] == 0.0123 and search[0]["folder"] == "tau-0.0123"

@@ -107,7 +107,10 @@ def main() -> None:
     for folder in args.acdc:
         circuit = Circuit.load(folder)
         label = "ACDC + PAHQ" if circuit.config.get("mixed_precision") else "ACDC"
-        row(label, circuit, sum(circuit.runtime_s.values()), None, f"tau {circuit.config.get('threshold')}")
+        search = circuit.config.get("threshold_search") or []
+        row(label, circuit, circuit.runtime_s.get("acdc"), None,
+            f"tau {circuit.config.get('threshold')}; seconds: its {max(1, len(search))} sweep(s), every sitting "
+            f"that resumed them; {circuit.config.get('n_examples', '?')} training examples")
     if not args.acdc:
         rows.append({"method": "ACDC, ACDC + PAHQ", "edges": None, "test_kl": None, "test_faithfulness": None,
                      "seconds": None, "peak_gib": None,

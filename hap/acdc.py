@@ -107,6 +107,13 @@ class AcdcState:
     forwards: int = 0
     untested: int = 0  # edges removed without a forward: their reader fed nothing the logits still read
     replayed: int = 0  # edges decided by replaying an earlier sweep at another tau (``replayed_prefix``)
+    seconds: float = 0.0  # wall-clock time spent on this sweep, summed over every run that resumed it
+
+    def clock(self, since: float) -> float:
+        """Add the time from ``since`` (a ``time.monotonic()`` reading) to ``seconds``; returns now."""
+        now = time.monotonic()
+        self.seconds += now - since
+        return now
 
     def n_decided_kept(self, n_order: int) -> int:
         """Kept edges among the decided ones (every undecided edge is still kept): a lower bound on the
@@ -124,6 +131,7 @@ class AcdcState:
         temporary = path.with_name(f".{path.name}.tmp")
         torch.save({"kept": self.kept, "scores": self.scores, "position": self.position, "metric": self.metric,
                     "forwards": self.forwards, "untested": self.untested, "replayed": self.replayed,
+                    "seconds": self.seconds,
                     "config": config.decisive()}, temporary)
         temporary.replace(path)
 
@@ -138,7 +146,8 @@ class AcdcState:
             raise HapError(f"{path} was written by a run with other settings or another model; "
                            "use the same command, or --force to start again")
         return cls(saved["kept"], saved["scores"], int(saved["position"]), float(saved["metric"]),
-                   int(saved["forwards"]), int(saved.get("untested", 0)), int(saved.get("replayed", 0)))
+                   int(saved["forwards"]), int(saved.get("untested", 0)), int(saved.get("replayed", 0)),
+                   float(saved.get("seconds", 0.0)))
 
 
 def sweep_order(graph: Graph) -> list[tuple[int, int]]:
@@ -256,6 +265,7 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
     and each reader's tests compare against the current circuit measured the same way. ``replay``: earlier
     sweeps of the same settings at other thresholds, whose longest shared prefix a fresh sweep replays;
     ``stop_above``: return (unfinished, saved) once more than this many decided edges are kept."""
+    mark = time.monotonic()  # the sweep's clock (state.seconds) runs from here
     graph = Graph.from_model(model)
     if config.mixed_precision is not None and twin is None:
         twin = reduced_twin(model, config.mixed_precision, sample=data[0])
@@ -274,6 +284,7 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
             print(f"ACDC (tau {config.threshold:g}): the first {position:,} decisions replayed from an earlier "
                   "sweep at another tau (the same up to there)", flush=True)
         if path is not None:
+            mark = state.clock(mark)
             state.save(path, config)
     n_batches = len(data)
     if progress:
@@ -299,8 +310,8 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
                     state.untested += 1
                 bar.update(state.position - bar.n)
                 if path is not None:
+                    saved_at = mark = state.clock(mark)
                     state.save(path, config)
-                    saved_at = time.monotonic()
                 continue
             group = [edge for edge in group if edge[1] == reader]  # one reader per group: save between readers
             precision = MixedPrecision(twin, int(graph.reader_block[reader])) if twin is not None else None
@@ -333,8 +344,11 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
             done_reader = state.position == len(order) or order[state.position][1] != reader
             too_many = stop_above is not None and state.n_decided_kept(len(order)) > stop_above
             if path is not None and (done_reader or too_many or time.monotonic() - saved_at > checkpoint_seconds):
+                saved_at = mark = state.clock(mark)
                 state.save(path, config)
-                saved_at = time.monotonic()
+    state.clock(mark)
+    if path is not None:
+        state.save(path, config)  # with the time since the last save
     return state
 
 
@@ -369,6 +383,7 @@ class Sweep:
     def summary(self) -> dict[str, Any]:
         return {"threshold": self.config.threshold, "kept": int(self.state.kept.sum()), "finished": self.finished,
                 "decided": self.state.position, "replayed": self.state.replayed, "forwards": self.state.forwards,
+                "seconds": round(self.state.seconds, 1),
                 "folder": self.folder}
 
     def same_decisions(self, order: Sequence[tuple[int, int]]) -> tuple[float, float]:

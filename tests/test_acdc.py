@@ -136,6 +136,9 @@ def test_an_interrupted_sweep_resumes_to_the_same_circuit(tiny_gpt2_64, tmp_path
     assert 0 < saved.position < len(sweep_order(graph))
     resumed = acdc(model, task, config, batches, run_dir=tmp_path, resume=True)
     assert torch.equal(resumed.kept, whole.kept) and torch.allclose(resumed.scores, whole.scores)
+    # the sweep's clock goes on from the saved time: the resumed run's seconds include the first run's
+    assert 0 < saved.seconds < resumed.seconds
+    assert AcdcState.load(tmp_path / "acdc_state.pt", config, graph).seconds == resumed.seconds
     with pytest.raises(HapError, match="other settings"):
         acdc(model, task, AcdcConfig(threshold=0.5, tests_per_forward=2), batches, run_dir=tmp_path, resume=True)
 
@@ -203,7 +206,8 @@ def test_threshold_search_sweeps_equal_fresh_sweeps_at_their_tau(tmp_path):
         assert below < sweep.config.threshold <= above
 
     def trail(found):
-        return [{key: value for key, value in sweep.summary().items() if key != "forwards"} for sweep in found]
+        return [{key: value for key, value in sweep.summary().items() if key not in ("forwards", "seconds")}
+                for sweep in found]
 
     cut = tmp_path / "cut"  # a search interrupted (Ctrl-C) in its fourth sweep resumes along the same sweeps
     with pytest.raises(KeyboardInterrupt):

@@ -200,6 +200,37 @@ def test_sigkill_while_checkpointing_then_resume_continues_from_the_last_good_on
     assert json.loads((out / "circuit.json").read_text())["method"] == "ep"
 
 
+def test_sigterm_ends_a_run_as_ctrl_c_does_and_it_resumes(tmp_path):
+    """A job scheduler's SIGTERM: the run writes its checkpoint (none was due), says so, exits 130; --resume
+    goes on from the step it reached."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ep"
+    argv = [sys.executable, "-m", "hap", "discover", *TINY, "--method", "ep", "--edges", "20", "--steps", "400",
+            "--n-examples", "8", "--n-test", "4", "--checkpoint-every", "100000", "--out", str(out), "--no-report"]
+    run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "train_log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline \
+            and run.poll() is None:
+        time.sleep(0.05)
+    assert run.poll() is None and not (out / "checkpoint.pt").exists()
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130 and "hap: interrupted" in stderr
+    assert (out / "checkpoint.pt").exists()  # written on the way out
+    reached = len(log.read_text().splitlines())
+    assert 3 <= reached < 400
+    assert main(["discover", "--resume", str(out)]) == 0
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] >= 400
+
+
 def test_damaged_run_settings_and_attribution_cache_are_refused_in_one_line(tmp_path, capsys, finished):
     copy = Path(shutil.copytree(finished, tmp_path / "copy"))
     (copy / "run.json").write_text('{"model": ')

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -108,6 +108,10 @@ class AcdcState:
     untested: int = 0  # edges removed without a forward: their reader fed nothing the logits still read
     replayed: int = 0  # edges decided by replaying an earlier sweep at another tau (``replayed_prefix``)
     seconds: float = 0.0  # wall-clock time spent on this sweep, summed over every run that resumed it
+    # One entry per reader the sweep finished (not replayed ones): name, position after it, in-edges kept,
+    # tested (False: it fed nothing, decided untested), forwards and seconds so far, work done and left (a
+    # test of an edge into a reader of block b computes the blocks from b on: that many units per edge).
+    readers: list[dict[str, Any]] = field(default_factory=list)
 
     def clock(self, since: float) -> float:
         """Add the time from ``since`` (a ``time.monotonic()`` reading) to ``seconds``; returns now."""
@@ -131,7 +135,7 @@ class AcdcState:
         temporary = path.with_name(f".{path.name}.tmp")
         torch.save({"kept": self.kept, "scores": self.scores, "position": self.position, "metric": self.metric,
                     "forwards": self.forwards, "untested": self.untested, "replayed": self.replayed,
-                    "seconds": self.seconds,
+                    "seconds": self.seconds, "readers": self.readers,
                     "config": config.decisive()}, temporary)
         temporary.replace(path)
 
@@ -147,7 +151,7 @@ class AcdcState:
                            "use the same command, or --force to start again")
         return cls(saved["kept"], saved["scores"], int(saved["position"]), float(saved["metric"]),
                    int(saved["forwards"]), int(saved.get("untested", 0)), int(saved.get("replayed", 0)),
-                   float(saved.get("seconds", 0.0)))
+                   float(saved.get("seconds", 0.0)), list(saved.get("readers", [])))
 
 
 def sweep_order(graph: Graph) -> list[tuple[int, int]]:
@@ -295,7 +299,21 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
     saved_at = time.monotonic()
     known: tuple[int, list[KnownOutputs]] | None = None  # (reader, its prefix outputs per batch)
     feeds = graph.feeds()
-    with tqdm(total=len(order), initial=state.position, desc="acdc", unit="edge", disable=not progress) as bar:
+    # The bar counts work, not edges: a test computes the blocks from its reader's on, so an edge into a
+    # late reader costs a fraction of one into an early reader, and the bar's rate and ETA would mislead.
+    work = torch.tensor([graph.n_blocks - int(graph.reader_block[reader]) for _, reader in order]).cumsum(0)
+
+    def done(position: int) -> int:
+        return int(work[position - 1]) if position else 0
+
+    def finish_reader(reader: int, tested: bool) -> None:
+        state.readers.append({"reader": graph.reader_names[reader], "position": state.position,
+                              "kept": int(state.kept[:, reader].sum()), "tested": tested,
+                              "forwards": state.forwards, "seconds": round(state.seconds, 2),
+                              "work": done(state.position), "work_left": done(len(order)) - done(state.position)})
+
+    with tqdm(total=done(len(order)), initial=done(state.position), desc="acdc (work: blocks computed)",
+              unit="block", unit_scale=True, disable=not progress) as bar:
         while state.position < len(order) and not (stop_above is not None
                                                     and state.n_decided_kept(len(order)) > stop_above):
             group = order[state.position: state.position + k]
@@ -308,9 +326,10 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
                     state.scores[source, reader] = 0.0
                     state.position += 1
                     state.untested += 1
-                bar.update(state.position - bar.n)
+                bar.update(done(state.position) - bar.n)
+                saved_at = mark = state.clock(mark)
+                finish_reader(reader, tested=False)
                 if path is not None:
-                    saved_at = mark = state.clock(mark)
                     state.save(path, config)
                 continue
             group = [edge for edge in group if edge[1] == reader]  # one reader per group: save between readers
@@ -340,12 +359,15 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
                     state.metric = baseline = value
                 else:
                     break  # kept: the later tests assumed its removal; redo them from the current circuit
-            bar.update(state.position - bar.n)
+            bar.update(done(state.position) - bar.n)
             done_reader = state.position == len(order) or order[state.position][1] != reader
             too_many = stop_above is not None and state.n_decided_kept(len(order)) > stop_above
-            if path is not None and (done_reader or too_many or time.monotonic() - saved_at > checkpoint_seconds):
+            if done_reader or too_many or time.monotonic() - saved_at > checkpoint_seconds:
                 saved_at = mark = state.clock(mark)
-                state.save(path, config)
+                if done_reader:
+                    finish_reader(reader, tested=True)
+                if path is not None:
+                    state.save(path, config)
     state.clock(mark)
     if path is not None:
         state.save(path, config)  # with the time since the last save

@@ -136,6 +136,13 @@ def test_an_interrupted_sweep_resumes_to_the_same_circuit(tiny_gpt2_64, tmp_path
     assert 0 < saved.position < len(sweep_order(graph))
     resumed = acdc(model, task, config, batches, run_dir=tmp_path, resume=True)
     assert torch.equal(resumed.kept, whole.kept) and torch.allclose(resumed.scores, whole.scores)
+    # one log entry per reader, in sweep order, none twice although the run was cut in the middle of one
+    readers = [reader for _, reader in sweep_order(graph)]
+    assert [entry["reader"] for entry in resumed.readers] == [graph.reader_names[r] for r in dict.fromkeys(readers)]
+    assert [entry["position"] for entry in resumed.readers] == [i + 1 for i in range(len(readers))
+                                                                 if i + 1 == len(readers) or readers[i + 1] != readers[i]]
+    assert [entry["kept"] for entry in resumed.readers] == [int(whole.kept[:, r].sum()) for r in dict.fromkeys(readers)]
+    assert resumed.readers[-1]["seconds"] <= resumed.seconds + 0.01  # kept to 0.01 s
     # the sweep's clock goes on from the saved time: the resumed run's seconds include the first run's
     assert 0 < saved.seconds < resumed.seconds
     assert AcdcState.load(tmp_path / "acdc_state.pt", config, graph).seconds == resumed.seconds

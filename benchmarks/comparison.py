@@ -114,7 +114,7 @@ def main() -> None:
     if not args.acdc:
         rows.append({"method": "ACDC, ACDC + PAHQ", "edges": None, "test_kl": None, "test_faithfulness": None,
                      "seconds": None, "peak_gib": None,
-                     "note": "not run: about 16 hours per tau on 2 cores (benchmarks/README.md, acdc_cost.py)"})
+                     "note": "not given (--acdc DIR): see benchmarks/README.md, ACDC on SmolLM2 IOI"})
 
     lines = ["| method | edges | test KL | test faithfulness | seconds | peak RSS (GiB) | note |",
              "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -832,10 +832,14 @@ class _MaskedRun:
                 if block % 2 == 1:
                     self._attention_block(layer)
                 elif block in self.wanted:
-                    x = self.inputs(block, self.wanted[block])
+                    x = self.inputs(block, self.wanted[block])[0]
                     computing, _, dtype = self._computing(block)
+                    if positions is not None and block == graph.n_blocks - 2 and self.recorded is None:
+                        output = self._last_mlp_at(positions, layer, computing, x.to(dtype))
+                    else:
+                        output = computing.mlp(layer, x.to(dtype))
                     self.add_deltas(sources, torch.tensor([sources.start], device=device),
-                                    computing.mlp(layer, x[0].to(dtype))[None].to(self.model.dtype))
+                                    output[None].to(self.model.dtype))
                 else:
                     self.add_deltas(sources, torch.zeros(0, dtype=torch.long, device=device), None)
         if stop_block is not None and stop_block < self.graph.n_blocks:
@@ -844,6 +848,16 @@ class _MaskedRun:
         if positions is not None:
             logits = logits[:, 0]
         return logits, self.recorded
+
+    def _last_mlp_at(self, positions: Tensor, layer: int, computing: ModelAdapter, x: Tensor) -> Tensor:
+        """The last MLP's output [B, T, D] when only the logits at ``positions`` [B] are wanted: only the
+        logits read it, so it is computed at those positions (it acts on each position alone) and left at
+        the reference's output, a delta of 0, elsewhere."""
+        rows = torch.arange(self.batch, device=self.device)
+        positions = positions.to(self.device)
+        source = self.graph.sources_of_block(2 * layer + 2).start
+        reference = self.ref.rows(self.ref.outputs[source : source + 1])[0].expand(self.batch, -1, -1)
+        return reference.to(x.dtype).index_put((rows, positions), computing.mlp(layer, x[rows, positions]))
 
     def _is_known(self, block: int) -> bool:
         return block < self.known_until

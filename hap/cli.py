@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = discover.add_argument_group("ACDC")
     sweep.add_argument("--threshold", type=float, default=None, metavar="TAU",
                        help="acdc: remove an edge when the metric rises by less than TAU (without it, "
-                       "--edges/--sparsity bisect TAU)")
+                       "--edges/--sparsity search TAU)")
     sweep.add_argument("--acdc-metric", default=None, choices=("kl", "logit-diff"), help="acdc: default kl")
     sweep.add_argument("--tests-per-forward", type=int, default=None,
                        help="acdc: edge tests batched in one forward (default: as --reference-memory allows)")

@@ -621,8 +621,8 @@ class _MaskedRun:
             self.grad_rows = (grad_entries.cpu().bool() & plan.live)[row_source]
         # Live entries whose mask is exactly 1 (for every example): a reader whose entries are mostly ones is
         # cheaper as "all deltas minus the (1 - m) share" (see _masked_sum).
-        ones = mask.detach().cpu() == 1
-        self.one_rows = ((ones.all(0) if ones.dim() == 3 else ones) & plan.live)[row_source]
+        ones = mask.detach() == 1  # reduced where the mask is: a per-example mask can be a GiB on a GPU
+        self.one_rows = ((ones.all(0) if ones.dim() == 3 else ones).cpu() & plan.live)[row_source]
         self._piece_totals: list[Tensor] = []  # sum over each piece's rows [B, T, D], made when first needed
         live = plan.live.to(device=self.device, dtype=model.dtype)
         self.mask_rows = (mask.to(device=self.device, dtype=model.dtype) * live).index_select(
@@ -857,7 +857,8 @@ class _MaskedRun:
         positions = positions.to(self.device)
         source = self.graph.sources_of_block(2 * layer + 2).start
         reference = self.ref.rows(self.ref.outputs[source : source + 1])[0].expand(self.batch, -1, -1)
-        return reference.to(x.dtype).index_put((rows, positions), computing.mlp(layer, x[rows, positions]))
+        output = computing.mlp(layer, x[rows, positions])  # a reduced twin's adapter answers in float32
+        return reference.to(output.dtype).index_put((rows, positions), output)
 
     def _is_known(self, block: int) -> bool:
         return block < self.known_until

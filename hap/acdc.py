@@ -57,7 +57,7 @@ from .circuit import Circuit, prune_dangling
 from .errors import HapError
 from .graph import Graph
 from .models.loading import Model
-from .precision import PRECISIONS, ReducedTwin, reduced_twin
+from .precision import PRECISIONS, ReducedTwin, check_twin_below_threshold, reduced_twin
 from .tasks import TaskData
 
 METRICS = ("kl", "logit-diff")
@@ -271,11 +271,13 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
     ``stop_above``: return (unfinished, saved) once more than this many decided edges are kept."""
     mark = time.monotonic()  # the sweep's clock (state.seconds) runs from here
     graph = Graph.from_model(model)
-    if config.mixed_precision is not None and twin is None:
-        twin = reduced_twin(model, config.mixed_precision, sample=data[0])
     order = sweep_order(graph)
     path = Path(run_dir) / STATE_FILE if run_dir is not None else None
     k = tests_per_forward(model, graph, data, config)
+    if config.mixed_precision is not None and twin is None:
+        twin = reduced_twin(model, config.mixed_precision, sample=data[0], rows=k * data[0].clean.numel())
+    if twin is not None and config.metric == "kl":
+        check_twin_below_threshold(model, twin, data[0], config.threshold)
     if resume and path is not None and path.is_file():
         state = AcdcState.load(path, config, graph)
     else:
@@ -461,7 +463,8 @@ def search_threshold(model: Model, task: TaskData, config: AcdcConfig, data: Seq
     order = sweep_order(graph)
     enough_at_most = math.floor(n_edges * (1 + tolerance))
     if config.mixed_precision is not None and twin is None:
-        twin = reduced_twin(model, config.mixed_precision, sample=data[0])
+        rows = tests_per_forward(model, graph, data, config) * data[0].clean.numel()
+        twin = reduced_twin(model, config.mixed_precision, sample=data[0], rows=rows)
 
     def run(threshold: float, replay: Sequence[AcdcState], stop_above: int | None, name: str) -> Sweep:
         trial = AcdcConfig(threshold=threshold, metric=config.metric, ablation=config.ablation,

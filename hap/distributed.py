@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .errors import HapError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -52,6 +54,11 @@ def ranks_from_env(device: torch.device | None = None) -> Ranks:
     if world_size == 1:
         return Ranks()
     nccl = device is not None and device.type == "cuda"
+    on_this_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if nccl and on_this_machine > torch.cuda.device_count():
+        raise HapError(f"torchrun started {on_this_machine} processes on this machine, which has "
+                       f"{torch.cuda.device_count()} GPU(s), and NCCL needs one GPU per process: use "
+                       f"--nproc_per_node {torch.cuda.device_count()}, or --device cpu (gloo)")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if nccl else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), device if nccl else torch.device("cpu"))

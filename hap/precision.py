@@ -16,12 +16,15 @@ What "reduced" means depends on the device and is chosen only where it is faster
 ``reduced_twin`` refuses a precision that is slower here (it times one MLP both ways) and, given a sample
 of the task, one that moves the full model's answer distribution by more than ``MAX_TWIN_KL`` nats: a
 circuit of a different model is not a circuit of this one. (Dynamic int8 MLPs move SmolLM2-135M's IOI
-answers by 1.2-1.6 nats: refused; ``benchmarks/acdc_cost.py``.)
+answers by 1.2-1.6 nats: refused; ``benchmarks/acdc_cost.py``.) ACDC also refuses a twin further from the
+model than its tau (``check_twin_below_threshold``): on SmolLM2 IOI bfloat16 moves the answers 7e-4 nats,
+and at tau 3e-4 it changed 656 of the first 21,273 decisions of a float32 sweep (float16: 1e-5 nats).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -47,6 +50,7 @@ class ReducedTwin:
     kind: str
     adapter: ModelAdapter
     dtype: torch.dtype
+    divergence: float | None = None  # KL(model || twin) on the task's first examples, where measured
 
 
 def _quantised_mlps(model: Model) -> torch.nn.Module:
@@ -66,8 +70,11 @@ def _quantised_mlps(model: Model) -> torch.nn.Module:
     return twin
 
 
-def _mlp_seconds(adapter: ModelAdapter, dtype: torch.dtype, d_model: int, device: torch.device) -> float:
-    x = torch.randn(16, 20, d_model, device=device).to(dtype)
+def _mlp_seconds(adapter: ModelAdapter, dtype: torch.dtype, d_model: int, device: torch.device,
+                 rows: int = 320) -> float:
+    """Seconds one MLP takes on ``rows`` token positions (a GPU's verdict depends on the size: small inputs
+    are bound by kernel launches, where a reduced twin's casts cost more than its products save)."""
+    x = torch.randn(1, rows, d_model, device=device).to(dtype)
     with torch.no_grad():
         adapter.mlp(0, x)
         if device.type == "cuda":
@@ -78,6 +85,18 @@ def _mlp_seconds(adapter: ModelAdapter, dtype: torch.dtype, d_model: int, device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return (time.perf_counter() - started) / 5
+
+
+def check_twin_below_threshold(model: Model, twin: ReducedTwin, sample: Batch, threshold: float) -> None:
+    """Refuse a twin whose rounding alone moves the answers (KL, nats) by more than ACDC's ``threshold``:
+    its noise, not the edges, would decide the tests."""
+    divergence = twin.divergence if twin.divergence is not None else twin_divergence(model, twin, sample)
+    if divergence > threshold:
+        raise HapError(f"--mixed-precision {twin.kind}: the model in {twin.kind} answers the task's first examples "
+                       f"{divergence:.2g} nats from float32, more than tau {threshold:g}, so its rounding, not the "
+                       "edges, would decide the tests (SmolLM2 IOI, bfloat16 at tau 3e-4: 656 of 21,273 decisions "
+                       "differed from float32); raise tau, use a closer precision (float16 moves SmolLM2's IOI "
+                       "answers 1e-5 nats, bfloat16 7e-4), or leave it off")
 
 
 def twin_divergence(model: Model, twin: ReducedTwin, sample: Batch) -> float:
@@ -91,10 +110,12 @@ def twin_divergence(model: Model, twin: ReducedTwin, sample: Batch) -> float:
 
 
 def reduced_twin(model: Model, kind: str = "auto", check_speed: bool = True,
-                 sample: Batch | None = None) -> ReducedTwin:
+                 sample: Batch | None = None, rows: int = 320) -> ReducedTwin:
     """Build the reduced twin of ``model`` (``kind``: auto = bfloat16 on CUDA, int8 on CPU). With
     ``check_speed``, refuse a precision whose MLP runs slower than the model's own on this machine; with a
-    ``sample`` batch of the task, one whose full model is further than ``MAX_TWIN_KL`` from the model's."""
+    ``sample`` batch of the task, one whose full model is further than ``MAX_TWIN_KL`` from the model's.
+    ``rows``: the token positions one forward computes (ACDC: tests per forward x batch x tokens), the size
+    the speed is judged at."""
     if kind not in PRECISIONS:
         raise HapError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {kind!r}")
     device = model.device
@@ -115,15 +136,16 @@ def reduced_twin(model: Model, kind: str = "auto", check_speed: bool = True,
     twin_adapter = placed(adapter_for(twin_model, model.name), model.device)  # a model over devices: its twin too
     twin = ReducedTwin(kind, twin_adapter.ungrouped() if model.layout.kv_ungrouped else twin_adapter, dtype)
     if check_speed:
-        full = _mlp_seconds(model.adapter, model.dtype, model.layout.d_model, device)
-        reduced = _mlp_seconds(twin.adapter, twin.dtype, model.layout.d_model, device)
+        full = _mlp_seconds(model.adapter, model.dtype, model.layout.d_model, device, rows)
+        reduced = _mlp_seconds(twin.adapter, twin.dtype, model.layout.d_model, device, rows)
         if reduced >= full:
             better = "leave it off" if device.type == "cpu" and kind == "int8" else \
                 ("use --mixed-precision int8 or leave it off" if device.type == "cpu" else "leave it off")
             raise HapError(f"--mixed-precision {kind}: on this {device.type} one MLP takes {reduced * 1e3:.2f} ms in "
-                           f"{kind} against {full * 1e3:.2f} ms in float32, so it would slow the run down; {better}")
+                           f"{kind} against {full * 1e3:.2f} ms in float32 on {rows:,} token positions, so it would slow the run down; {better}")
     if sample is not None:
         divergence = twin_divergence(model, twin, sample)
+        twin = dataclasses.replace(twin, divergence=divergence)
         if divergence > MAX_TWIN_KL:
             raise HapError(f"--mixed-precision {kind}: the model in {kind} answers the task's first examples with "
                            f"KL {divergence:.3g} nats from float32 (at most {MAX_TWIN_KL} allowed), so tests on it "

@@ -13,7 +13,8 @@ import torch
 from hap.attribution import AttributionConfig, attribute
 from hap.circuit import Circuit
 from hap.cli import main
-from hap.distributed import Ranks
+from hap.distributed import Ranks, ranks_from_env
+from hap.errors import HapError
 from hap.tasks import load_task
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -43,7 +44,7 @@ def test_the_ranks_shares_add_up_to_the_whole(tiny_llama):
 
 def _discover(out: Path, method: str, extra: list[str]) -> list[str]:
     return ["discover", "--model", "tiny-llama", "--method", method, "--edges", "40", "--n-examples", "6",
-            "--n-test", "4", "--batch-size", "2", "--out", str(out), "--no-report", *extra]
+            "--n-test", "4", "--batch-size", "2", "--device", "cpu", "--out", str(out), "--no-report", *extra]
 
 
 @pytest.mark.parametrize("method,extra", [("eap-ig-inputs", []), ("exact", ["--ablation", "mean"])])
@@ -78,6 +79,20 @@ def test_a_distributed_acdc_run_is_refused(tmp_path):
 
 
 # -- data-parallel pruning ---------------------------------------------------------------------------------
+
+
+def test_more_processes_than_gpus_is_refused_with_the_fix(monkeypatch):
+    """NCCL cannot run two ranks on one GPU: say so before joining, not with NCCL's own error."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(HapError, match=r"--nproc_per_node 1, or --device cpu"):
+        ranks_from_env(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # joined already: no NCCL needed here
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    assert ranks_from_env(torch.device("cuda", 1)).rank == 1  # one GPU per process: allowed
 
 
 def test_shards_split_every_batch_between_the_processes(tiny_llama):
@@ -156,7 +171,7 @@ def test_two_processes_prune_like_one_and_resume_after_a_kill(tmp_path, method):
     def argv(out: Path) -> list[str]:
         return ["discover", "--model", "tiny-llama", "--method", method, "--edges", "60", "--steps", "150",
                 "--batch-size", "4", "--n-examples", "8", "--n-test", "4", "--dtype", "float64",
-                "--checkpoint-every", "2", "--out", str(out), "--no-report",
+                "--checkpoint-every", "2", "--device", "cpu", "--out", str(out), "--no-report",
                 *(["--candidates", "0.5"] if method == "hap" else [])]
 
     assert main(argv(tmp_path / "one")) == 0

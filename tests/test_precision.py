@@ -99,6 +99,25 @@ def test_int8_twin_is_close_to_float32(tiny_llama):
     assert torch.allclose(mixed.softmax(-1), plain.softmax(-1), atol=2e-2)
 
 
+@pytest.mark.parametrize("block", [1, 4])  # the last MLP on the twin, or the investigated block
+def test_a_bfloat16_twin_answers_at_the_answer_positions_as_in_the_whole_run(tiny_llama, block):
+    # The twin's adapter answers in float32 while its inputs are bfloat16: the answer-position path (only
+    # the last MLP's answer rows computed) must equal the whole run read at those positions.
+    graph = Graph.from_model(tiny_llama)
+    generator = torch.Generator().manual_seed(5)
+    clean = torch.randint(8, tiny_llama.layout.vocab_size, (3, 6), generator=generator)
+    reference = interchange_reference(tiny_llama, clean.flip(0))
+    mask = torch.rand(graph.real.shape, generator=generator)
+    positions = torch.tensor([5, 3, 4])
+    twin = reduced_twin(tiny_llama, "bfloat16", check_speed=False)
+    precision = MixedPrecision(twin, block)
+    with torch.no_grad():
+        at_answers = run_masked(tiny_llama, graph, clean, reference, mask, positions=positions, precision=precision)
+        whole = run_masked(tiny_llama, graph, clean, reference, mask, precision=precision)
+    assert at_answers.dtype == whole.dtype == torch.float32
+    assert torch.allclose(at_answers, whole[torch.arange(3), positions], atol=1e-5)
+
+
 def test_acdc_with_an_exact_twin_equals_plain_acdc(tiny_gpt2_64):
     # The mixed sweep's bookkeeping (a baseline per reader, prefixes on the twin) changes no decision when
     # the twin computes exactly what the model does.
@@ -112,6 +131,21 @@ def test_acdc_with_an_exact_twin_equals_plain_acdc(tiny_gpt2_64):
     assert torch.equal(mixed.kept, plain.kept)
     assert 0 < int(plain.kept.sum()) < int(Graph.from_model(model).real.sum())
     assert mixed.forwards > plain.forwards  # one baseline per reader
+
+
+def test_acdc_refuses_a_twin_further_from_the_model_than_tau(tiny_llama):
+    task = load_task("ioi", tiny_llama.tokenizer, 4, seed=1)
+    batches = list(TaskBatches(tiny_llama, Graph.from_model(tiny_llama), task, 4, "interchange"))
+    far = ReducedTwin("test", adapter_for(_perturbed_copy(tiny_llama, 3), tiny_llama.name), torch.float32)
+    distance = precision_module.twin_divergence(tiny_llama, far, batches[0])
+    assert distance > 1e-3
+    config = AcdcConfig(threshold=distance / 2, mixed_precision="int8")
+    with pytest.raises(HapError, match="more than tau .*raise tau, use a closer precision"):
+        acdc(tiny_llama, task, config, batches, twin=far)
+    state = acdc(tiny_llama, task, AcdcConfig(threshold=distance * 2, mixed_precision="int8"), batches, twin=far)
+    assert state.position > 0  # a tau above the twin's distance runs
+    logit_diff = AcdcConfig(threshold=distance / 2, metric="logit-diff", mixed_precision="int8")
+    assert acdc(tiny_llama, task, logit_diff, batches, twin=far).position > 0  # tau is not in nats there
 
 
 def test_exact_patching_with_an_exact_twin_equals_exact(tiny_llama):
@@ -164,7 +198,7 @@ def test_cli_acdc_with_mixed_precision_records_it(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(precision_module, "twin_divergence", lambda *args: 0.001)
     out = tmp_path / "run"
     main(["discover", "--model", "tiny-llama", "--method", "acdc", "--threshold", "0.001", "--n-examples", "4",
-          "--n-test", "4", "--mixed-precision", "int8", "--out", str(out), "--no-report"])
+          "--n-test", "4", "--mixed-precision", "int8", "--device", "cpu", "--out", str(out), "--no-report"])
     saved = json.loads((out / "circuit.json").read_text())
     assert saved["config"]["mixed_precision"] == "int8"
     assert main(["discover", "--model", "tiny-gpt2", "--method", "ep", "--edges", "10", "--mixed-precision", "int8",

@@ -1,4 +1,5 @@
-"""tracr models: the torch forward equals tracr's, verify is exact, and the ground truth is right."""
+"""tracr models: the torch forward equals tracr's, verify is exact, and the ground truth is right (on the
+CPU, where the tests make their inputs, whatever device is present)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_the_five_programs_ship():
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_torch_forward_gives_tracrs_outputs_padded_in_a_batch(program):
     """examples.json holds what tracr's own compiled model answered; one padded batch must agree."""
-    model = hap.load_model(f"tracr-{program}")
+    model = hap.load_model(f"tracr-{program}", device="cpu")
     config = model.hf_model.config
     rows = json.loads((PROGRAMS_DIR / program / "examples.json").read_text())
     width = 1 + config.max_seq_len
@@ -57,7 +58,7 @@ def test_torch_forward_gives_tracrs_outputs_padded_in_a_batch(program):
 
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_verify_is_exact(program):
-    report = verify_model(hap.load_model(f"tracr-{program}"))
+    report = verify_model(hap.load_model(f"tracr-{program}", device="cpu"))
     assert report["passed"] and report["family"] == "tracr" and report["prompts"] == "program-inputs"
     assert max(v for k, v in report.items() if k.endswith("max_abs_diff")) < 1e-5
 
@@ -66,7 +67,7 @@ def test_verify_is_exact(program):
 def test_ground_truth_from_weights_equals_the_compilers_labels(program):
     """The compile script derives the circuit from tracr's parameter arrays; the loader from the loaded
     torch model: agreement checks the export and loading (transposes, head slices)."""
-    model = hap.load_model(f"tracr-{program}")
+    model = hap.load_model(f"tracr-{program}", device="cpu")
     shipped = json.loads((PROGRAMS_DIR / program / "ground_truth.json").read_text())["edges"]
     assert true_edges(model.hf_model) == set(shipped)
     graph = hap.Graph.from_model(model)
@@ -116,7 +117,7 @@ def test_ground_truth_on_a_program_listed_by_hand():
 @pytest.mark.parametrize("program", ["reverse", "sort"])
 @pytest.mark.parametrize("kind", ["interchange", "zero"])
 def test_masked_run_with_padding_matches_the_slow_twin(program, kind):
-    model = hap.load_model(f"tracr-{program}")
+    model = hap.load_model(f"tracr-{program}", device="cpu")
     config = model.hf_model.config
     graph = hap.Graph.from_model(model)
     generator = torch.Generator().manual_seed(4)
@@ -148,7 +149,7 @@ def test_a_broken_tracr_directory_is_refused_with_the_fix(tmp_path):
 
 def test_a_copied_directory_loads_like_the_shipped_name(tmp_path):
     folder = Path(shutil.copytree(PROGRAMS_DIR / "hist", tmp_path / "hist"))
-    copy, shipped = hap.load_model(str(folder)), hap.load_model("tracr-hist")
+    copy, shipped = hap.load_model(str(folder), device="cpu"), hap.load_model("tracr-hist", device="cpu")
     ids = sample_inputs(copy.hf_model.config, torch.tensor([2, 4]), torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(copy.hf_model(ids).logits, shipped.hf_model(ids).logits)
@@ -176,7 +177,7 @@ def test_auc_equals_pairwise_counting_with_ties(seed):
 
 
 def test_recovery_of_the_true_circuit_and_of_a_wrong_one():
-    model = hap.load_model("tracr-reverse")
+    model = hap.load_model("tracr-reverse", device="cpu")
     graph = hap.Graph.from_model(model)
     truth = read_ground_truth(PROGRAMS_DIR / "reverse" / "ground_truth.json", graph)
     perfect = recovery(graph, truth, truth.double() + 0.1 * graph.real, truth)
@@ -194,7 +195,7 @@ def test_recovery_of_the_true_circuit_and_of_a_wrong_one():
 
 
 def test_a_ground_truth_file_of_another_model_is_refused(tmp_path):
-    graph = hap.Graph.from_model(hap.load_model("tracr-hist"))  # one layer: no a3
+    graph = hap.Graph.from_model(hap.load_model("tracr-hist", device="cpu"))  # one layer: no a3
     with pytest.raises(DataError, match="input->m1.*another model"):
         read_ground_truth(PROGRAMS_DIR / "reverse" / "ground_truth.json", graph)
     (tmp_path / "empty.json").write_text("[]")

@@ -1,4 +1,5 @@
-"""Tasks drawn from a tracr program, the true circuit under each ablation, and recovery by the methods."""
+"""Tasks drawn from a tracr program, the true circuit under each ablation, and recovery by the methods (the
+models on the CPU, where the tests make their inputs, whatever device is present)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def one_thread():
 
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_every_example_answers_where_clean_and_corrupted_outputs_differ(program):
-    model = load_model(program)
+    model = load_model(program, device="cpu")
     task = program_task(program, 64, seed=3)
     with torch.no_grad():
         clean = task.at_answer(model.hf_model(task.clean_ids).logits)
@@ -63,7 +64,7 @@ def test_value_metric_is_how_much_nearer_the_clean_answer():
 
 
 def test_train_and_test_splits_share_no_input():
-    model = load_model("tracr-sort")
+    model = load_model("tracr-sort", device="cpu")
     train_spec, test_spec = task_splits("tracr-sort", model.tokenizer, 300, 300, seed=0)
     train, test = load_split(train_spec, model.tokenizer), load_split(test_spec, model.tokenizer)
     assert not set(train.clean_prompts) & set(test.clean_prompts)
@@ -81,7 +82,7 @@ def test_a_numerical_output_is_compared_by_squared_error():
 def test_attribution_with_one_shared_reference_handles_batches_of_different_widths(kind):
     """Mean/zero references cover the task's longest row; batches trimmed to shorter rows must be cut to fit.
     Scores are a weighted mean over batches, so one batch and many give the same scores."""
-    model = load_model("tracr-reverse")
+    model = load_model("tracr-reverse", device="cpu")
     task = program_task("tracr-reverse", 24, seed=1)
     assert len(set(int(task.lengths[i : i + 4].max()) for i in range(0, 24, 4))) > 1  # widths differ
     config = AttributionConfig(method="eap", ablation=kind, batch_size=4)
@@ -91,7 +92,7 @@ def test_attribution_with_one_shared_reference_handles_batches_of_different_widt
 
 
 def _truth(program: str, kind: str, n: int = 100):
-    model = load_model(program)
+    model = load_model(program, device="cpu")
     graph = Graph.from_model(model)
     task = program_task(program, n, seed=5)
     return model, graph, task, program_truth(model, graph, TaskBatches(model, graph, task, 50, kind))

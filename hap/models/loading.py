@@ -209,7 +209,12 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Pr
         )
     tokenizer = AutoTokenizer.from_pretrained(name)
     check_tokenizer(tokenizer, name)
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype), tokenizer
+    # Soft-capped attention logits (Gemma-2) exist only in the eager attention; some transformers versions
+    # (5.17) load such a model with SDPA, which drops the cap silently, so the module would disagree with
+    # its own definition (and with the adapter, which caps).
+    capped = getattr(config, "attn_logit_softcapping", None) is not None
+    extra = {"attn_implementation": "eager"} if capped else {}
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra), tokenizer
 
 
 def load_model(

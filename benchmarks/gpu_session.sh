@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The CUDA measurements of benchmarks/README.md ("ACDC and PAHQ on CUDA"), in the order a lent GPU runs
-# them, each alone on the GPU: PAHQ's agreement on SmolLM2 (float32 against float16 ACDC at tau 3e-4:
-# bfloat16 is refused there, its answers being 7e-4 nats from float32), then on the tiny models (bfloat16),
-# then the SmolLM2 ACDC search at 95% sparsity (the CPU run's settings). A whole SmolLM2 sweep is about 12
-# minutes on an H100 (extrapolated): more than a 30-minute lease leaves after the setup.
-# Run from the repository root with hap importable; logs and results go to $LOGS (default /tmp/hap-gpu).
+# them, each alone on the GPU:
+#   1. the SmolLM2 ACDC search at 95% sparsity, resumed from the CPU run (carry benchmarks/converged/ioi/acdc:
+#      the two devices made the same first 29,596 decisions, so the GPU can finish what the CPU started);
+#   2. PAHQ's agreement on SmolLM2: float32 against float16 ACDC at tau 3e-4 (bfloat16 is refused there,
+#      its answers being 7e-4 nats from float32);
+#   3. the same on the tiny models (bfloat16).
+# A whole SmolLM2 sweep is about 12 minutes on an H100 (extrapolated), so 2 and 3 may not fit in a lease.
+# Run from the repository root with hap importable; logs go to $LOGS (default /tmp/hap-gpu); the search
+# writes into benchmarks/converged/ioi/acdc (copy it back: state, circuit.json, run.json).
 set -u
 LOGS=${LOGS:-/tmp/hap-gpu}
 mkdir -p "$LOGS"
@@ -16,11 +20,10 @@ step() {
     "$@" > "$LOGS/$name.log" 2>&1
     echo "== $name exit $? $(date +%T)" >> "$LOGS/driver.log"
 }
+step acdc-search python3 -m hap discover --resume benchmarks/converged/ioi/acdc --device cuda \
+    --reference-memory 40 --no-report
 step pahq-smollm2 python3 benchmarks/pahq_agreement.py --device cuda --precision float16 --models smollm2-135m \
     --ablations interchange --tau 3e-4 --n-train 16 --n-test 200 --batch-size 16 --memory-gib 40 \
     --progress --json "$LOGS/pahq-smollm2.json"
 step pahq-tiny python3 benchmarks/pahq_agreement.py --device cuda --precision bfloat16 \
     --models tiny-llama tiny-gpt2 --json "$LOGS/pahq-tiny.json"
-step acdc-search python3 -m hap discover --model smollm2-135m --task ioi --method acdc --sparsity 0.95 \
-    --n-examples 16 --batch-size 16 --n-test 200 --seed 0 --threshold-tolerance 0.25 --threshold-start 3e-4 \
-    --device cuda --reference-memory 40 --out "$LOGS/acdc-cuda"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA measurements of benchmarks/README.md ("ACDC and PAHQ on CUDA"), in the order a lent GPU runs
 # them, each alone on the GPU:
-#   1. the SmolLM2 ACDC search at 95% sparsity, resumed from the CPU run (carry benchmarks/converged/ioi/acdc:
+#   1. the SmolLM2 ACDC search at 95% sparsity, resumed from the CPU run (carry its ignored sweep folders,
+#      benchmarks/converged/ioi/acdc/tau-*, 0.7 MB:
 #      the two devices made the same first 29,596 decisions, so the GPU can finish what the CPU started);
 #   2. PAHQ's agreement on SmolLM2: float32 against float16 ACDC at tau 3e-4 (bfloat16 is refused there,
 #      its answers being 7e-4 nats from float32);

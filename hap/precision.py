@@ -142,7 +142,8 @@ def reduced_twin(model: Model, kind: str = "auto", check_speed: bool = True,
             better = "leave it off" if device.type == "cpu" and kind == "int8" else \
                 ("use --mixed-precision int8 or leave it off" if device.type == "cpu" else "leave it off")
             raise HapError(f"--mixed-precision {kind}: on this {device.type} one MLP takes {reduced * 1e3:.2f} ms in "
-                           f"{kind} against {full * 1e3:.2f} ms in float32 on {rows:,} token positions, so it would slow the run down; {better}")
+                           f"{kind} against {full * 1e3:.2f} ms in float32 on {rows:,} token positions, so it would "
+                           f"slow the run down; {better}")
     if sample is not None:
         divergence = twin_divergence(model, twin, sample)
         twin = dataclasses.replace(twin, divergence=divergence)

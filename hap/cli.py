@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "midpoint of 1e-5..1); a good guess saves whole sweeps")
     sweep.add_argument("--mixed-precision", default=None, choices=settings.PRECISIONS,
                        help="acdc/exact (PAHQ): compute every block but the tested edge's reader's in reduced "
-                       "precision (auto: bfloat16 on CUDA, int8 MLPs on CPU); refused where it is not faster")
+                       "precision (auto: the closer of float16 and bfloat16 to the model on CUDA, int8 MLPs on CPU); "
+                       "refused where it is not faster, or where its answers are further from the model's than TAU")
     pruning = discover.add_argument_group("Edge Pruning and HAP")
     pruning.add_argument("--steps", type=int, default=None, help=f"training steps (default {settings.DEFAULT_STEPS}; tracr models 1000)")
     pruning.add_argument("--lr", type=float, default=None, help="mask learning rate (default 0.8; tracr models 0.1)")

@@ -8,7 +8,8 @@ the masked run computes every other block's sources with it (inputs cast down, o
 
 What "reduced" means depends on the device and is chosen only where it is faster:
 
-* CUDA: ``bfloat16`` (default) or ``float16`` copies of the whole model;
+* CUDA: ``float16`` or ``bfloat16`` copies of the whole model (``auto``: whichever answers the task's first
+  examples closer to the model);
 * CPU: ``int8``, dynamically quantised MLP linear layers (attention keeps its float32 per-head
   weights, which the graph slices head by head). bf16/fp16 arithmetic is emulated on CPUs without
   AVX-512-BF16/AMX and runs several times slower (``benchmarks/precision.py``).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -109,9 +111,37 @@ def twin_divergence(model: Model, twin: ReducedTwin, sample: Batch) -> float:
     return float(kl_divergence(full, reduced).mean())
 
 
+def _build_twin(model: Model, kind: str) -> ReducedTwin:
+    """The twin of one precision (int8: quantised MLPs, CPU only; bfloat16/float16: a half copy)."""
+    if kind == "int8":
+        if model.device.type != "cpu":
+            raise HapError("--mixed-precision int8 (dynamic quantisation) runs on CPU only; on CUDA use bfloat16")
+        twin_model, dtype = _quantised_mlps(model), torch.float32
+    else:
+        dtype = getattr(torch, kind)
+        twin_model = copy.deepcopy(model.hf_model).to(dtype)
+    twin_adapter = placed(adapter_for(twin_model, model.name), model.device)  # a model over devices: its twin too
+    return ReducedTwin(kind, twin_adapter.ungrouped() if model.layout.kv_ungrouped else twin_adapter, dtype)
+
+
+def _closest_half_twin(model: Model, sample: Batch) -> ReducedTwin:
+    """``auto`` on CUDA: of the float16 and bfloat16 twins, the one whose answers are closer to the model's
+    (equally fast on tensor cores; float16 keeps 3 more mantissa bits, bfloat16 the range: SmolLM2's IOI
+    answers move 1e-5 nats in float16 and 7e-4 in bfloat16, and a float16 overflow reads as infinitely far)."""
+    best: ReducedTwin | None = None
+    for kind in ("float16", "bfloat16"):
+        twin = _build_twin(model, kind)
+        divergence = twin_divergence(model, twin, sample)
+        divergence = divergence if math.isfinite(divergence) else math.inf
+        if best is None or divergence < best.divergence:
+            best = dataclasses.replace(twin, divergence=divergence)
+    return best
+
+
 def reduced_twin(model: Model, kind: str = "auto", check_speed: bool = True,
                  sample: Batch | None = None, rows: int = 320) -> ReducedTwin:
-    """Build the reduced twin of ``model`` (``kind``: auto = bfloat16 on CUDA, int8 on CPU). With
+    """Build the reduced twin of ``model`` (``kind``: auto = int8 on CPU; on CUDA the closer of float16 and
+    bfloat16 to the model on ``sample``, bfloat16 without one). With
     ``check_speed``, refuse a precision whose MLP runs slower than the model's own on this machine; with a
     ``sample`` batch of the task, one whose full model is further than ``MAX_TWIN_KL`` from the model's.
     ``rows``: the token positions one forward computes (ACDC: tests per forward x batch x tokens), the size
@@ -124,17 +154,13 @@ def reduced_twin(model: Model, kind: str = "auto", check_speed: bool = True,
                        "already")
     if model.origin == "tracr":
         raise HapError("--mixed-precision: tracr models compute exactly in float32 and are tiny; leave it off")
-    if kind == "auto":
-        kind = "bfloat16" if device.type == "cuda" else "int8"
-    if kind == "int8":
-        if device.type != "cpu":
-            raise HapError("--mixed-precision int8 (dynamic quantisation) runs on CPU only; on CUDA use bfloat16")
-        twin_model, dtype = _quantised_mlps(model), torch.float32
+    if kind == "auto" and device.type == "cuda" and sample is not None:
+        twin = _closest_half_twin(model, sample)
     else:
-        dtype = getattr(torch, kind)
-        twin_model = copy.deepcopy(model.hf_model).to(dtype)
-    twin_adapter = placed(adapter_for(twin_model, model.name), model.device)  # a model over devices: its twin too
-    twin = ReducedTwin(kind, twin_adapter.ungrouped() if model.layout.kv_ungrouped else twin_adapter, dtype)
+        if kind == "auto":
+            kind = "bfloat16" if device.type == "cuda" else "int8"
+        twin = _build_twin(model, kind)
+    kind = twin.kind
     if check_speed:
         full = _mlp_seconds(model.adapter, model.dtype, model.layout.d_model, device, rows)
         reduced = _mlp_seconds(twin.adapter, twin.dtype, model.layout.d_model, device, rows)
@@ -145,7 +171,7 @@ def reduced_twin(model: Model, kind: str = "auto", check_speed: bool = True,
                            f"{kind} against {full * 1e3:.2f} ms in float32 on {rows:,} token positions, so it would "
                            f"slow the run down; {better}")
     if sample is not None:
-        divergence = twin_divergence(model, twin, sample)
+        divergence = twin.divergence if twin.divergence is not None else twin_divergence(model, twin, sample)
         twin = dataclasses.replace(twin, divergence=divergence)
         if divergence > MAX_TWIN_KL:
             raise HapError(f"--mixed-precision {kind}: the model in {kind} answers the task's first examples with "

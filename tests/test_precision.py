@@ -148,6 +148,21 @@ def test_acdc_refuses_a_twin_further_from_the_model_than_tau(tiny_llama):
     assert acdc(tiny_llama, task, logit_diff, batches, twin=far).position > 0  # tau is not in nats there
 
 
+def test_auto_on_cuda_takes_the_half_precision_closer_to_the_model(tiny_llama, monkeypatch):
+    task = load_task("ioi", tiny_llama.tokenizer, 4, seed=1)
+    batch = TaskBatches(tiny_llama, Graph.from_model(tiny_llama), task, 4, "interchange")[0]
+    distances = {kind: precision_module.twin_divergence(tiny_llama, precision_module._build_twin(tiny_llama, kind),
+                                                        batch) for kind in ("float16", "bfloat16")}
+    assert distances["float16"] != distances["bfloat16"]
+    chosen = precision_module._closest_half_twin(tiny_llama, batch)
+    assert chosen.kind == min(distances, key=distances.get) and chosen.dtype == getattr(torch, chosen.kind)
+    assert chosen.divergence == pytest.approx(distances[chosen.kind])
+    measured = precision_module.twin_divergence  # a float16 overflow (NaN) counts as infinitely far
+    monkeypatch.setattr(precision_module, "twin_divergence", lambda model, twin, sample: float("nan")
+                        if twin.kind == "float16" else measured(model, twin, sample))
+    assert precision_module._closest_half_twin(tiny_llama, batch).kind == "bfloat16"
+
+
 def test_exact_patching_with_an_exact_twin_equals_exact(tiny_llama):
     task = load_task("ioi", tiny_llama.tokenizer, 4, seed=1)
     same = ReducedTwin("test", adapter_for(copy.deepcopy(tiny_llama.hf_model), tiny_llama.name), torch.float32)

@@ -7,7 +7,7 @@
 #   2. PAHQ's agreement on SmolLM2: float32 against float16 ACDC at tau 3e-4 (bfloat16 is refused there,
 #      its answers being 7e-4 nats from float32);
 #   3. the same on the tiny models (bfloat16).
-# A whole SmolLM2 sweep is about 12 minutes on an H100 (extrapolated), so 2 and 3 may not fit in a lease.
+# A whole SmolLM2 sweep is about 11 minutes on an H100 (extrapolated), so 2 and 3 may not fit in a lease.
 # Run from the repository root with hap importable; logs go to $LOGS (default /tmp/hap-gpu); the search
 # writes into benchmarks/converged/ioi/acdc (copy it back: state, circuit.json, run.json).
 set -u

@@ -29,7 +29,7 @@ from hap.acdc import AcdcConfig, acdc, acdc_circuit
 from hap.batches import TaskBatches
 from hap.errors import HapError
 from hap.evaluation import evaluate
-from hap.precision import check_twin_below_threshold, reduced_twin, twin_divergence
+from hap.precision import check_twin_below_threshold, reduced_twin
 from hap.tasks import load_split, task_splits
 
 THRESHOLDS = {"interchange": 1e-5, "mean": 1e-4, "zero": 1e-3}  # on tiny-llama each keeps some edges, removes others
@@ -77,7 +77,7 @@ def main() -> None:
                 continue
             result: dict = {"model": name, "device": str(model.device), "ablation": ablation, "tau": tau,
                             "precision": args.precision, "n_train": args.n_train, "n_test": args.n_test,
-                            "twin_kl": twin_divergence(model, twin, data[0])}
+                            "twin_kl": twin.divergence}  # measured on data[0] by reduced_twin
             kept = []
             try:
                 check_twin_below_threshold(model, twin, data[0], tau)

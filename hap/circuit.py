@@ -83,7 +83,9 @@ def prune_dangling(graph: Graph, in_graph: Tensor) -> Tensor:
 
 
 def top_edges(graph: Graph, scores: Tensor, n_edges: int) -> Tensor:
-    """[S, R] bool marking the ``n_edges`` real edges of largest |score| (ties broken by index)."""
+    """[S, R] bool marking the ``n_edges`` real edges of largest |score|. A cut through tied scores keeps
+    the tied edges ``torch.topk`` returns, an order torch leaves unspecified (``Scores.circuit`` records
+    such a cut as ``tie_at_cut``)."""
     n_edges = max(0, min(int(n_edges), graph.n_edges))
     flat = torch.where(graph.real, scores.abs().float(), torch.tensor(-1.0)).flatten()
     chosen = torch.zeros(flat.shape, dtype=torch.bool)
@@ -340,12 +342,19 @@ class Scores:
     kv_per_head: Tensor | None = None  # [S, L, H, 2]: each query head's own k/v input's score (MIB's graph)
 
     def circuit(self, n_edges: int, prune: bool = True) -> Circuit:
-        """The top ``n_edges`` by |score|, with dangling edges dropped (``config['n_pruned_dangling']``)."""
+        """The top ``n_edges`` by |score|, with dangling edges dropped (``config['n_pruned_dangling']``).
+        When the cut splits edges of one score, ``config['tie_at_cut']`` says [how many of them were kept,
+        how many tie]: which of them were kept is arbitrary (``top_edges``)."""
         graph = Graph.from_layout(self.layout)
         chosen = top_edges(graph, self.values.cpu(), n_edges)
         kept = prune_dangling(graph, chosen) if prune else chosen
         config = {**self.config, "n_edges_requested": int(n_edges),
                   "n_pruned_dangling": int(chosen.sum() - kept.sum())}
+        if bool(chosen.any()):
+            magnitude = self.values.cpu().abs()
+            tied = graph.real & (magnitude == magnitude[chosen].min())
+            if not bool(chosen[tied].all()):
+                config["tie_at_cut"] = [int(chosen[tied].sum()), int(tied.sum())]
         return Circuit(self.model, self.task, self.method, self.layout, self.values.cpu().clone(), kept,
                        config=config, runtime_s=dict(self.runtime_s), kv_per_head=self.kv_per_head)
 

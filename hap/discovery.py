@@ -491,6 +491,10 @@ def format_summary(circuit: Circuit) -> str:
         lines.append(f"  fitted on     {TaskSpec.from_dict(train_spec).describe()}")
     lines.append(f"  edges kept    {circuit.n_edges:,} of {total:,} ({1 - circuit.n_edges / total:.2%} sparsity; "
                  f"{circuit.config.get('n_pruned_dangling', 0)} dangling dropped)")
+    if circuit.config.get("tie_at_cut"):
+        kept_tied, tied = circuit.config["tie_at_cut"]
+        lines.append(f"  tie at cut    {kept_tied:,} of {tied:,} edges of equal score kept, an arbitrary choice; "
+                     "another edge count avoids it")
     if not test:
         lines.append("  no held-out metrics in this file; `hap evaluate` measures them")
     columns = [("test (held out)", test), ("train (in-sample)", train)]

@@ -2,10 +2,13 @@
 
 Each run's edge scores are rank-normalised (|score| ranked over the graph's real edges, ties sharing
 their mean rank, scaled to [0, 1]), so methods of different scales (attribution scores, keep
-probabilities, ACDC's removal costs) combine; the ensemble's score of an edge is the mean, min or max
-of its normalised ranks. A circuit is then selected (top N, dangling edges dropped) and measured like
-any other, on the runs' shared held-out split. (The sequential ensemble, attribution first and pruning
-after, is HAP's warm start.)
+probabilities, ACDC's removal costs) combine; edges are ordered by the mean, min or max of their
+normalised ranks, and the ensemble's score of an edge is its normalised rank in that order. Min and
+max tie often (pruning methods give every fully kept edge one score, so one run's tied edges all
+share a rank), and those ties are broken by the mean rank: among edges that one run keeps alike, the
+ones the other runs rank higher come first. A circuit is then selected (top N, dangling edges dropped)
+and measured like any other, on the runs' shared held-out split. (The sequential ensemble, attribution
+first and pruning after, is HAP's warm start.)
 """
 
 from __future__ import annotations
@@ -38,6 +41,23 @@ def normalised_ranks(graph: Graph, scores: Tensor) -> Tensor:
     return result.float()
 
 
+def lexicographic_ranks(primary: Tensor, secondary: Tensor) -> Tensor:
+    """[N]: the rank of each entry ordered by ``primary``, ties broken by ``secondary`` (ascending; entries
+    equal in both share their mean rank), scaled to [0, 1]."""
+    by_secondary = secondary.double().argsort(stable=True)
+    order = by_secondary[primary.double()[by_secondary].argsort(stable=True)]
+    first, second = primary.double()[order], secondary.double()[order]
+    new_group = torch.ones(len(order), dtype=torch.bool)
+    new_group[1:] = (first[1:] != first[:-1]) | (second[1:] != second[:-1])
+    group = new_group.cumsum(0) - 1
+    positions = torch.arange(len(order), dtype=torch.float64)
+    mean_position = torch.zeros(int(group[-1]) + 1 if len(order) else 0, dtype=torch.float64).index_add_(
+        0, group, positions) / torch.bincount(group).double()
+    ranks = torch.empty(len(order), dtype=torch.float64)
+    ranks[order] = mean_position[group] / max(1, len(order) - 1)
+    return ranks
+
+
 def ensemble_scores(circuits: Sequence[Circuit], how: str = "mean") -> Scores:
     """The ensemble's scores of circuits of one model and task (``HapError`` if they are not)."""
     if how not in HOW:
@@ -52,10 +72,14 @@ def ensemble_scores(circuits: Sequence[Circuit], how: str = "mean") -> Scores:
         if other.task != first.task:
             raise HapError(f"the runs are of different tasks ({first.task}, {other.task}); ensemble runs of one task")
     graph = Graph.from_layout(first.layout)
-    ranks = torch.stack([normalised_ranks(graph, circuit.scores) for circuit in circuits])
-    values = {"mean": ranks.mean(0), "min": ranks.min(0).values, "max": ranks.max(0).values}[how]
-    return Scores(first.model, first.task, "ensemble", first.layout, values * graph.real,
-                  {"how": how, "methods": [circuit.method for circuit in circuits], "loss": "kl"})
+    ranks = torch.stack([normalised_ranks(graph, circuit.scores)[graph.real].double() for circuit in circuits])
+    mean = ranks.mean(0)
+    primary = {"mean": mean, "min": ranks.min(0).values, "max": ranks.max(0).values}[how]
+    values = torch.zeros(graph.real.shape)
+    values[graph.real] = lexicographic_ranks(primary, mean).float()
+    return Scores(first.model, first.task, "ensemble", first.layout, values,
+                  {"how": how, "methods": [circuit.method for circuit in circuits], "loss": "kl",
+                   "ties": "broken by the mean rank"})
 
 
 def load_runs(runs: Sequence[str | Path]) -> list[Circuit]:

@@ -79,9 +79,25 @@ class HybridConfig:
         return values
 
 
-def select_candidates(graph: Graph, scores: Tensor, fraction: float) -> Tensor:
-    """[S, R] bool: the top ``fraction`` of edges by |score|, without dangling ones."""
-    return prune_dangling(graph, top_edges(graph, scores, round(fraction * graph.n_edges)))
+def select_candidates(graph: Graph, scores: Tensor, fraction: float, at_least: int = 0) -> Tensor:
+    """[S, R] bool: the top ``fraction`` of edges by |score|, without dangling ones. If fewer than
+    ``at_least`` remain (the circuit's own size: on tiny graphs dropping dangling edges can leave too
+    few), the cut goes down the ranking to a top list that leaves enough (all edges at most): the shortest
+    one, unless tied scores straddle the cuts tried (``top_edges`` picks among ties arbitrarily)."""
+
+    def candidates(n_top: int) -> Tensor:
+        return prune_dangling(graph, top_edges(graph, scores, n_top))
+
+    n_top = round(fraction * graph.n_edges)
+    chosen = candidates(n_top)
+    if int(chosen.sum()) >= at_least or n_top >= graph.n_edges:
+        return chosen
+    # Top lists are nested (up to ties), so the edges left after dropping dangling ones grow with the cut.
+    short, long = n_top, graph.n_edges  # short leaves too few; long is the answer if nothing shorter is
+    while long - short > 1:
+        middle = (short + long) // 2
+        short, long = (short, middle) if int(candidates(middle).sum()) >= at_least else (middle, long)
+    return candidates(long)
 
 
 def warm_start_log_alpha(graph: Graph, scores: Tensor, candidates: Tensor, keep: float, beta: float) -> Tensor:
@@ -179,7 +195,8 @@ def hybrid(
     scores = _attribution_stage(model, data, config, run_path, resume, runtime, ranks)
 
     started = time.perf_counter()
-    candidates = select_candidates(graph, scores.values, config.candidates)
+    candidates = select_candidates(graph, scores.values, config.candidates,
+                                   at_least=round((1.0 - config.pruning.target_sparsity) * graph.n_edges))
     init = None
     if config.warm_start:
         target_keep = 1.0 - config.pruning.target_sparsity

@@ -36,17 +36,56 @@ def test_ranks_are_scale_free_and_ties_share_their_mean_rank(tiny_gpt2):
     assert float(tied_ranks[tuple(first)]) == float(tied_ranks[tuple(second)]) < 1.0
 
 
-def test_mean_min_max_of_two_runs(tiny_gpt2):
+def _slow_ranks(primary: list[float], secondary: list[float]) -> list[float]:
+    """The twin of ``lexicographic_ranks``: sort the (primary, secondary) pairs, average the positions of
+    equal pairs, scale to [0, 1]."""
+    order = sorted(range(len(primary)), key=lambda i: (primary[i], secondary[i]))
+    positions: dict[tuple[float, float], list[int]] = {}
+    for position, i in enumerate(order):
+        positions.setdefault((primary[i], secondary[i]), []).append(position)
+    return [sum(positions[(p, q)]) / len(positions[(p, q)]) / (len(primary) - 1) for p, q in zip(primary, secondary)]
+
+
+@pytest.mark.parametrize("levels", [0, 3])  # 0: continuous scores; 3: few score levels, so many ties
+def test_mean_min_max_of_two_runs_order_edges_as_the_slow_twin(tiny_gpt2, levels):
     graph = Graph.from_model(tiny_gpt2)
     a = torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(1))
     b = torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(2))
-    ra, rb = normalised_ranks(graph, a), normalised_ranks(graph, b)
+    if levels:
+        a, b = (a * levels).floor() + 1, (b * levels).floor() + 1
+    ra, rb = normalised_ranks(graph, a)[graph.real].double(), normalised_ranks(graph, b)[graph.real].double()
     runs = [_circuit(tiny_gpt2, a), _circuit(tiny_gpt2, b * 1e-6)]  # another scale: same ranks
-    assert torch.allclose(ensemble_scores(runs, "mean").values, (ra + rb) / 2)
-    assert torch.equal(ensemble_scores(runs, "min").values, torch.minimum(ra, rb))
-    assert torch.equal(ensemble_scores(runs, "max").values, torch.maximum(ra, rb))
+    mean = ((ra + rb) / 2).tolist()
+    for how, primary in (("mean", mean), ("min", torch.minimum(ra, rb).tolist()),
+                         ("max", torch.maximum(ra, rb).tolist())):
+        values = ensemble_scores(runs, how).values
+        assert bool((values[~graph.real] == 0).all())
+        slow = torch.tensor(_slow_ranks(primary, mean), dtype=torch.float64)
+        assert torch.allclose(values[graph.real].double(), slow, atol=1e-6)
     chosen = ensemble_scores(runs, "min").circuit(10, prune=False)
     assert chosen.n_edges == 10 and chosen.method == "ensemble"
+
+
+def test_max_breaks_a_runs_tie_by_the_other_runs_ranks(tiny_gpt2):
+    """A pruning run keeps 20 edges alike (one tied top score). The max ensemble takes the attribution
+    run's edges ranked above that tie first, then, of the 20, the 10 the attribution run ranks highest,
+    not the first 10 by index."""
+    graph = Graph.from_model(tiny_gpt2)
+    real = graph.real.nonzero()
+    tied = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(3))[:20]]
+    pruning = torch.full(graph.real.shape, 0.5)
+    pruning[tied[:, 0], tied[:, 1]] = 1.0
+    attribution = torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(4))
+    # Mid-ranked for the attribution run, in the reverse of their index order.
+    attribution[tied[:, 0], tied[:, 1]] = torch.linspace(0.6, 0.4, 20)
+    tie_rank = float(normalised_ranks(graph, pruning)[tuple(tied[0])])
+    above = normalised_ranks(graph, attribution) > tie_rank
+    assert 0 < int(above.sum()) < 20 and not bool(above[tied[:, 0], tied[:, 1]].any())
+    chosen = ensemble_scores([_circuit(tiny_gpt2, pruning), _circuit(tiny_gpt2, attribution)], "max").circuit(
+        int(above.sum()) + 10, prune=False).in_graph
+    assert torch.equal(chosen & above, above)
+    by_attribution = sorted(map(tuple, tied.tolist()), key=lambda edge: -float(attribution[edge]))
+    assert {tuple(edge) for edge in (chosen & ~above).nonzero().tolist()} == set(by_attribution[:10])
 
 
 def test_runs_of_different_models_or_tasks_are_refused(tiny_gpt2, tiny_llama):
@@ -97,4 +136,7 @@ def test_python_api_combines_loaded_runs(tmp_path):
     from hap.ensemble import load_runs
 
     scores = ensemble_scores(load_runs([tmp_path / "a.json", tmp_path / "b.json"]), "mean")
-    assert torch.allclose(scores.values, (normalised_ranks(graph, a.scores) + normalised_ranks(graph, b.scores)) / 2)
+    assert torch.equal(scores.values, ensemble_scores([a, b], "mean").values)  # loaded as they were saved
+    mean = (normalised_ranks(graph, a.scores) + normalised_ranks(graph, b.scores)) / 2
+    first, second = (mean[graph.real] * graph.real.sum()).argsort()[-2:]  # the two edges of largest mean
+    assert scores.values[graph.real][second] == 1.0 > scores.values[graph.real][first]

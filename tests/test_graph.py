@@ -83,3 +83,34 @@ def test_gemma2_2b_shape_normalises_its_heads_together():
     layout = _layout(Gemma2ForCausalLM, RotaryAdapter, config)
     assert layout.heads_normed_together and not layout.parallel_attn_mlp
     assert hap.Graph.from_layout(layout).n_edges == 50610
+
+
+def test_top_edges_keeps_the_n_largest_as_a_sort_does(tiny_llama):
+    """The fast selection against the obvious one, on scores with many ties: n real edges, none kept
+    below the n-th largest |score| of a plain sort, none left out above it."""
+    from hap.circuit import top_edges
+
+    graph = hap.Graph.from_model(tiny_llama)
+    scores = (torch.randn(graph.real.shape, generator=torch.Generator().manual_seed(0)) * 2).round()  # many ties
+    real_scores = sorted((abs(float(value)) for value in scores[graph.real]), reverse=True)
+    for n in (1, 17, 100, graph.n_edges):
+        chosen = top_edges(graph, scores, n)
+        assert int(chosen.sum()) == n and not bool((chosen & ~graph.real).any())
+        nth = real_scores[n - 1]
+        assert float(scores.abs()[chosen].min()) == nth
+        assert not bool((graph.real & ~chosen & (scores.abs() > nth)).any())
+    assert not bool(top_edges(graph, scores, 0).any())
+
+
+def test_a_cut_through_tied_scores_is_recorded(tiny_llama):
+    graph = hap.Graph.from_model(tiny_llama)
+    real = graph.real.nonzero()
+    values = torch.zeros(graph.real.shape)
+    values[real[:5, 0], real[:5, 1]] = 2.0  # five top edges, then seven tied at 1
+    values[real[5:12, 0], real[5:12, 1]] = 1.0
+    scores = hap.Scores("tiny-llama", "ioi", "eap", tiny_llama.layout, values)
+    split = scores.circuit(8, prune=False)
+    assert split.config["tie_at_cut"] == [3, 7]
+    assert split.n_edges == 8 and bool(split.in_graph[real[:5, 0], real[:5, 1]].all())  # the top five, 3 tied
+    assert "tie_at_cut" not in scores.circuit(12, prune=False).config  # the whole tie kept
+    assert "tie_at_cut" not in scores.circuit(5, prune=False).config  # the cut falls between two scores

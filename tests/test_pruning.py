@@ -8,7 +8,7 @@ import torch
 import hap
 from hap.attribution import AttributionConfig
 from hap.cli import main
-from hap.hybrid import HybridConfig, hybrid, warm_start_log_alpha
+from hap.hybrid import HybridConfig, hybrid, select_candidates, warm_start_log_alpha
 from hap.pruning import (
     PruningConfig,
     binarize,
@@ -122,6 +122,27 @@ def test_hap_finds_the_planted_circuit(planted, warm_start):
     circuit = hybrid(model, task, config)
     assert circuit.config["n_candidates"] <= round(0.3 * graph.n_edges)
     _check_planted(graph, circuit.in_graph, circuit.scores)
+
+
+def test_candidates_go_down_the_ranking_until_the_circuit_fits(tiny_llama):
+    """Dropping dangling edges can leave fewer candidates than the circuit keeps; the cut then extends to
+    the shortest top list that leaves enough, as a one-edge-at-a-time walk down the ranking finds."""
+    from hap.circuit import prune_dangling, top_edges
+
+    graph = hap.Graph.from_model(tiny_llama)
+    scores = torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(0)) * graph.real
+    n_top = round(0.05 * graph.n_edges)
+    plain = prune_dangling(graph, top_edges(graph, scores, n_top))
+    assert torch.equal(select_candidates(graph, scores, 0.05), plain)  # no floor: the plain cut
+    at_least = int(plain.sum()) + 10
+    walk = n_top
+    while int(prune_dangling(graph, top_edges(graph, scores, walk)).sum()) < at_least:
+        walk += 1
+    chosen = select_candidates(graph, scores, 0.05, at_least=at_least)
+    assert torch.equal(chosen, prune_dangling(graph, top_edges(graph, scores, walk))) and walk > n_top
+    assert int(chosen.sum()) >= at_least
+    everything = prune_dangling(graph, graph.real)
+    assert torch.equal(select_candidates(graph, scores, 0.05, at_least=graph.n_edges + 1), everything)
 
 
 def test_warm_start_follows_the_scores(tiny_llama):

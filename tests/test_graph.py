@@ -112,5 +112,9 @@ def test_a_cut_through_tied_scores_is_recorded(tiny_llama):
     split = scores.circuit(8, prune=False)
     assert split.config["tie_at_cut"] == [3, 7]
     assert split.n_edges == 8 and bool(split.in_graph[real[:5, 0], real[:5, 1]].all())  # the top five, 3 tied
+    from hap.discovery import format_summary
+
+    assert "tie at cut    3 of 7 edges of equal score kept" in format_summary(split)
+    assert "tie at cut" not in format_summary(scores.circuit(12, prune=False))
     assert "tie_at_cut" not in scores.circuit(12, prune=False).config  # the whole tie kept
     assert "tie_at_cut" not in scores.circuit(5, prune=False).config  # the cut falls between two scores

@@ -3,9 +3,11 @@
 For the source runs (circuits of one model and task) and the ensembles built from them: each circuit's
 size and held-out KL, how many of each circuit's edges every other circuit shares, and, per source,
 the largest group of tied top scores and the normalised rank that group gets (ties share their mean
-rank, ``hap.ensemble.normalised_ranks``). For each ensemble and each run it combines (read from the
-ensemble's ``config.runs``): how many of the ensemble's edges that run scores above 0 and how many are
-in its tied top group, and for min and max how many take their score from that run's rank.
+rank, ``hap.ensemble.normalised_ranks``). For runs that score only part of the graph (HAP scores
+its candidates, 0 elsewhere): how many of each circuit's edges lie inside that part. For each
+ensemble and each run it combines (read from the ensemble's ``config.runs``): how many of the
+ensemble's edges that run scores above 0 and how many are in its tied top group, and for min and max
+how many take their score from that run's rank.
 
     .venv/bin/python benchmarks/ensemble_anatomy.py \\
         --sources benchmarks/comparison/ioi/eap benchmarks/converged/ioi/eap-ig \\
@@ -61,6 +63,19 @@ def main() -> None:
         top = values.max()
         print(f"| {name} | {len(values.unique()):,} | {int((values == top).sum()):,} | "
               f"{float(rank[real][values == top][0]):.3f} | {int((values == 0).sum()):,} |")
+
+    restricted = {name: circuit for name, circuit in sources.items()
+                  if int((real & (circuit.scores == 0)).sum()) > 0.01 * graph.n_edges}  # HAP: its candidates
+    if restricted:
+        print("\nRuns that score only part of the graph (HAP: its candidates), and how many of each circuit's "
+              "edges lie inside that part:\n")
+        print("| circuit | " + " | ".join(f"inside {name}'s scored edges" for name in restricted) + " |")
+        print("| --- | " + " | ".join("---" for _ in restricted) + " |")
+        for name, circuit in everything.items():
+            kept = circuit.in_graph & real
+            inside = [f"{int((kept & (run.scores != 0)).sum()):,} of {int(kept.sum()):,}"
+                      for run in restricted.values()]
+            print(f"| {name} | " + " | ".join(inside) + " |")
 
     print("\nPer ensemble and per run it combines: of the ensemble's edges, how many that run scores above 0, "
           "how many are in its tied top group, and (min, max) how many take their score from that run's rank "

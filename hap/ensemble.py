@@ -30,14 +30,8 @@ def normalised_ranks(graph: Graph, scores: Tensor) -> Tensor:
     """[S, R]: the rank of each real edge's |score| among the real edges, in [0, 1] (largest 1; ties share
     their mean rank); 0 off the real edges."""
     values = scores.abs().double()[graph.real]
-    order = values.argsort()
-    ranks = torch.empty_like(values)
-    ranks[order] = torch.arange(len(values), dtype=torch.float64)
-    unique, inverse = torch.unique(values, return_inverse=True)
-    mean_rank = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks) / \
-        torch.bincount(inverse, minlength=len(unique)).double()
     result = torch.zeros(graph.real.shape, dtype=torch.float64)
-    result[graph.real] = mean_rank[inverse] / max(1, len(values) - 1)
+    result[graph.real] = lexicographic_ranks(values, torch.zeros_like(values))
     return result.float()
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .attribution import AttributionConfig, attribute
 from .batches import ReferenceCache, TaskBatches
-from .circuit import Circuit, Scores, prune_dangling, top_edges
+from .circuit import Circuit, Scores, edges_for_sparsity, prune_dangling, top_edges
 from .distributed import Ranks
 from .errors import HapError
 from .evaluation import HeldOutMonitor
@@ -196,7 +196,7 @@ def hybrid(
 
     started = time.perf_counter()
     candidates = select_candidates(graph, scores.values, config.candidates,
-                                   at_least=round((1.0 - config.pruning.target_sparsity) * graph.n_edges))
+                                   at_least=edges_for_sparsity(graph, config.pruning.target_sparsity))
     init = None
     if config.warm_start:
         target_keep = 1.0 - config.pruning.target_sparsity

@@ -17,11 +17,19 @@ inputs, then the G value inputs; sources are the H heads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from .models.adapter import Layout
+
+
+class HasLayout(Protocol):
+    """A loaded ``hap.Model``, or anything else that carries a model's ``Layout``."""
+
+    @property
+    def layout(self) -> Layout: ...
 
 
 def _source_names(layout: Layout) -> list[str]:
@@ -98,7 +106,7 @@ class Graph:
         )
 
     @classmethod
-    def from_model(cls, model) -> Graph:
+    def from_model(cls, model: HasLayout) -> Graph:
         """The full graph of a loaded ``hap.Model`` (or anything with ``.layout``)."""
         return cls.from_layout(model.layout)
 

@@ -232,7 +232,8 @@ def save_checkpoint(path: Path, state: PruningState, fingerprint: dict[str, Any]
     temporary.replace(path)
 
 
-def load_checkpoint(path: Path, fingerprint: dict[str, Any], config: PruningConfig, device) -> PruningState:
+def load_checkpoint(path: Path, fingerprint: dict[str, Any], config: PruningConfig,
+                    device: torch.device | str) -> PruningState:
     """Read a checkpoint, refusing one made for another model, task or configuration."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -31,7 +31,7 @@ from .adapter import ModelAdapter, RunContext
 
 def context_on(ctx: RunContext, device: torch.device) -> RunContext:
     """The run context with its tensors on ``device``."""
-    def moved(value):
+    def moved(value: object) -> object:
         if isinstance(value, Tensor):
             return value.to(device)
         if isinstance(value, tuple):

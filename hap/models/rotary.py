@@ -50,12 +50,16 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..errors import UnsupportedArchitectureError
 from .adapter import AttentionWeights, Layout, ModelAdapter, RunContext
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ ROTARY_MODEL_TYPES = tuple(WIRINGS)
 _SLIDING_IN_EVERY_LAYER = ("mistral", "phi3", "starcoder2")  # these slide in every layer when the window is set
 
 
-def wiring_for(config) -> Wiring:
+def wiring_for(config: PretrainedConfig) -> Wiring:
     """The family's wiring; GPT-NeoX runs attention and MLP side by side only with ``use_parallel_residual``."""
     wiring = WIRINGS[config.model_type]
     if config.model_type == "gpt_neox":
@@ -110,7 +114,7 @@ def wiring_for(config) -> Wiring:
     return wiring
 
 
-def layer_windows(config) -> list[int | None]:
+def layer_windows(config: PretrainedConfig) -> list[int | None]:
     """Each layer's sliding window (None: full causal attention), as the Hugging Face module masks it."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)

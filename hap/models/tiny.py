@@ -25,7 +25,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_config(name: str, vocab_size: int, special: dict[str, int]):
+def tiny_config(name: str, vocab_size: int, special: dict[str, int]) -> GPT2Config | LlamaConfig:
     """The transformers config of a tiny model (small enough for a CPU unit test)."""
     if name == "tiny-llama":
         return LlamaConfig(

@@ -17,8 +17,10 @@ continues where an interruption left it.
 
 The wall-clock seconds logged by a run that shares the machine are inflated by whatever else runs;
 ``time`` re-times each method's steps alone, from its snapshots (the step cost changes as the masks
-sparsify), and re-times HAP's attribution stage. ``report`` draws held-out KL against those
-seconds and writes the table (``table.md``; ``summary.json`` for comparison.py).
+sparsify), and re-times HAP's attribution stage; ``time --runs hap,ep,NAME`` also re-times a HAP
+variant run into ``NAME/`` with ``hap discover`` and these settings (say, another ``--candidates``),
+whose stage 1 counts HAP's seconds. ``report`` draws held-out KL against those seconds and writes the
+table (``table.md``; ``summary.json`` for comparison.py), with a row per re-timed variant.
 
     python benchmarks/converged.py run    --out benchmarks/converged/ioi --task ioi
     python benchmarks/converged.py time   --out benchmarks/converged/ioi
@@ -126,11 +128,13 @@ def retime(args: argparse.Namespace) -> None:
                                 settings["seed"])
     train = load_split(train_spec, model.tokenizer)
     batches = TaskBatches(model, graph, train, settings["batch_size"], cache=ReferenceCache(10**11))
-    timing: dict[str, Any] = {}
-    for method in ("hap", "ep"):
+    runs = args.runs.split(",")
+    path = out / args.timing
+    timing: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    for method in runs:
         snapshots = sorted((out / method / "snapshots").glob("step-*.pt"))
         if not snapshots:
-            continue
+            raise SystemExit(f"{out / method}: no snapshots to re-time (not a pruning run with --snapshot-every?)")
         steps, seconds = [], []
         for path in snapshots[:: max(1, len(snapshots) // args.points)]:
             snapshot = torch.load(path, weights_only=True)
@@ -138,18 +142,22 @@ def retime(args: argparse.Namespace) -> None:
             seconds.append(_step_seconds(model, graph, batches, snapshot, args.repeats))
             print(f"{method} step {steps[-1]}: {seconds[-1]:.3f} s/step", flush=True)
         timing[method] = {"steps": steps, "seconds_per_step": seconds}
-    circuit = Circuit.load(out / "hap")
-    n = circuit.config.get("attribution_examples", 64)
-    started = time.perf_counter()
-    hap.attribute(model, train.slice(0, n), "eap-ig-inputs",
-                  hap.AttributionConfig(batch_size=settings["batch_size"]),
-                  data=batches.head(n))
-    timing["hap"]["attribution_seconds"] = time.perf_counter() - started
-    started = time.perf_counter()
-    hap.attribute(model, train, "eap-ig-inputs", hap.AttributionConfig(batch_size=settings["batch_size"]),
-                  data=batches)
-    timing["eap-ig"] = {"attribution_seconds": time.perf_counter() - started}
-    write_atomically(out / "timing.json", json.dumps(timing, indent=1))
+    if "hap" in runs:
+        circuit = Circuit.load(out / "hap")
+        n = circuit.config.get("attribution_examples", 64)
+        started = time.perf_counter()
+        hap.attribute(model, train.slice(0, n), "eap-ig-inputs",
+                      hap.AttributionConfig(batch_size=settings["batch_size"]),
+                      data=batches.head(n))
+        timing["hap"]["attribution_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        hap.attribute(model, train, "eap-ig-inputs", hap.AttributionConfig(batch_size=settings["batch_size"]),
+                      data=batches)
+        timing["eap-ig"] = {"attribution_seconds": time.perf_counter() - started}
+    for method in runs:  # a HAP variant's stage 1 is HAP's (the same examples and method): timed once, with hap
+        if method != "hap" and Circuit.load(out / method).config.get("method") == "hap":
+            timing[method]["attribution_seconds"] = timing.get("hap", {}).get("attribution_seconds", 0.0)
+    write_atomically(path, json.dumps(timing, indent=1))
     print(json.dumps(timing))
 
 
@@ -178,9 +186,11 @@ def report(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     settings = json.loads((out / "settings.json").read_text())
-    timing = json.loads((out / "timing.json").read_text())
+    timing = json.loads((out / args.timing).read_text())
+    suffix = "" if args.timing == "timing.json" else "-" + Path(args.timing).stem  # outputs of another re-timing
     curves: dict[str, tuple[list[float], list[float], list[float]]] = {}
-    for method in ("hap", "ep"):
+    variants = [method for method in timing if method not in ("hap", "ep", "eap-ig")]  # re-timed with time --runs
+    for method in ("hap", "ep", *variants):
         records = [r for r in read_train_log(out / method / "train_log.jsonl") if "test_kl" in r]
         steps = [r["step"] for r in records]
         seconds = _seconds_at(timing[method], steps)
@@ -196,11 +206,22 @@ def report(args: argparse.Namespace) -> None:
                 return seconds
         return None
 
+    def stay(method: str) -> float | None:
+        """From when on every later measurement is within the threshold (the first crossing can be one noisy
+        point of the 64-example monitor)."""
+        settled = None
+        for seconds, kl in zip(curves[method][0], curves[method][1]):
+            settled = (settled if settled is not None else seconds) if kl <= threshold else None
+        return settled
+
     figure = Figure(figsize=(11, 4.4), layout="constrained")
     left, right = figure.subplots(1, 2)
     colours = {"hap": "#1f5fa8", "ep": "#c0392b"}
+    variant_colours = iter(["#8e44ad", "#d68910", "#17a589", "#566573"])
     for method, (seconds, kls, faith) in curves.items():
-        label = {"hap": "HAP (warm start)", "ep": "Edge Pruning (published schedule)"}[method]
+        label = {"hap": "HAP (warm start)", "ep": "Edge Pruning (published schedule)"}.get(
+            method, f"HAP, --candidates {Circuit.load(out / method).config.get('candidates')} ({method})")
+        colours.setdefault(method, next(variant_colours, "#000000"))
         left.plot(seconds, kls, marker="o", markersize=2.5, color=colours[method], label=label)
         right.plot(seconds, faith, marker="o", markersize=2.5, color=colours[method], label=label)
     eap = Circuit.load(out / "eap-ig").held_out
@@ -218,39 +239,43 @@ def report(args: argparse.Namespace) -> None:
     left.legend(fontsize=8, frameon=False)
     figure.suptitle(f"{settings['model']} {settings['task']}, sparsity {settings['sparsity']}, "
                     f"{settings['n_examples']} training examples, batch {settings['batch_size']}", fontsize=10)
-    figure.savefig(out / "test_kl_vs_seconds.png", dpi=150)
-    figure.savefig(out / "test_kl_vs_seconds.svg")
+    figure.savefig(out / f"test_kl_vs_seconds{suffix}.png", dpi=150)
+    figure.savefig(out / f"test_kl_vs_seconds{suffix}.svg")
 
     rows = []
-    for method in ("ep", "hap", "eap-ig"):
+    for method in ("ep", "hap", *variants, "eap-ig"):
         circuit = Circuit.load(out / method)
         test, train = circuit.held_out, circuit.metrics.get("train", {})
         if method == "eap-ig":
-            total, reached, steps = eap_seconds, (eap_seconds if test["kl"] <= threshold else None), 0
+            total, steps = eap_seconds, 0
+            reached = stayed = eap_seconds if test["kl"] <= threshold else None
         else:
-            total, reached = curves[method][0][-1], reach(method)
+            total, reached, stayed = curves[method][0][-1], reach(method), stay(method)
             steps = circuit.config.get("steps_done")
-        rows.append((method, steps, reached, total, test, train, circuit.config.get("final_expected_sparsity")))
-    ep_reach = rows[0][2]
-    lines = ["| method | steps | seconds to reach ≤ 1.1 × EP's final held-out KL | speed-up vs EP | total seconds | "
+        rows.append((method, steps, reached, stayed, total, test, train,
+                     circuit.config.get("final_expected_sparsity")))
+    ep_reach, ep_stay = rows[0][2], rows[0][3]
+    lines = ["| method | steps | seconds to reach ≤ 1.1 × EP's final held-out KL | speed-up vs EP | "
+             "seconds from which it stays there | speed-up vs EP | total seconds | "
              "test KL | test logit diff | test accuracy | test faithfulness | train faithfulness (in-sample) | "
-             "expected sparsity at the end |", "|" + " --- |" * 11]
-    for method, steps, reached, total, test, train, expected in rows:
+             "expected sparsity at the end |", "|" + " --- |" * 13]
+    for method, steps, reached, stayed, total, test, train, expected in rows:
         speed = f"{ep_reach / reached:.2f}" if reached and ep_reach else "n/a"
+        settled_speed = f"{ep_stay / stayed:.2f}" if stayed and ep_stay else "n/a"
         lines.append(
-            f"| {method} | {steps} | {_fmt(reached)} | {speed} | {_fmt(total)} | {test['kl']:.3f} | "
-            f"{test['logit_diff']:.3f} | {test['accuracy']:.3f} | {test['faithfulness']:.3f} | "
+            f"| {method} | {steps} | {_fmt(reached)} | {speed} | {_fmt(stayed)} | {settled_speed} | {_fmt(total)} | "
+            f"{test['kl']:.3f} | {test['logit_diff']:.3f} | {test['accuracy']:.3f} | {test['faithfulness']:.3f} | "
             f"{train.get('faithfulness', float('nan')):.3f} | {'n/a' if expected is None else f'{expected:.4f}'} |")
-    summary = {method: {"steps": steps, "seconds_to_reach": reached, "total_seconds": total, "test": test,
-                        "train": train, "final_expected_sparsity": expected}
-               for method, steps, reached, total, test, train, expected in rows}
-    write_atomically(out / "summary.json", json.dumps({"ep_final_test_kl": ep_final, "within": WITHIN,
+    summary = {method: {"steps": steps, "seconds_to_reach": reached, "seconds_to_stay": stayed,
+                        "total_seconds": total, "test": test, "train": train, "final_expected_sparsity": expected}
+               for method, steps, reached, stayed, total, test, train, expected in rows}
+    write_atomically(out / f"summary{suffix}.json", json.dumps({"ep_final_test_kl": ep_final, "within": WITHIN,
                                                        "methods": summary}, indent=1))
-    full = rows[0][4]["full_model"]
+    full = rows[0][5]["full_model"]
     lines.append(f"\nFull model on the test split: logit diff {full['logit_diff']:.3f}, accuracy "
                  f"{full['accuracy']:.3f}; EP's final held-out KL (64-example monitor batch) {ep_final:.4f}.")
     table = "\n".join(lines)
-    write_atomically(out / "table.md", table + "\n")
+    write_atomically(out / f"table{suffix}.md", table + "\n")
     print(table)
 
 
@@ -284,9 +309,19 @@ def main() -> None:
     again.add_argument("--out", required=True)
     again.add_argument("--points", type=int, default=10, help="snapshots re-timed per method")
     again.add_argument("--repeats", type=int, default=3)
+    again.add_argument("--runs", default="hap,ep",
+                       help="pruning run folders under --out to re-time (a HAP variant, say hap-margin3, run with "
+                            "`hap discover` and the settings of settings.json); merged into --timing. With hap, "
+                            "also re-times the attribution of HAP's stage 1 and of EAP-IG")
+    again.add_argument("--timing", default="timing.json",
+                       help="file under --out that the re-timing is merged into (another name keeps one run's "
+                            "measurements apart from an earlier one's)")
     again.set_defaults(run=retime)
     summary = commands.add_parser("report")
     summary.add_argument("--out", required=True)
+    summary.add_argument("--timing", default="timing.json",
+                         help="re-timing to report; any other than timing.json writes table-, summary- and "
+                              "test_kl_vs_seconds- files suffixed with its name")
     summary.set_defaults(run=report)
     args = parser.parse_args()
     args.run(args)

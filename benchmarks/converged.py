@@ -129,8 +129,8 @@ def retime(args: argparse.Namespace) -> None:
     train = load_split(train_spec, model.tokenizer)
     batches = TaskBatches(model, graph, train, settings["batch_size"], cache=ReferenceCache(10**11))
     runs = args.runs.split(",")
-    path = out / args.timing
-    timing: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    timing_path = out / args.timing
+    timing: dict[str, Any] = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     for method in runs:
         snapshots = sorted((out / method / "snapshots").glob("step-*.pt"))
         if not snapshots:
@@ -157,7 +157,7 @@ def retime(args: argparse.Namespace) -> None:
     for method in runs:  # a HAP variant's stage 1 is HAP's (the same examples and method): timed once, with hap
         if method != "hap" and Circuit.load(out / method).config.get("method") == "hap":
             timing[method]["attribution_seconds"] = timing.get("hap", {}).get("attribution_seconds", 0.0)
-    write_atomically(path, json.dumps(timing, indent=1))
+    write_atomically(timing_path, json.dumps(timing, indent=1))
     print(json.dumps(timing))
 
 

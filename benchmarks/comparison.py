@@ -9,7 +9,9 @@ test split as the converged benchmark (``converged.py``, whose settings it reads
 * the MIB parallel ensembles (mean, min, max of the rank-normalised scores of EAP, EAP-IG, EP and HAP,
   and of EP and HAP alone): run here; the row shown is the one with the lowest *training* KL (chosen
   in-sample, judged held out);
-* ACDC (and ACDC + PAHQ) where a finished run directory is given (``--acdc DIR``), else marked not run.
+* ACDC (and ACDC + PAHQ) where a finished run directory is given (``--acdc DIR``), else marked not run;
+  ``--acdc-only`` reads the other rows back from ``OUT/rows.json`` instead of re-running them (an ACDC
+  search on 2 cores ends sittings after the rest of the table).
 
 Peak memory: each method's own peak resident set size, every measurement in a fresh process
 (``memory.py --child``). For Edge Pruning and HAP that is a run of ``--memory-steps`` steps with the same
@@ -17,6 +19,8 @@ settings (memory does not grow with the step count beyond the reference cache, w
 its first batches). The wall-clock of the runs made here is measured alone; keep the machine quiet.
 
     python benchmarks/comparison.py --converged benchmarks/converged/ioi --out benchmarks/comparison/ioi
+    python benchmarks/comparison.py --converged benchmarks/converged/ioi --out benchmarks/comparison/ioi \
+        --acdc benchmarks/converged/ioi/acdc --acdc-only --acdc-peak-gib 2.3
 """
 
 from __future__ import annotations
@@ -49,27 +53,19 @@ def discover_argv(settings: dict[str, Any], method: str, out: Path, extra: list[
             "--seed", str(settings["seed"]), "--out", str(out), "--no-report", "--force", *extra]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--converged", required=True, help="a finished converged.py directory (after report)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--acdc", action="append", default=[], help="finished ACDC run directories (repeatable)")
-    parser.add_argument("--memory-steps", type=int, default=30)
-    parser.add_argument("--skip-memory", action="store_true",
-                        help="do not re-run EP, HAP and EAP-IG to measure their peak memory (their column stays empty)")
-    args = parser.parse_args()
-    converged, out = Path(args.converged), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def row(name: str, circuit: Circuit, seconds: float | None, peak: float | None, note: str = "") -> dict[str, Any]:
+    """One row of the table: the circuit's held-out numbers beside its cost."""
+    test = circuit.held_out
+    print(f"{name}: {circuit.n_edges} edges, test KL {test['kl']:.4f}", flush=True)
+    return {"method": name, "edges": circuit.n_edges, "test_kl": test["kl"], "test_faithfulness": test["faithfulness"],
+            "seconds": seconds, "peak_gib": peak, "note": note}
+
+
+def measured_rows(args: argparse.Namespace, converged: Path, out: Path) -> list[dict[str, Any]]:
+    """Every row but ACDC's: the converged runs read back, EAP and the ensembles run here."""
     settings = json.loads((converged / "settings.json").read_text())
     summary = json.loads((converged / "summary.json").read_text())["methods"]
     rows: list[dict[str, Any]] = []
-
-    def row(name: str, circuit: Circuit, seconds: float | None, peak: float | None, note: str = "") -> None:
-        test = circuit.held_out
-        rows.append({"method": name, "edges": circuit.n_edges, "test_kl": test["kl"],
-                     "test_faithfulness": test["faithfulness"], "seconds": seconds, "peak_gib": peak, "note": note})
-        print(f"{name}: {circuit.n_edges} edges, test KL {test['kl']:.4f}", flush=True)
-
     # The converged runs: their results and re-timed seconds; their memory from a short run of the same settings.
     for method, name in (("ep", "Edge Pruning"), ("hap", "HAP"), ("eap-ig", "EAP-IG top-N")):
         peak = None
@@ -83,11 +79,12 @@ def main() -> None:
                 peak, _ = measured(discover_argv(settings, method, out / f"memory-{method}", steps))
             note = f"{summary[method]['steps']} steps" + ("" if args.skip_memory else
                                                           f"; memory from a {args.memory_steps}-step run")
-        row(name, Circuit.load(converged / method), summary[method]["total_seconds"], peak, note)
+        rows.append(row(name, Circuit.load(converged / method), summary[method]["total_seconds"], peak, note))
     peak, _ = measured(discover_argv(settings, "eap", out / "eap", []))
     eap = Circuit.load(out / "eap")
     eap_seconds = eap.runtime_s.get("attribution", 0.0) + eap.runtime_s.get("selection", 0.0)
-    row("EAP top-N", eap, eap_seconds, peak, "attribution and selection (the method's own work, measured alone)")
+    rows.append(row("EAP top-N", eap, eap_seconds, peak,
+                    "attribution and selection (the method's own work, measured alone)"))
 
     # The parallel ensembles of the four runs and of the two pruning runs (added after
     # ensemble_anatomy.py showed the two attribution runs outvoting them); the lowest training KL is the table's.
@@ -108,20 +105,52 @@ def main() -> None:
                               peak, members))
     _, name, circuit, peak, members = min(ensembles, key=lambda entry: entry[0])
     others = ", ".join(f"{entry[1]} {entry[2].held_out['kl']:.3f}" for entry in ensembles)
-    row(f"ensemble ({name})", circuit, members, peak,
-        f"chosen by training KL; held-out KL of each: {others}; seconds: its runs' summed")
+    rows.append(row(f"ensemble ({name})", circuit, members, peak,
+                    f"chosen by training KL; held-out KL of each: {others}; seconds: its runs' summed"))
+    return rows
 
-    for folder in args.acdc:
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--converged", required=True, help="a finished converged.py directory (after report)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--acdc", action="append", default=[], help="finished ACDC run directories (repeatable)")
+    parser.add_argument("--acdc-only", action="store_true",
+                        help="keep the other rows of OUT/rows.json and only (re)place the ACDC rows")
+    parser.add_argument("--acdc-peak-gib", type=float, action="append", default=[],
+                        help="peak RSS of each --acdc run, in order, measured outside this script (a resumable "
+                             "search spans processes: e.g. VmHWM sampled from /proc while it ran)")
+    parser.add_argument("--memory-steps", type=int, default=30)
+    parser.add_argument("--skip-memory", action="store_true",
+                        help="do not re-run EP, HAP and EAP-IG to measure their peak memory (their column stays empty)")
+    args = parser.parse_args()
+    converged, out = Path(args.converged), Path(args.out)
+    if args.acdc_peak_gib and len(args.acdc_peak_gib) != len(args.acdc):
+        parser.error(f"--acdc-peak-gib given {len(args.acdc_peak_gib)} times for {len(args.acdc)} --acdc runs")
+    if args.acdc_only:
+        previous = out / "rows.json"
+        if not args.acdc:
+            parser.error("--acdc-only needs at least one --acdc DIR")
+        if not previous.is_file():
+            parser.error(f"--acdc-only reads the other rows from {previous}, which does not exist: "
+                         "run this script once without --acdc-only")
+        rows = [entry for entry in json.loads(previous.read_text()) if not entry["method"].startswith("ACDC")]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        rows = measured_rows(args, converged, out)
+
+    for folder, peak in zip(args.acdc, args.acdc_peak_gib or [None] * len(args.acdc)):
         circuit = Circuit.load(folder)
         label = "ACDC + PAHQ" if circuit.config.get("mixed_precision") else "ACDC"
         search = circuit.config.get("threshold_search") or []
-        row(label, circuit, circuit.runtime_s.get("acdc"), None,
-            f"tau {circuit.config.get('threshold')}; seconds: its {max(1, len(search))} sweep(s), every sitting "
-            f"that resumed them; {circuit.config.get('n_examples', '?')} training examples")
-    if not args.acdc:
-        rows.append({"method": "ACDC, ACDC + PAHQ", "edges": None, "test_kl": None, "test_faithfulness": None,
-                     "seconds": None, "peak_gib": None,
-                     "note": "not given (--acdc DIR): see benchmarks/README.md, ACDC on SmolLM2 IOI"})
+        note = (f"tau {circuit.config.get('threshold')}; seconds: its {max(1, len(search))} sweep(s), every "
+                f"sitting that resumed them; {circuit.config.get('n_examples', '?')} training examples")
+        rows.append(row(label, circuit, circuit.runtime_s.get("acdc"), peak, note))
+    for label in ("ACDC", "ACDC + PAHQ"):
+        if not any(entry["method"] == label for entry in rows):
+            rows.append({"method": label, "edges": None, "test_kl": None, "test_faithfulness": None,
+                         "seconds": None, "peak_gib": None,
+                         "note": "no finished run given (--acdc DIR): see benchmarks/README.md"})
 
     lines = ["| method | edges | test KL | test faithfulness | seconds | peak RSS (GiB) | note |",
              "| --- | --- | --- | --- | --- | --- | --- |"]

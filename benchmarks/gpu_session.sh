@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
 # The CUDA measurements of benchmarks/README.md ("ACDC and PAHQ on CUDA"), in the order a lent GPU runs
 # them, each alone on the GPU:
-#   1. the SmolLM2 ACDC search at 95% sparsity, resumed from the CPU run (carry its ignored sweep folders,
-#      benchmarks/converged/ioi/acdc/tau-*, 0.7 MB:
-#      the two devices made the same first 29,596 decisions, so the GPU can finish what the CPU started);
-#   2. PAHQ's agreement on SmolLM2: float32 against float16 ACDC at tau 3e-4 (bfloat16 is refused there,
+#   1. PAHQ's agreement on SmolLM2: float32 against float16 ACDC at tau 3e-4 (bfloat16 is refused there,
 #      its answers being 7e-4 nats from float32);
-#   3. the same on the tiny models (bfloat16).
-# A whole SmolLM2 sweep is about 11 minutes on an H100 (extrapolated), so 2 and 3 may not fit in a lease.
-# Run from the repository root with hap importable; logs go to $LOGS (default /tmp/hap-gpu); the search
-# writes into benchmarks/converged/ioi/acdc (copy it back: state, circuit.json, run.json).
+#   2. the same on the tiny models (bfloat16).
+# A whole SmolLM2 sweep is about 11 minutes on an H100 (extrapolated), two sweeps for step 1. (The SmolLM2
+# search at 95% sparsity that step 1 used to resume finished on the CPU; see "ACDC on SmolLM2 IOI".)
+# Run from the repository root with hap importable; logs go to $LOGS (default /tmp/hap-gpu).
 set -u
 LOGS=${LOGS:-/tmp/hap-gpu}
 mkdir -p "$LOGS"
@@ -21,8 +18,6 @@ step() {
     "$@" > "$LOGS/$name.log" 2>&1
     echo "== $name exit $? $(date +%T)" >> "$LOGS/driver.log"
 }
-step acdc-search python3 -m hap discover --resume benchmarks/converged/ioi/acdc --device cuda \
-    --reference-memory 40 --no-report
 step pahq-smollm2 python3 benchmarks/pahq_agreement.py --device cuda --precision float16 --models smollm2-135m \
     --ablations interchange --tau 3e-4 --n-train 16 --n-test 200 --batch-size 16 --memory-gib 40 \
     --progress --json "$LOGS/pahq-smollm2.json"

@@ -20,7 +20,7 @@ its first batches). The wall-clock of the runs made here is measured alone; keep
 
     python benchmarks/comparison.py --converged benchmarks/converged/ioi --out benchmarks/comparison/ioi
     python benchmarks/comparison.py --converged benchmarks/converged/ioi --out benchmarks/comparison/ioi \
-        --acdc benchmarks/converged/ioi/acdc --acdc-only --acdc-peak-gib 2.3
+        --acdc benchmarks/converged/ioi/acdc --acdc-only --acdc-peak-gib 2.90
 """
 
 from __future__ import annotations

@@ -58,44 +58,97 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="with --task: the draw's seed (default: the discovery seed + 1)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the circuit's")
+    _add_bos_option(parser, "default: as the circuit was found")
+    parser.add_argument("--allow-weak-model", action="store_true", default=None,
+                        help="measure even when the full model fails the task (at or below chance)")
+
+
+def _add_bos_option(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"begin every prompt with the tokenizer's BOS token, or not ({default}); answers are "
+                        "always bare tokens")
+
+
+def _circuit_bos(circuit, tokenizer) -> tuple[bool | None, str]:
+    """How the circuit's prompts began (None: as the tokenizer does, for a circuit with no recorded split,
+    e.g. an imported MIB file) and a note for circuits found before hap recorded it."""
+    from .tasks import default_prefix, is_program_task
+
+    recorded = [spec for spec in circuit.splits.values() if isinstance(spec, dict)]
+    if not recorded or is_program_task(circuit.task):
+        return None, ""
+    if any(spec.get("bos") is not None for spec in recorded):
+        return bool(recorded[0].get("bos")), ""
+    note = ""
+    if default_prefix(tokenizer):
+        note = (" (found before hap recorded the BOS token: rebuilt without it, as it was fitted, although this "
+                "tokenizer prepends one by default; --bos measures it with BOS)")
+    return False, note
 
 
 def _examples(args: argparse.Namespace, circuit, tokenizer, source: str):
     """The task examples a re-scoring command uses and a line saying which they are.
 
-    Default: the circuit's recorded split (exactly the examples ``discover`` used). With
-    ``--task`` or ``--seed``, or for a circuit that records no split, a fresh draw.
+    Default: the circuit's recorded split (exactly the examples ``discover`` used, with the BOS token
+    exactly when they had it; ``--bos``/``--no-bos`` override). With ``--task`` or ``--seed``, or for a
+    circuit that records no split, a fresh draw.
     """
-    from .tasks import TaskSpec, load_split, load_task
+    from dataclasses import replace
 
+    from .tasks import TaskSpec, is_program_task, load_split, load_task
+
+    bos, note = _circuit_bos(circuit, tokenizer)
+    if args.bos is not None:
+        bos, note = args.bos, ""
     recorded = circuit.splits.get(args.split)
     if recorded and args.task is None and args.seed is None:
         spec = TaskSpec.from_dict(recorded, source=f"{source}: splits.{args.split}")
         measured = (circuit.metrics.get(args.split) or {}).get("n_examples")  # in-sample: the first N examples
         n_examples = args.n_examples or (measured if isinstance(measured, int) else None)
         if n_examples is not None:
-            spec = TaskSpec(**{**spec.to_dict(), "n_examples": n_examples})
-        return load_split(spec, tokenizer), spec.describe(), spec.to_dict()
+            spec = replace(spec, n_examples=n_examples)
+        if not spec.is_program:
+            spec = replace(spec, bos=bool(bos))
+        return load_split(spec, tokenizer), spec.describe() + note, spec.to_dict()
     if args.split == "train" and not recorded:
         raise HapError(f"{source} records no training split (it predates held-out splits); "
                        "use --task and --seed to draw examples")
     n = args.n_examples or 64
     seed = args.seed if args.seed is not None else int(circuit.config.get("seed", 0)) + 1
-    task = load_task(args.task or circuit.task, tokenizer, n, seed=seed)
-    note = f"{n} examples of {args.task or circuit.task} drawn with seed {seed} from the whole vocabulary"
+    name = args.task or circuit.task
+    task = load_task(name, tokenizer, n, seed=seed, bos=None if is_program_task(name) else bos)
+    note = f"{n} examples of {name} drawn with seed {seed} from the whole vocabulary" + \
+        ("; BOS first" if task.bos and not is_program_task(name) else "") + note
     if not recorded:
         note += " (this circuit records no split: they may share templates and names with its training examples)"
-    return task, note, {"task": args.task or circuit.task, "split": "drawn", "n_examples": n, "seed": seed}
+    return task, note, {"task": name, "split": "drawn", "n_examples": n, "seed": seed,
+                        **({} if is_program_task(name) else {"bos": task.bos})}
+
+
+def _measured_data(model, task, batch_size: int, ablation: str, label: str, allow_weak_model: bool | None):
+    """The batches a re-scoring command measures (kept for it to reuse), once the full model is known to do
+    the task on their first examples (``WeakModelError`` otherwise, unless ``allow_weak_model``)."""
+    from .batches import ReferenceCache, TaskBatches
+    from .evaluation import check_full_model, require_capable_model
+    from .graph import Graph
+
+    data = TaskBatches(model, Graph.from_model(model), task, batch_size, ablation, cache=ReferenceCache())
+    weak = require_capable_model([check_full_model(model, data, label)], task.bos, bool(allow_weak_model), model.name)
+    if weak:
+        print(f"hap: warning: the full model fails the task ({weak[0].describe()}); measured anyway "
+              "(--allow-weak-model)", file=sys.stderr)
+    return data
 
 
 def _verify(args: argparse.Namespace) -> int:
     settings.check_model_name(args.model)
     from .models.loading import load_model
-    from .verify import verify_model
+    from .verify import describe_task_check, verify_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
-    report = verify_model(model, random_tokens=args.random_tokens, seed=args.seed)
+    report = verify_model(model, random_tokens=args.random_tokens, seed=args.seed, bos=args.bos)
     print(json.dumps(report))
+    print(describe_task_check(report["full_model_task"]), file=sys.stderr)
     return 0 if report["passed"] else 1
 
 
@@ -129,6 +182,7 @@ def _discover(args: argparse.Namespace) -> int:
         "checkpoint_every": args.checkpoint_every, "snapshot_every": args.snapshot_every,
         "cache_dir": args.cache_dir,
         "reference_memory": args.reference_memory,
+        "bos": args.bos, "allow_weak_model": args.allow_weak_model,
         "device": args.device, "device_map": args.device_map, "dtype": args.dtype, "force": args.force, "resume": args.resume is not None,
         "report": not args.no_report,
     }
@@ -167,12 +221,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     graph = Graph.from_model(model)
     if args.ground_truth is not None:
         read_ground_truth(args.ground_truth, graph)  # refuse a bad file before the work
-    metrics = evaluate(model, circuit, task, batch_size, ablation, progress=not args.json).to_dict()
+    data = _measured_data(model, task, batch_size, ablation, split.get("split", "drawn"), args.allow_weak_model)
+    metrics = evaluate(model, circuit, task, batch_size, ablation, progress=not args.json, data=data).to_dict()
     metrics["n_full_model_wrong"] = round((1.0 - metrics["full_model"]["accuracy"]) * len(task))
     recovery = None
     if args.ground_truth is not None or isinstance(model.hf_model, TracrTransformer):
         recovery = judge(model, graph, circuit.in_graph, circuit.scores,
-                         TaskBatches(model, graph, task, batch_size, ablation), ablation,
+                         data, ablation,
                          args.ground_truth)
     if args.json:
         print(json.dumps({"circuit": str(args.circuit), "model": circuit.model, "task": task.name, "split": split,
@@ -218,7 +273,9 @@ def _curve(args: argparse.Namespace) -> int:
     scores = Scores(circuit.model, circuit.task, circuit.method, circuit.layout, circuit.scores, circuit.config)
     ablation = circuit.config.get("ablation", "interchange")
     batch_size = args.batch_size or int(circuit.config.get("batch_size", 16))
-    curve = faithfulness_curve(model, scores, task, batch_size=batch_size, ablation=ablation, progress=True)
+    data = _measured_data(model, task, batch_size, ablation, split.get("split", "drawn"), args.allow_weak_model)
+    curve = faithfulness_curve(model, scores, task, batch_size=batch_size, ablation=ablation, progress=True,
+                               data=data)
     document = {**curve.to_dict(), "split": split.get("split", "drawn")}
     print(json.dumps(document))
     print(f"examples: {note}", file=sys.stderr)
@@ -244,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(verify)
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--random-tokens", action="store_true", help="stress test on random token ids")
+    _add_bos_option(verify, "default: as the tokenizer does")
     verify.set_defaults(run=_verify)
 
     discover = commands.add_parser(
@@ -270,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default {settings.DEFAULT_TEST_FRACTION})")
     discover.add_argument("--batch-size", type=int, default=None, help=f"default {settings.DEFAULT_BATCH_SIZE}")
     discover.add_argument("--seed", type=int, default=None)
+    _add_bos_option(discover, "default: as the tokenizer does, e.g. BOS for Llama, Gemma, Mistral; none for "
+                    "GPT-2, SmolLM2")
+    discover.add_argument("--allow-weak-model", action="store_true", default=None,
+                          help="find a circuit even when the full model fails the task (at or below chance, or a "
+                          "negative mean metric on either split); refused by default")
     discover.add_argument("--ig-steps", type=int, default=None, help="integrated-gradient steps (default 5)")
     discover.add_argument("--loss", default=None, choices=("logit-diff", "kl"),
                           help="what attribution explains (default: the task metric)")

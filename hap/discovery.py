@@ -21,7 +21,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from .batches import GIB, ReferenceCache, TaskBatches
 from .circuit import Circuit, Scores, edges_for_sparsity, generalisation_gap, write_atomically
 from .distributed import Ranks, ranks_from_env
 from .errors import HapError
-from .evaluation import HeldOutMonitor, evaluate, faithfulness_curve
+from .evaluation import FullModelCheck, HeldOutMonitor, check_full_model, evaluate, faithfulness_curve, require_capable_model
 from .graph import Graph
 from .ground_truth import describe_recovery, judge, read_ground_truth
 from .models.loading import DEFAULT_MODEL, Model, load_model
@@ -38,12 +38,15 @@ from .models.tracr import TracrTransformer
 from .settings import (ATTRIBUTION_METHODS, DEFAULT_ATTRIBUTION_EXAMPLES, DEFAULT_BATCH_SIZE, DEFAULT_METHOD,
                        DEFAULT_MONITOR_EXAMPLES, DEFAULT_N_TEST, DEFAULT_REFERENCE_MEMORY_GIB, DEFAULT_STEPS,
                        DEFAULT_TEST_FRACTION, METHODS, PRECISIONS, PRUNING_METHODS)
-from .tasks import TaskData, TaskSpec, is_program_task, load_split, task_splits
+from .tasks import TaskData, TaskSpec, is_program_task, load_split, resolve_bos, task_splits
 
 # ATTRIBUTION_METHODS, PRUNING_METHODS, METHODS: hap.settings (the CLI lists them before importing torch)
 # Settings that may differ between a run and its resumption.
 NOT_COMPARED_ON_RESUME = ("resume", "force", "command", "report", "out", "device", "device_map", "cache_dir", "reference_memory",
-                          "snapshot_every", "checkpoint_every", "ground_truth", "tests_per_forward")
+                          "snapshot_every", "checkpoint_every", "ground_truth", "tests_per_forward",
+                          "allow_weak_model")
+# Settings whose None means "as the model does by default": compared on resume once the model is loaded.
+RESOLVED_WITH_THE_MODEL = ("bos",)
 # Training examples by default: attribution methods score every example; pruning draws batches from them
 # (its per-step cost does not depend on their number; see README "Budget").
 DEFAULT_N_EXAMPLES = {"attribution": 64, "pruning": 256}
@@ -89,6 +92,8 @@ class DiscoverConfig:
     kv_graph: str = "grouped"  # or "per-head": MIB's graph, every query head its own key/value input
     curve: bool = False
     ground_truth: str | None = None  # a file of true edges; tracr models know theirs
+    bos: bool | None = None  # prompts begin with the BOS token; None: as the tokenizer does (run.json: resolved)
+    allow_weak_model: bool = False  # study a full model that fails the task (at or below chance) anyway
     # ACDC
     threshold: float | None = None  # tau; without it, --edges/--sparsity search tau
     acdc_metric: str = "kl"
@@ -215,6 +220,7 @@ class DiscoverConfig:
             saved = read_run_json(out / "run.json")
             mine = self.to_dict()
             differences = sorted(key for key in mine if key not in NOT_COMPARED_ON_RESUME
+                                 and not (key in RESOLVED_WITH_THE_MODEL and mine[key] is None)
                                  and saved.get(key, mine[key]) != mine[key])  # absent: an older run, the default
             if differences:
                 shown = ", ".join(f"{key} {saved.get(key)!r} -> {mine[key]!r}" for key in differences)
@@ -238,6 +244,8 @@ class DiscoverConfig:
         saved = read_run_json(path)
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in saved.items() if key in known}
+        if "bos" not in saved and not is_program_task(str(saved.get("task") or saved.get("model", ""))):
+            values["bos"] = False  # a run from before hap recorded it: its prompts had no BOS
         if values.get("edges_subset"):
             values["edges_subset"] = tuple(values["edges_subset"])
         return cls(**{**values, **overrides, "out": str(out)})
@@ -369,7 +377,31 @@ def _cache(config: DiscoverConfig) -> ReferenceCache:
 def split_specs(config: DiscoverConfig, model: Model) -> tuple[TaskSpec, TaskSpec]:
     """The run's (train, test) task splits."""
     return task_splits(config.task, model.tokenizer, config.n_examples, config.n_test, config.seed,
-                       config.test_task, config.test_fraction)
+                       config.test_task, config.test_fraction, config.bos)
+
+
+def resolved_bos(config: DiscoverConfig, model: Model) -> DiscoverConfig:
+    """``config`` with ``bos`` resolved for this model's tokenizer (what run.json records; a tracr program's
+    inputs carry their own BOS and keep None); a resumed run must resolve as it did."""
+    if is_program_task(config.task):
+        return config
+    resolved = replace(config, bos=resolve_bos(model.tokenizer, config.bos))
+    if config.resume:
+        saved = read_run_json(Path(config.out) / "run.json").get("bos", False)  # absent: an older, BOS-less run
+        if saved != resolved.bos:
+            raise HapError(f"{config.out} was run with bos {saved} and these settings give bos {resolved.bos}; "
+                           f"resume with {'--bos' if saved else '--no-bos'} or start a new --out")
+    return resolved
+
+
+def check_model_does_task(config: DiscoverConfig, train: TaskBatches, test: TaskBatches) -> None:
+    """Refuse (``WeakModelError``) a full model that fails the task on either split, unless
+    ``allow_weak_model``; then say on stderr that it is studied anyway (once: not again on ``--resume``)."""
+    checks = [check_full_model(train.model, train, "training"), check_full_model(test.model, test, "test")]
+    weak = require_capable_model(checks, bool(train.task.bos), config.allow_weak_model, config.model)
+    if weak and not config.resume:
+        print(f"hap: warning: the full model fails the task ({'; '.join(c.describe() for c in weak)}); "
+              "studied anyway (--allow-weak-model)", file=sys.stderr)
 
 
 def split_metrics(model: Model, circuit: Circuit, train: TaskBatches, test: TaskBatches, batch_size: int,
@@ -419,6 +451,7 @@ def discover(config: DiscoverConfig) -> Circuit:
     model = load_model(config.model, device=config.device, dtype=config.dtype,
                        per_head_kv_graph=config.kv_graph == "per-head", device_map=config.device_map)
     runtime["load"] = time.perf_counter() - started
+    config = resolved_bos(config, model)
     ranks = ranks_from_env(model.device)
     if ranks.world_size > 1 and config.device_map is not None:
         raise HapError("--device-map spreads one process's model over the devices; under torchrun each process "
@@ -435,6 +468,12 @@ def discover(config: DiscoverConfig) -> Circuit:
         target_sparsity(config, graph)  # refuses --edges beyond the graph
     if config.ground_truth is not None:
         read_ground_truth(config.ground_truth, graph)  # a bad file is refused before any work
+    cache = _cache(config)
+    train = TaskBatches(model, graph, train_task, config.batch_size, config.ablation, cache=cache, name="train")
+    test = TaskBatches(model, graph, test_task, config.batch_size, config.ablation, cache=cache, name="test")
+    started = time.perf_counter()
+    check_model_does_task(config, train, test)  # its batches are the first the run uses, kept in the cache
+    runtime["full_model_check"] = time.perf_counter() - started
     # The inputs are good: only now is the run directory touched (a mistake above leaves it as it was).
     ranks.barrier()  # every process has checked the directory before the main one writes to it
     if not config.resume and ranks.is_main:
@@ -445,9 +484,6 @@ def discover(config: DiscoverConfig) -> Circuit:
             shutil.rmtree(folder, ignore_errors=True)
         write_atomically(out / "run.json", json.dumps(config.to_dict(), indent=1))  # a resumed run keeps its own
 
-    cache = _cache(config)
-    train = TaskBatches(model, graph, train_task, config.batch_size, config.ablation, cache=cache, name="train")
-    test = TaskBatches(model, graph, test_task, config.batch_size, config.ablation, cache=cache, name="test")
     monitor = None
     if config.method in PRUNING_METHODS:  # every process knows it (a checkpoint records it); the main one measures
         started = time.perf_counter()
@@ -476,6 +512,12 @@ def _number(value: Any, digits: int = 4) -> str:
 
 def _signed(value: Any, digits: int = 4) -> str:
     return f"{value:+.{digits}f}" if isinstance(value, (int, float)) else ""
+
+
+def _fails_task(full_model: dict[str, Any]) -> bool:
+    accuracy, metric = full_model.get("accuracy"), full_model.get("logit_diff")
+    return isinstance(accuracy, (int, float)) and isinstance(metric, (int, float)) and \
+        FullModelCheck("", 0, accuracy, metric).weak
 
 
 def format_summary(circuit: Circuit) -> str:
@@ -518,6 +560,10 @@ def format_summary(circuit: Circuit) -> str:
         lines.append("  examples      " + "".join(
             f"{str(values.get('n_examples', 'n/a')) + ' (' + str(values.get('n_full_model_wrong', '?')) + ' wrong)':>19}"
             for _, values in shown) + "   (full model wrong on)")
+        weak = [label for label, values in shown if _fails_task(values.get("full_model") or {})]
+        if weak:
+            lines.append(f"  WARNING       the full model fails the task on the {' and '.join(weak)} examples (at or "
+                         "below chance, or wrong on average): this circuit explains a broken behaviour")
     if "ground_truth" in metrics:
         lines.append(f"  ground truth  {describe_recovery(metrics['ground_truth'])}")
     if "curve" in metrics:

@@ -99,7 +99,8 @@ def shared_splits(circuits: Sequence[Circuit]) -> dict:
 
     for split in splits[1:]:
         if split["test"] != test or draw(split["train"]) != draw(splits[0]["train"]):
-            raise HapError("the runs were fitted or judged on different splits (seed, task or files differ); "
+            raise HapError("the runs were fitted or judged on different splits (seed, task, files or the BOS token "
+                           "differ); "
                            "an ensemble is measured on one held-out split: use runs of the same task, --seed "
                            "and --n-test")
     train = min((split["train"] for split in splits), key=lambda spec: spec["n_examples"])

@@ -41,3 +41,8 @@ class InvalidMaskError(HapError):
 
 class DataError(HapError):
     """Task data is malformed (lengths differ, answer not one token, empty, ...)."""
+
+
+class WeakModelError(HapError):
+    """The full model fails the task (at or below chance, or a negative mean metric): a circuit of it would
+    explain a broken behaviour."""

@@ -27,15 +27,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .ablation import AblationKind, ComputePlan, run_masked
+from .ablation import AblationKind, ComputePlan, answer_logits, run_masked
 from .batches import Batch, ReferenceCache, TaskBatches, batches, divergence, kl_divergence  # noqa: F401 (kl_divergence re-exported)
 from .circuit import Circuit, Scores
-from .errors import HapError
+from .errors import HapError, WeakModelError
 from .graph import Graph
 from .models.loading import Model
-from .tasks import TaskData
+from .tasks import Metric, TaskData
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+CHANCE_ACCURACY = 0.5  # the answer against one wrong answer (or good against bad years): a coin's accuracy
+FULL_MODEL_CHECK_EXAMPLES = 64  # per split, before any work: the batches are those the run uses first
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,72 @@ def _evaluate_masks(model: Model, graph: Graph, data: Iterable[Batch], kept: lis
     if n == 0:
         raise HapError("evaluation needs at least one example; the task or split is empty")
     return [total.means(n) for total in sums[:-1]], full.means(n), sums[-1].means(n), n
+
+
+@dataclass(frozen=True)
+class FullModelCheck:
+    """How well the full model does the task on the first examples of one split."""
+
+    split: str
+    n_examples: int
+    accuracy: float
+    logit_diff: float  # the task's metric, mean over the examples
+    metric: Metric = Metric.LOGIT_DIFF
+
+    @property
+    def weak(self) -> bool:
+        """At or below chance, or wrong on average: no circuit of this model explains the task."""
+        return self.accuracy <= CHANCE_ACCURACY or self.logit_diff < 0
+
+    def describe(self) -> str:
+        """E.g. "accuracy 0.10 (chance 0.50), mean logit difference -5.22 on 64 test examples"."""
+        name = {Metric.LOGIT_DIFF: "logit difference", Metric.PROB_DIFF: "probability difference",
+                Metric.VALUE: "value metric"}[self.metric]
+        return (f"accuracy {self.accuracy:.2f} (chance {CHANCE_ACCURACY:.2f}), mean {name} {self.logit_diff:+.3g} "
+                f"on {self.n_examples} {self.split} examples")
+
+
+def check_full_model(model: Model, data: TaskData | Iterable[Batch], split: str = "test",
+                     n_examples: int | None = FULL_MODEL_CHECK_EXAMPLES, batch_size: int = 16) -> FullModelCheck:
+    """The full model's accuracy and mean metric on the first ``n_examples`` (None: all) examples.
+
+    ``data``: a task (clean forwards only, ``batch_size`` at a time) or its batches, whose full-model logits
+    are read (a ``TaskBatches`` keeps the batches it makes, for the run to reuse).
+    """
+    if isinstance(data, TaskData):
+        task = data if n_examples is None else data.slice(0, min(n_examples, len(data)))
+        parts = [(part, answer_logits(model, part.clean_ids.to(model.device), part.answer_positions.to(model.device)))
+                 for part in task.batches(batch_size)]
+    else:
+        if n_examples is not None and isinstance(data, TaskBatches):
+            data = data.head(n_examples)
+        parts = []
+        for batch in data:
+            parts.append((batch.task, batch.clean_logits))
+            if n_examples is not None and sum(len(part) for part, _ in parts) >= n_examples:
+                break
+    if not parts:
+        raise HapError(f"the {split} split has no examples to measure the full model on")
+    n = sum(len(part) for part, _ in parts)
+    correct = sum(float(part.correct(logits).float().sum()) for part, logits in parts)
+    metric = sum(float(part.logit_diff(logits).sum()) for part, logits in parts)
+    return FullModelCheck(split, n, correct / n, metric / n, parts[0][0].metric)
+
+
+def require_capable_model(checks: Iterable[FullModelCheck], bos: bool, allow_weak_model: bool = False,
+                          model_name: str = "the model") -> list[FullModelCheck]:
+    """Raise ``WeakModelError`` (one line naming the likely causes and ``--allow-weak-model``) when the full
+    model fails the task on any of ``checks``; with ``allow_weak_model``, return the failed checks instead."""
+    failed = [check for check in checks if check.weak]
+    if failed and not allow_weak_model:
+        bos_cause = ("the prompts lack the BOS token the model may expect (try --bos)" if not bos else
+                     "a BOS token the model does not expect (try --no-bos)")
+        raise WeakModelError(
+            f"the full model {model_name} fails the task: {'; '.join(check.describe() for check in failed)}; a "
+            f"circuit of it would explain a broken behaviour. Likely causes: {bos_cause}, a prompt format the "
+            "model was not trained on (an instruction or chat model may need its template), or the wrong answer "
+            "tokens; fix the task, or pass --allow-weak-model to study it anyway")
+    return failed
 
 
 def faithfulness(value: float, full: float, empty: float) -> float:

@@ -15,7 +15,15 @@ figure exceeds 1e-4, verify measures that noise floor (one float64 forward of
 the Hugging Face model, for models of up to 2e9 parameters) and also accepts a
 figure within 1e-4 + floor; the floor is printed as ``float32_noise_floor``.
 
-A tracr model gets its own inputs: BOS, tokens of its vocabulary, padding.
+A tracr model gets its own inputs: BOS, tokens of its vocabulary, padding. Other
+models get the sentences as hap tokenises every prompt: with the tokenizer's BOS
+when it prepends one by default (``bos`` overrides).
+
+Beside the invariants, ``full_model_task`` says whether the full model does a
+task at all: its accuracy and mean logit difference on a small IOI batch (a
+tracr model: its own program), flagged ``weak`` at or below chance or with a
+negative mean. A weak model does not fail ``verify`` (the adapter may still be
+exact), but no circuit of it explains the task.
 
 Prompts are plain sentences by default. On random token ids SmolLM2 grows
 extra "massive activations" (|x| ~ 10^4) at arbitrary positions, where float32
@@ -31,9 +39,14 @@ import copy
 import torch
 
 from .ablation import ComputePlan, interchange_reference, run_masked, trace
+from .errors import DataError
+from .evaluation import CHANCE_ACCURACY, check_full_model
 from .graph import Graph
 from .models.loading import Model
 from .models.tracr import TracrTransformer, sample_inputs
+from .tasks import ioi_task, program_task, prompt_prefix
+
+TASK_CHECK_EXAMPLES = 32
 
 # Same-length pairs are made by truncating all prompts to the shortest one.
 SENTENCES = [
@@ -50,8 +63,10 @@ SENTENCES = [
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 1e-1, torch.bfloat16: 5e-1}
 
 
-def verify_prompts(model: Model, random_tokens: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean and corrupted token ids [4, T] of equal length for the invariants."""
+def verify_prompts(model: Model, random_tokens: bool = False, seed: int = 0,
+                   bos: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean and corrupted token ids [4, T] of equal length for the invariants (sentences begin as every
+    prompt does: ``bos``, None for the tokenizer's default)."""
     generator = torch.Generator().manual_seed(seed)
     if isinstance(model.hf_model, TracrTransformer):  # BOS, the program's tokens, padding; pairs share lengths
         config = model.hf_model.config
@@ -60,16 +75,49 @@ def verify_prompts(model: Model, random_tokens: bool = False, seed: int = 0) -> 
     if random_tokens:
         ids = torch.randint(0, model.layout.vocab_size, (8, 16), generator=generator)
     else:
-        rows = [model.tokenizer(text, add_special_tokens=False).input_ids for text in SENTENCES]
+        prefix = prompt_prefix(model.tokenizer, bos)
+        rows = [prefix + model.tokenizer(text, add_special_tokens=False).input_ids for text in SENTENCES]
         length = min(len(row) for row in rows)
         ids = torch.tensor([row[:length] for row in rows])
     return ids[0::2], ids[1::2]
 
 
-def verify_model(model: Model, random_tokens: bool = False, seed: int = 0) -> dict:
-    """Run the invariants on a loaded model; returns the JSON-ready report."""
+def full_model_task(model: Model, seed: int = 0, bos: bool | None = None,
+                    n_examples: int = TASK_CHECK_EXAMPLES) -> dict:
+    """The full model on a small IOI batch (a tracr model: its own program): ``accuracy``, mean
+    ``logit_diff``, ``weak`` (at or below chance, or a negative mean); ``error`` when the task cannot be
+    built for this tokenizer."""
+    tracr = isinstance(model.hf_model, TracrTransformer)
+    name = model.name if tracr else "ioi"
+    try:
+        task = program_task(model.name, n_examples, seed) if tracr else \
+            ioi_task(model.tokenizer, n_examples, seed, bos=bos)
+    except DataError as error:
+        return {"task": name, "error": str(error)}
+    check = check_full_model(model, task, "verify", n_examples=None)
+    return {"task": name, "n_examples": len(task), "bos": task.bos, "accuracy": check.accuracy,
+            "logit_diff": check.logit_diff, "weak": check.weak}
+
+
+def describe_task_check(result: dict) -> str:
+    """The one line ``hap verify`` prints about the full model doing a task."""
+    if "error" in result:
+        return f"full model on {result['task']}: not measured ({result['error']})"
+    line = (f"full model on {result['n_examples']} {result['task']} examples"
+            f"{' (BOS first)' if result['bos'] else ' (no BOS)'}: accuracy {result['accuracy']:.2f}, mean logit "
+            f"difference {result['logit_diff']:+.2f}")
+    if result["weak"]:
+        hint = "missing BOS? try --bos" if not result["bos"] else "a BOS it does not expect? try --no-bos"
+        line += (f"  WEAK: at or below chance ({CHANCE_ACCURACY:.2f}) or wrong on average; a circuit of it would "
+                 f"explain a broken behaviour ({hint}; or a prompt format it was not trained on)")
+    return line
+
+
+def verify_model(model: Model, random_tokens: bool = False, seed: int = 0, bos: bool | None = None) -> dict:
+    """Run the invariants on a loaded model; returns the JSON-ready report (``full_model_task``: the full
+    model on a small IOI batch, which does not decide ``passed``)."""
     graph = Graph.from_model(model)
-    clean, corrupted = (ids.to(model.device) for ids in verify_prompts(model, random_tokens, seed))
+    clean, corrupted = (ids.to(model.device) for ids in verify_prompts(model, random_tokens, seed, bos))
     with torch.no_grad():
         hf_clean = model.hf_model(clean).logits
         hf_corrupted = model.hf_model(corrupted).logits
@@ -114,6 +162,7 @@ def verify_model(model: Model, random_tokens: bool = False, seed: int = 0) -> di
         report["float32_noise_floor"] = floor
         tolerance = tolerance + floor
     report["passed"] = all(value <= tolerance for value in figures.values())
+    report["full_model_task"] = full_model_task(model, seed, bos)
     return report
 
 

@@ -166,7 +166,7 @@ def test_circuit_of_a_given_size_keeps_the_costliest_edges(tiny_gpt2_64):
 
 def test_cli_acdc_runs_resumes_and_refuses_a_bad_threshold(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["discover", "--model", "tiny-gpt2", "--method", "acdc", "--threshold", "1e-6", "--n-examples", "4",
+    argv = ["discover", "--model", "tiny-gpt2", "--allow-weak-model", "--method", "acdc", "--threshold", "1e-6", "--n-examples", "4",
             "--n-test", "4", "--out", str(out), "--no-report"]
     assert main(argv) == 0
     document = json.loads((out / "circuit.json").read_text())
@@ -264,7 +264,7 @@ def test_next_threshold_predicts_from_the_nearest_finished_sweep_inside_the_brac
 
 def test_cli_acdc_of_a_given_size_records_its_threshold_search(tmp_path):
     out = tmp_path / "run"
-    assert main(["discover", "--model", "tiny-gpt2", "--method", "acdc", "--edges", "5", "--threshold-runs", "3",
+    assert main(["discover", "--model", "tiny-gpt2", "--allow-weak-model", "--method", "acdc", "--edges", "5", "--threshold-runs", "3",
                  "--ablation", "zero",
                  "--n-examples", "4", "--n-test", "4", "--out", str(out), "--no-report"]) == 0
     document = json.loads((out / "circuit.json").read_text())
@@ -274,7 +274,7 @@ def test_cli_acdc_of_a_given_size_records_its_threshold_search(tmp_path):
     assert document["config"]["threshold"] in [sweep["threshold"] for sweep in search]
     assert sum(edge["in_graph"] for edge in document["edges"].values()) <= 5
     started = tmp_path / "started"  # --threshold-start: the first sweep is there, the rest follow the search
-    assert main(["discover", "--model", "tiny-gpt2", "--method", "acdc", "--edges", "5", "--threshold-runs", "2",
+    assert main(["discover", "--model", "tiny-gpt2", "--allow-weak-model", "--method", "acdc", "--edges", "5", "--threshold-runs", "2",
                  "--ablation", "zero", "--threshold-start", "0.0123",
                  "--n-examples", "4", "--n-test", "4", "--out", str(started), "--no-report"]) == 0
     search = json.loads((started / "circuit.json").read_text())["config"]["threshold_search"]

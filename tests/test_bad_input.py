@@ -45,7 +45,7 @@ def refuse(argv: list[str], capsys, watched: Path, *words: str) -> str:
 def finished(tmp_path_factory) -> Path:
     """A finished tiny run to resume, evaluate and corrupt copies of."""
     out = tmp_path_factory.mktemp("runs") / "done"
-    assert main(["discover", *TINY, "--method", "eap", "--edges", "20", "--n-examples", "4", "--n-test", "4",
+    assert main(["discover", *TINY, "--allow-weak-model", "--method", "eap", "--edges", "20", "--n-examples", "4", "--n-test", "4",
                  "--out", str(out), "--no-report"]) == 0
     return out
 
@@ -91,7 +91,7 @@ DISCOVER_MISTAKES = [
 def test_discover_mistakes(tmp_path, capsys, monkeypatch, extra, words):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
-    refuse(["discover", *TINY, "--out", str(out), *extra], capsys, tmp_path, *words)
+    refuse(["discover", *TINY, "--allow-weak-model", "--out", str(out), *extra], capsys, tmp_path, *words)
     assert not out.exists()  # nothing left behind: the corrected command just works
 
 
@@ -104,7 +104,7 @@ def test_discover_mistakes(tmp_path, capsys, monkeypatch, extra, words):
 ])
 def test_bad_task_files(tmp_path, capsys, rows, words):
     task = _task_file(tmp_path, rows)
-    refuse(["discover", *TINY, "--edges", "5", "--task", str(task), "--out", str(tmp_path / "run")], capsys,
+    refuse(["discover", *TINY, "--allow-weak-model", "--edges", "5", "--task", str(task), "--out", str(tmp_path / "run")], capsys,
            tmp_path, *words)
 
 
@@ -116,7 +116,7 @@ def test_an_unknown_model_is_refused_with_the_closest_name(tmp_path, capsys, mon
 
 
 def test_run_directory_mistakes(tmp_path, capsys, finished):
-    refuse(["discover", *TINY, "--method", "eap", "--edges", "20", "--out", str(finished)], capsys, finished,
+    refuse(["discover", *TINY, "--allow-weak-model", "--method", "eap", "--edges", "20", "--out", str(finished)], capsys, finished,
            "already holds a run", "--force")
     refuse(["discover", "--resume", str(tmp_path / "empty")], capsys, tmp_path, "nothing to resume")
     refuse(["discover", "--resume", str(finished), "--edges", "30"], capsys, finished, "other settings", "edges")
@@ -166,7 +166,7 @@ def test_other_commands_mistakes(tmp_path, capsys, finished):
 
 def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path, capsys):
     out = tmp_path / "ep"
-    assert main(["discover", *TINY, "--method", "ep", "--edges", "20", "--steps", "6", "--n-examples", "4",
+    assert main(["discover", *TINY, "--allow-weak-model", "--method", "ep", "--edges", "20", "--steps", "6", "--n-examples", "4",
                  "--n-test", "4", "--checkpoint-every", "2", "--out", str(out), "--no-report"]) == 0
     (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:100])  # truncated
     refuse(["discover", "--resume", str(out)], capsys, out, "checkpoint.pt", "damaged")
@@ -181,7 +181,7 @@ def test_sigkill_while_checkpointing_then_resume_continues_from_the_last_good_on
     import time
 
     out = tmp_path / "ep"
-    argv = [sys.executable, "-m", "hap", "discover", *TINY, "--method", "ep", "--edges", "20", "--steps", "400",
+    argv = [sys.executable, "-m", "hap", "discover", *TINY, "--allow-weak-model", "--method", "ep", "--edges", "20", "--steps", "400",
             "--n-examples", "8", "--n-test", "4", "--checkpoint-every", "1", "--out", str(out), "--no-report"]
     run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -210,7 +210,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_and_it_resumes(tmp_path):
     import time
 
     out = tmp_path / "ep"
-    argv = [sys.executable, "-m", "hap", "discover", *TINY, "--method", "ep", "--edges", "20", "--steps", "400",
+    argv = [sys.executable, "-m", "hap", "discover", *TINY, "--allow-weak-model", "--method", "ep", "--edges", "20", "--steps", "400",
             "--n-examples", "8", "--n-test", "4", "--checkpoint-every", "100000", "--out", str(out), "--no-report"]
     run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -236,7 +236,7 @@ def test_damaged_run_settings_and_attribution_cache_are_refused_in_one_line(tmp_
     (copy / "run.json").write_text('{"model": ')
     refuse(["discover", "--resume", str(copy)], capsys, copy, "run.json", "damaged")
     out = tmp_path / "hap"
-    assert main(["discover", *TINY, "--method", "hap", "--edges", "20", "--steps", "4", "--n-examples", "4",
+    assert main(["discover", *TINY, "--allow-weak-model", "--method", "hap", "--edges", "20", "--steps", "4", "--n-examples", "4",
                  "--n-test", "4", "--out", str(out), "--no-report"]) == 0
     (out / "attribution.pt").write_bytes(b"not a tensor")
     refuse(["discover", "--resume", str(out)], capsys, out, "attribution.pt", "damaged")

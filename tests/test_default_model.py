@@ -82,3 +82,24 @@ def test_hap_demo_pipeline_on_a_small_budget(tmp_path, capsys):
     assert {"circuit.json", "train_log.jsonl", "run.json", "report.html", "circuit.svg"} <= names
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 4
     assert "hap" in capsys.readouterr().out
+
+
+def test_smollm2_prompts_get_no_bos_by_default_and_the_model_does_ioi():
+    """SmolLM2's tokenizer prepends nothing, so its prompts (and the demo's circuit) are as before; --bos
+    gives its BOS token; verify's line finds the full model doing IOI."""
+    from hap.tasks import default_prefix, ioi_task
+    from hap.verify import describe_task_check, full_model_task
+
+    model = hap.load_model("smollm2-135m", device="cpu")
+    tokenizer = model.tokenizer
+    assert default_prefix(tokenizer) == []
+    task = ioi_task(tokenizer, 16, seed=1)
+    assert not task.bos
+    for row, n, text in zip(task.clean_ids.tolist(), task.lengths.tolist(), task.clean_prompts):
+        assert row[:n] == tokenizer(text).input_ids == tokenizer(text, add_special_tokens=False).input_ids
+    forced = ioi_task(tokenizer, 16, seed=1, bos=True)
+    assert forced.bos and forced.clean_ids[:, 0].eq(tokenizer.bos_token_id).all()
+    assert torch.equal(forced.lengths, task.lengths + 1)
+    result = full_model_task(model)
+    assert result["bos"] is False and not result["weak"] and result["accuracy"] > 0.8, result
+    assert "WEAK" not in describe_task_check(result)

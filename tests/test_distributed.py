@@ -43,7 +43,7 @@ def test_the_ranks_shares_add_up_to_the_whole(tiny_llama):
 
 
 def _discover(out: Path, method: str, extra: list[str]) -> list[str]:
-    return ["discover", "--model", "tiny-llama", "--method", method, "--edges", "40", "--n-examples", "6",
+    return ["discover", "--model", "tiny-llama", "--allow-weak-model", "--method", method, "--edges", "40", "--n-examples", "6",
             "--n-test", "4", "--batch-size", "2", "--device", "cpu", "--out", str(out), "--no-report", *extra]
 
 
@@ -169,7 +169,7 @@ def test_two_processes_prune_like_one_and_resume_after_a_kill(tmp_path, method):
     import time
 
     def argv(out: Path) -> list[str]:
-        return ["discover", "--model", "tiny-llama", "--method", method, "--edges", "60", "--steps", "150",
+        return ["discover", "--model", "tiny-llama", "--allow-weak-model", "--method", method, "--edges", "60", "--steps", "150",
                 "--batch-size", "4", "--n-examples", "8", "--n-test", "4", "--dtype", "float64",
                 "--checkpoint-every", "2", "--device", "cpu", "--out", str(out), "--no-report",
                 *(["--candidates", "0.5"] if method == "hap" else [])]

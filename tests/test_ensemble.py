@@ -102,7 +102,7 @@ def test_runs_of_different_models_or_tasks_are_refused(tiny_gpt2, tiny_llama):
 
 
 def test_cli_ensembles_runs_of_different_methods_and_measures_held_out(tmp_path, capsys):
-    common = ["--model", "tiny-gpt2", "--n-test", "8", "--edges", "30", "--no-report"]
+    common = ["--model", "tiny-gpt2", "--allow-weak-model", "--n-test", "8", "--edges", "30", "--no-report"]
     assert main(["discover", "--method", "eap", "--n-examples", "8", "--out", str(tmp_path / "a"), *common]) == 0
     assert main(["discover", "--method", "eap-ig-inputs", "--n-examples", "12", "--out", str(tmp_path / "b"),
                  *common]) == 0
@@ -115,7 +115,7 @@ def test_cli_ensembles_runs_of_different_methods_and_measures_held_out(tmp_path,
     assert document["metrics"]["test"]["n_examples"] == 8 and document["metrics"]["train"]["n_examples"] == 8
     assert document["splits"]["train"]["n_examples"] == 8  # the training examples both runs were fitted on
     assert "held out" in capsys.readouterr().out
-    assert main(["evaluate", str(out), "--json"]) == 0  # its circuit re-scores like any other
+    assert main(["evaluate", str(out), "--allow-weak-model", "--json"]) == 0  # its circuit re-scores like any other
     assert json.loads(capsys.readouterr().out)["n_edges"] == document["metrics"]["test"]["n_edges"]
     # a run judged on another test split is refused, and nothing is written
     assert main(["discover", "--method", "eap", "--n-examples", "8", "--seed", "3", "--out", str(tmp_path / "c"),

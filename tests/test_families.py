@@ -197,9 +197,9 @@ def test_a_saved_checkpoint_works_with_discover_evaluate_and_report(noisy_model,
 
     folder = noisy_model.name  # the save_pretrained directory the fixture loaded
     out = tmp_path / "run"
-    assert main(["discover", "--model", folder, "--method", "eap-ig-inputs", "--edges", "25", "--n-examples", "4",
+    assert main(["discover", "--model", folder, "--allow-weak-model", "--method", "eap-ig-inputs", "--edges", "25", "--n-examples", "4",
                  "--n-test", "4", "--out", str(out)]) == 0
-    assert main(["evaluate", str(out), "--json"]) == 0
+    assert main(["evaluate", str(out), "--allow-weak-model", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_edges"] <= 25
     assert main(["report", str(out)]) == 0
     assert (out / "report.html").stat().st_size > 1000 and (out / "circuit.svg").is_file()

@@ -135,7 +135,7 @@ def test_cli_user_errors_are_one_line_without_traceback(capsys, argv, words):
 )
 def test_a_discover_that_fails_on_its_inputs_leaves_no_run_directory(tmp_path, capsys, extra, words):
     out = tmp_path / "run"
-    argv = ["discover", "--model", "tiny-llama", "--method", "eap", "--n-examples", "8", "--out", str(out)]
+    argv = ["discover", "--model", "tiny-llama", "--allow-weak-model", "--method", "eap", "--n-examples", "8", "--out", str(out)]
     assert main([*argv, *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hap: error:") and words in err and len(err.strip().splitlines()) == 1

@@ -69,7 +69,7 @@ def test_per_head_eap_scores_equal_one_head_at_a_time_gradients(gqa_model):
 
 def test_export_writes_each_heads_own_score_and_the_cli_flag(gqa_model, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["discover", "--model", "tiny-llama", "--method", "eap", "--per-head-kv", "--edges", "30",
+    assert main(["discover", "--model", "tiny-llama", "--allow-weak-model", "--method", "eap", "--per-head-kv", "--edges", "30",
                  "--n-examples", "4", "--n-test", "4", "--out", str(out), "--no-report"]) == 0
     circuit = hap.Circuit.load(out / "circuit.json")
     assert circuit.kv_per_head is not None
@@ -82,7 +82,7 @@ def test_export_writes_each_heads_own_score_and_the_cli_flag(gqa_model, tmp_path
     assert main(["export", str(out), "--format", "mib", "--out", str(tmp_path / "mib.json")]) == 0
     back = load_mib(tmp_path / "mib.json")
     assert torch.allclose(back.scores, circuit.scores, atol=1e-5)  # heads sum back to the group
-    assert main(["discover", "--model", "tiny-llama", "--method", "exact", "--per-head-kv", "--edges", "5",
+    assert main(["discover", "--model", "tiny-llama", "--allow-weak-model", "--method", "exact", "--per-head-kv", "--edges", "5",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "--per-head-kv" in capsys.readouterr().err
     assert json.loads((out / "circuit.json").read_text())["config"]["per_head_kv"] is True
@@ -152,7 +152,7 @@ def test_per_head_graph_scores_equal_the_per_head_kv_scores(gqa_model, per_head_
 
 def test_discover_on_the_per_head_graph_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["discover", "--model", "tiny-llama", "--method", "hap", "--kv-graph", "per-head", "--edges", "40",
+    assert main(["discover", "--model", "tiny-llama", "--allow-weak-model", "--method", "hap", "--kv-graph", "per-head", "--edges", "40",
                  "--steps", "20", "--n-examples", "8", "--n-test", "8", "--out", str(out), "--no-report"]) == 0
     document = json.loads((out / "circuit.json").read_text())
     assert document["graph"]["kv_ungrouped"] is True
@@ -160,11 +160,11 @@ def test_discover_on_the_per_head_graph_end_to_end(tmp_path, capsys):
     assert 0 < len(kept) <= 40 and all(".g" not in name for name in document["edges"])
     printed = document["metrics"]["test"]["kl"]
     capsys.readouterr()
-    assert main(["evaluate", str(out), "--json"]) == 0  # reloads the model on the per-head graph by itself
+    assert main(["evaluate", str(out), "--allow-weak-model", "--json"]) == 0  # reloads the model on the per-head graph by itself
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kl"] == pytest.approx(printed, rel=1e-4)
     assert main(["export", str(out), "--format", "mib", "--out", str(tmp_path / "mib.json")]) == 0
     mib = json.loads((tmp_path / "mib.json").read_text())
     assert set(mib["edges"]) == set(document["edges"])  # one MIB edge per edge: nothing split
-    assert main(["discover", "--model", "tiny-llama", "--method", "eap", "--kv-graph", "per-head", "--per-head-kv",
+    assert main(["discover", "--model", "tiny-llama", "--allow-weak-model", "--method", "eap", "--kv-graph", "per-head", "--per-head-kv",
                  "--edges", "5", "--out", str(tmp_path / "bad")]) == 2
     assert "drop --per-head-kv" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -100,7 +100,7 @@ def test_discover_with_a_device_map(tmp_path):
     from hap.cli import main
 
     out = tmp_path / "run"
-    assert main(["discover", "--model", "tiny-llama", "--device-map", "auto", "--edges", "20", "--n-examples", "4",
+    assert main(["discover", "--model", "tiny-llama", "--allow-weak-model", "--device-map", "auto", "--edges", "20", "--n-examples", "4",
                  "--n-test", "4", "--out", str(out), "--no-report"]) == 0
     assert json.loads((out / "run.json").read_text())["device_map"] == "auto"
 
@@ -128,5 +128,5 @@ def test_half_precision_weights_compute_in_bf16_and_keep_the_sums_in_float32(tmp
     error = {name: float((logits[name] - logits["exact"]).abs().mean()) for name in ("float32 sums", "bf16 sums")}
     assert 0 < error["float32 sums"] < error["bf16 sums"], error
     out = tmp_path / "run"
-    assert main(["discover", "--model", "tiny-llama", "--dtype", "bfloat16", "--method", "hap", "--edges", "30",
+    assert main(["discover", "--model", "tiny-llama", "--allow-weak-model", "--dtype", "bfloat16", "--method", "hap", "--edges", "30",
                  "--steps", "10", "--n-examples", "4", "--n-test", "4", "--out", str(out), "--no-report"]) == 0

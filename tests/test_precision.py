@@ -212,11 +212,11 @@ def test_cli_acdc_with_mixed_precision_records_it(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(precision_module, "_mlp_seconds", lambda *args: next(timings))
     monkeypatch.setattr(precision_module, "twin_divergence", lambda *args: 0.001)
     out = tmp_path / "run"
-    main(["discover", "--model", "tiny-llama", "--method", "acdc", "--threshold", "0.001", "--n-examples", "4",
+    main(["discover", "--model", "tiny-llama", "--allow-weak-model", "--method", "acdc", "--threshold", "0.001", "--n-examples", "4",
           "--n-test", "4", "--mixed-precision", "int8", "--device", "cpu", "--out", str(out), "--no-report"])
     saved = json.loads((out / "circuit.json").read_text())
     assert saved["config"]["mixed_precision"] == "int8"
-    assert main(["discover", "--model", "tiny-gpt2", "--method", "ep", "--edges", "10", "--mixed-precision", "int8",
+    assert main(["discover", "--model", "tiny-gpt2", "--allow-weak-model", "--method", "ep", "--edges", "10", "--mixed-precision", "int8",
                  "--out", str(tmp_path / "ep")]) != 0
     assert "--mixed-precision applies to the patching methods" in capsys.readouterr().err
     assert not (tmp_path / "ep").exists()

@@ -221,7 +221,7 @@ def _snapshot(directory):
 )
 def test_bad_pruning_input_is_one_line_and_touches_nothing(tmp_path, capsys, extra, words):
     out = tmp_path / "run"
-    argv = ["discover", "--model", "tiny-llama", "--method", "hap", "--n-examples", "8", "--steps", "3",
+    argv = ["discover", "--model", "tiny-llama", "--allow-weak-model", "--method", "hap", "--n-examples", "8", "--steps", "3",
             "--candidates", "0.5", "--out", str(out), "--no-report"]
     assert main([*argv, "--sparsity", "0.8"]) == 0
     before = _snapshot(out)
@@ -234,12 +234,12 @@ def test_bad_pruning_input_is_one_line_and_touches_nothing(tmp_path, capsys, ext
 
 def test_resume_from_a_run_with_other_settings_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["discover", "--model", "tiny-llama", "--method", "ep", "--n-examples", "8", "--steps", "3",
+    argv = ["discover", "--model", "tiny-llama", "--allow-weak-model", "--method", "ep", "--n-examples", "8", "--steps", "3",
             "--sparsity", "0.8", "--no-report"]
     assert main([*argv, "--out", str(out)]) == 0
     before = _snapshot(out)
     capsys.readouterr()
-    assert main(["discover", "--model", "tiny-gpt2", *argv[3:], "--resume", str(out)]) == 2
+    assert main(["discover", "--model", "tiny-gpt2", "--allow-weak-model", *argv[3:], "--resume", str(out)]) == 2
     err = capsys.readouterr().err
     assert "model 'tiny-llama' -> 'tiny-gpt2'" in err
     assert _snapshot(out) == before

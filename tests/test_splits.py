@@ -140,7 +140,7 @@ def test_a_split_with_no_example_says_how_to_fix_it(tok, tmp_path):
 
 def test_evaluate_on_the_saved_test_split_gives_the_number_discover_printed(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["discover", "--model", "tiny-llama", "--method", "eap", "--edges", "40", "--n-examples", "24",
+    assert main(["discover", "--model", "tiny-llama", "--allow-weak-model", "--method", "eap", "--edges", "40", "--n-examples", "24",
                  "--n-test", "20", "--batch-size", "8", "--out", str(out), "--no-report"]) == 0
     printed = capsys.readouterr().out
     circuit = Circuit.load(out)
@@ -148,11 +148,11 @@ def test_evaluate_on_the_saved_test_split_gives_the_number_discover_printed(tmp_
     assert circuit.held_out["n_examples"] == 20 and circuit.metrics["train"]["n_examples"] == 20
     assert "test (held out)" in printed and "train (in-sample)" in printed
     assert printed.index("test (held out)") < printed.index("train (in-sample)")
-    assert main(["evaluate", str(out), "--json"]) == 0
+    assert main(["evaluate", str(out), "--allow-weak-model", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     for key in ("kl", "logit_diff", "accuracy", "faithfulness"):
         assert again[key] == circuit.held_out[key], key
     assert again["split"] == circuit.splits["test"]
-    assert main(["evaluate", str(out), "--split", "train", "--json"]) == 0
+    assert main(["evaluate", str(out), "--allow-weak-model", "--split", "train", "--json"]) == 0
     in_sample = json.loads(capsys.readouterr().out)
     assert in_sample["kl"] == circuit.metrics["train"]["kl"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import DataError
-from .base import Metric, TaskData, check_n_examples
+from .base import Metric, TaskData, check_n_examples, default_prefix, prompt_prefix, resolve_bos
 from .custom import custom_task
 from .greater_than import YearScheme, greater_than_task, year_tokens
 from .ioi import ioi_task
@@ -26,23 +26,26 @@ from .splits import BUILT_IN as BUILT_IN_TASKS
 from .splits import DEFAULT_TEST_FRACTION, TaskSpec, load_split, task_splits
 
 
-def load_task(name_or_path: str, tokenizer: PreTrainedTokenizerBase, n_examples: int, seed: int = 0) -> TaskData:
+def load_task(name_or_path: str, tokenizer: PreTrainedTokenizerBase, n_examples: int, seed: int = 0,
+              bos: bool | None = None) -> TaskData:
     """``n_examples`` examples of a built-in task or a custom JSONL file, tokenised by ``tokenizer``.
 
     ``seed`` makes the built-in tasks' random choices reproducible (a custom file
-    is read in order and ignores it). Raises ``DataError`` for a bad
+    is read in order and ignores it). ``bos``: prompts begin with the tokenizer's
+    BOS token (``None``: as the tokenizer does by default; a tracr program's
+    inputs always begin with their own). Raises ``DataError`` for a bad
     ``n_examples``, an unknown name, or malformed data.
     """
     check_n_examples(n_examples)
     if name_or_path == "ioi":
-        return ioi_task(tokenizer, n_examples, seed)
+        return ioi_task(tokenizer, n_examples, seed, bos=bos)
     if name_or_path == "greater-than":
-        return greater_than_task(tokenizer, n_examples, seed)
+        return greater_than_task(tokenizer, n_examples, seed, bos=bos)
     if is_program_task(name_or_path):
         return program_task(name_or_path, n_examples, seed)
     path = Path(name_or_path)
     if path.is_file():
-        return custom_task(path, tokenizer, n_examples)
+        return custom_task(path, tokenizer, n_examples, bos=bos)
     if path.suffix == ".jsonl" or path.exists():
         problem = "is not a file" if path.exists() else "does not exist"
         raise DataError(f"custom task file {name_or_path} {problem}; give the path of an existing .jsonl file")
@@ -62,6 +65,9 @@ __all__ = [
     "task_splits",
     "Metric",
     "TaskData",
+    "default_prefix",
+    "prompt_prefix",
+    "resolve_bos",
     "YearScheme",
     "custom_task",
     "greater_than_task",

@@ -45,6 +45,8 @@ class TaskData:
     ``positions`` [N] long: the answer position of each row (``None``: the
     last real token, ``lengths - 1``). ``answer_values``/``wrong_values`` [N]
     float: the clean and the corrupted run's output, for ``Metric.VALUE``.
+    ``bos``: every row begins with the tokenizer's BOS prefix (position 0 is
+    then no word of the prompt).
     """
 
     name: str
@@ -62,6 +64,7 @@ class TaskData:
     positions: Tensor | None = None
     answer_values: Tensor | None = None
     wrong_values: Tensor | None = None
+    bos: bool = False  # every row begins with the tokenizer's special prefix (its BOS token)
 
     def __post_init__(self) -> None:
         n = len(self.clean_prompts)
@@ -176,8 +179,53 @@ def check_n_examples(n_examples: int) -> None:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens (the same rule for every prompt)."""
+    """Token ids of ``text`` without special tokens (answers, and the words a task checks are one token)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+PREFIX_PROBE = "When Mary and John went to the store"
+
+
+def default_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special ids the tokenizer puts before a text by default: ``[bos]`` for Llama, Gemma and Mistral
+    tokenizers, ``[]`` for GPT-2 and SmolLM2. Special ids it would append after the text (an EOS) are not a
+    prompt's: the answer is predicted right after the prompt's last token, so prompts never get them."""
+    full = list(tokenizer(PREFIX_PROBE)["input_ids"])
+    bare = encode(tokenizer, PREFIX_PROBE)
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[:start]
+    special = set(tokenizer.all_special_ids)  # the text itself came out otherwise: keep the leading specials
+    leading = 0
+    while leading < len(full) and full[leading] in special:
+        leading += 1
+    return full[:leading]
+
+
+def prompt_prefix(tokenizer: PreTrainedTokenizerBase, bos: bool | None = None) -> list[int]:
+    """The ids every prompt begins with. ``None``: as the tokenizer does by default (``default_prefix``);
+    ``True``: its BOS token (its default prefix if it has one, else ``[bos_token_id]``); ``False``: nothing.
+    ``DataError`` for ``True`` when the tokenizer has no BOS token."""
+    if bos is False:
+        return []
+    prefix = default_prefix(tokenizer)
+    if bos is None or prefix:
+        return prefix
+    if tokenizer.bos_token_id is None:
+        raise DataError("--bos: this tokenizer has no BOS token to prepend; drop --bos (its prompts start with "
+                        "their first word)")
+    return [int(tokenizer.bos_token_id)]
+
+
+def resolve_bos(tokenizer: PreTrainedTokenizerBase, bos: bool | None = None) -> bool:
+    """Whether prompts will begin with a BOS prefix: ``bos`` itself, or (``None``) the tokenizer's default."""
+    return bool(prompt_prefix(tokenizer, bos))
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, prefix: Sequence[int]) -> list[int]:
+    """A prompt's ids: ``prefix`` (``prompt_prefix``), then the text's own ids. With the tokenizer's default
+    prefix this equals ``tokenizer(text)["input_ids"]`` for tokenizers that only prepend."""
+    return [*prefix, *encode(tokenizer, text)]
 
 
 def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int | None:
@@ -208,23 +256,26 @@ def make_task_data(
     corrupted_prompts: list[str],
     answer_ids: Sequence[int],
     wrong_ids: Sequence[int],
+    bos: bool | None = None,
     **extras: object,
 ) -> TaskData:
     """Tokenise the prompt pairs, check each pair has equal non-zero length, and pad.
 
-    ``extras`` are passed on to ``TaskData`` (``metric``, ``candidate_ids``,
-    ``good_mask``, ``bad_mask``). Raises ``DataError`` naming the example whose
-    clean and corrupted prompts differ in token length.
+    ``bos``: whether every prompt begins with the tokenizer's BOS (``None``: as the tokenizer does by
+    default; ``prompt_prefix``). ``extras`` are passed on to ``TaskData`` (``metric``, ``candidate_ids``,
+    ``good_mask``, ``bad_mask``). Raises ``DataError`` naming the example whose clean and corrupted
+    prompts differ in token length.
     """
     if not clean_prompts:
         raise DataError(f"task {name!r} has no examples")
-    clean = [encode(tokenizer, text) for text in clean_prompts]
-    corrupted = [encode(tokenizer, text) for text in corrupted_prompts]
+    prefix = prompt_prefix(tokenizer, bos)
+    clean = [encode_prompt(tokenizer, text, prefix) for text in clean_prompts]
+    corrupted = [encode_prompt(tokenizer, text, prefix) for text in corrupted_prompts]
     for i, (a, b) in enumerate(zip(clean, corrupted, strict=True)):
-        if len(a) != len(b) or not a:
+        if len(a) != len(b) or len(a) == len(prefix):
             raise DataError(
-                f"task {name!r}, example {i}: clean prompt is {len(a)} tokens and corrupted prompt is {len(b)} tokens; "
-                "they must be equal and non-zero"
+                f"task {name!r}, example {i}: clean prompt is {len(a) - len(prefix)} tokens and corrupted prompt is "
+                f"{len(b) - len(prefix)} tokens; they must be equal and non-zero"
             )
     lengths = [len(ids) for ids in clean]
     width = max(lengths)
@@ -242,5 +293,6 @@ def make_task_data(
         lengths=torch.tensor(lengths, dtype=torch.long),
         answer_ids=torch.tensor(list(answer_ids), dtype=torch.long),
         wrong_ids=torch.tensor(list(wrong_ids), dtype=torch.long),
+        bos=bool(prefix),
         **extras,  # type: ignore[arg-type]
     )

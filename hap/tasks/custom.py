@@ -84,9 +84,11 @@ def read_rows(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_examples: 
 
 
 def custom_task(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_examples: int,
-                part: str = "all", test_fraction: float = 0.0) -> TaskData:
+                part: str = "all", test_fraction: float = 0.0, bos: bool | None = None) -> TaskData:
     """The first ``n_examples`` examples of the JSONL file at ``path`` (all if it has fewer).
 
+    ``bos``: prompts begin with the tokenizer's BOS (``None``: as the tokenizer does by default); the
+    ``answer`` and ``wrong`` tokens are always bare.
     ``part`` "train" or "test" keeps only that side of the held-out split at
     ``test_fraction`` (module docstring); "all" reads every example. The task
     is named by ``str(path)``. Raises ``DataError`` for a missing, unreadable or
@@ -110,6 +112,7 @@ def custom_task(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_examples
         [row["corrupted"] for row in rows],
         [encode(tokenizer, row["answer"])[0] for row in rows],
         [encode(tokenizer, row["wrong"])[0] for row in rows],
+        bos=bos,
     )
 
 

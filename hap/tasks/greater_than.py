@@ -137,9 +137,11 @@ def greater_than_task(
     templates: Sequence[str] = TEMPLATES,
     nouns: Sequence[str] = NOUNS,
     centuries: Sequence[str] = CENTURIES,
+    bos: bool | None = None,
 ) -> TaskData:
     """``n_examples`` greater-than prompts (corruption: start year C01), reproducible from ``seed``.
 
+    ``bos``: prompts begin with the tokenizer's BOS (``None``: as the tokenizer does by default).
     The returned ``TaskData`` uses ``Metric.PROB_DIFF``: ``candidate_ids`` [C] are
     the year tokens of the detected scheme, ``good_mask``/``bad_mask`` [N, C] the
     per-example good and bad sets. Raises ``DataError`` for an empty vocabulary
@@ -185,6 +187,7 @@ def greater_than_task(
         corrupted_prompts,
         answers,
         wrongs,
+        bos=bos,
         metric=Metric.PROB_DIFF,
         candidate_ids=candidate_ids,
         good_mask=torch.tensor(good_rows, dtype=torch.bool),

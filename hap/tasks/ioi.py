@@ -98,9 +98,11 @@ def ioi_task(
     names: Sequence[str] = NAMES,
     places: Sequence[str] = PLACES,
     objects: Sequence[str] = OBJECTS,
+    bos: bool | None = None,
 ) -> TaskData:
     """``n_examples`` IOI prompts with ABC corruptions, reproducible from ``seed``.
 
+    ``bos``: prompts begin with the tokenizer's BOS (``None``: as the tokenizer does by default).
     Rows alternate ABBA / BABA. ``answer_ids`` is the indirect object (" A"),
     ``wrong_ids`` the subject (" B"). Clean and corrupted names both come from
     ``names`` (filtered to single tokens here), templates from ``templates``.
@@ -148,7 +150,7 @@ def ioi_task(
         answers.append(_name_id(tokenizer, io))
         wrongs.append(_name_id(tokenizer, subject))
     # Every substituted word is one token, so each pair has equal length; make_task_data checks it row by row.
-    return make_task_data("ioi", tokenizer, clean_prompts, corrupted_prompts, answers, wrongs)
+    return make_task_data("ioi", tokenizer, clean_prompts, corrupted_prompts, answers, wrongs, bos=bos)
 
 
 def _name_id(tokenizer: PreTrainedTokenizerBase, name: str) -> int:

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from ..errors import DataError
 from ..settings import DEFAULT_TEST_FRACTION
 from . import greater_than, ioi
-from .base import TaskData, check_n_examples, single_token_words
+from .base import TaskData, check_n_examples, resolve_bos, single_token_words
 from .custom import FIELDS, custom_task, read_rows
 from .program import is_program_task, program_task
 
@@ -47,7 +47,10 @@ class TaskSpec:
     "train", "test" or "all"; ``seed`` draws the built-in generators' examples
     from ``vocabulary`` (their template, name, ... lists); a file's ``split``
     side is the hash rule at ``test_fraction`` (None: the whole file) and
-    ``sha256`` is the file's content hash when the split was made.
+    ``sha256`` is the file's content hash when the split was made. ``bos``:
+    whether the prompts began with the tokenizer's BOS token; ``None`` in a
+    file written before hap recorded it, whose prompts had none (and for a
+    tracr program, whose inputs always begin with their own BOS).
     """
 
     task: str
@@ -57,6 +60,7 @@ class TaskSpec:
     vocabulary: dict[str, list[str]] | None = None
     test_fraction: float | None = None
     sha256: str | None = None
+    bos: bool | None = None
 
     def __post_init__(self) -> None:
         check_n_examples(self.n_examples)
@@ -84,6 +88,8 @@ class TaskSpec:
         if missing:
             raise DataError(f"{source}: missing {', '.join(missing)}")
         vocabulary = values.get("vocabulary")
+        if values.get("bos") is not None and not isinstance(values["bos"], bool):
+            raise DataError(f"{source}: bos must be true, false or null")
         if vocabulary is not None and not (
             isinstance(vocabulary, dict)
             and all(isinstance(v, list) and all(isinstance(w, str) for w in v) for v in vocabulary.values())
@@ -96,7 +102,10 @@ class TaskSpec:
 
     def describe(self) -> str:
         """One line for summaries and reports, e.g. "test split: 200 examples (seed 1); 8 templates, 21 names
-        held out of training"."""
+        held out of training" (and "; BOS first" when the prompts begin with the BOS token)."""
+        return self._describe() + ("; BOS first" if self.bos else "")
+
+    def _describe(self) -> str:
         if self.is_program:
             return (f"{self.split} split: {self.n_examples} (input, position) examples of {self.task} (seed "
                     f"{self.seed}; inputs hashed {self.test_fraction:g} test / rest train)")
@@ -148,9 +157,12 @@ def task_splits(
     seed: int = 0,
     test_task: str | None = None,
     test_fraction: float = DEFAULT_TEST_FRACTION,
+    bos: bool | None = None,
 ) -> tuple[TaskSpec, TaskSpec]:
     """The (train, test) specs of a task; nothing is tokenised beyond the name filter.
 
+    ``bos``: whether prompts begin with the tokenizer's BOS token (``None``: as the tokenizer does by
+    default); both specs record the answer, so ``load_split`` rebuilds the same ids.
     Built-in tasks: the training split draws ``n_train`` examples with ``seed``
     from three quarters of the templates and names (nouns, centuries), the test
     split ``n_test`` with ``seed + 1`` from the held-out quarter. A file: with
@@ -163,10 +175,19 @@ def task_splits(
     if is_program_task(task):
         if test_task is not None:
             raise DataError(f"{task} draws its test split from the program itself; drop --test-task")
+        if bos is not None:
+            raise DataError(f"{task}: a tracr program's inputs always begin with its own BOS; drop --bos/--no-bos")
         if not 0.0 < test_fraction < 1.0:
             raise DataError(f"--test-fraction must be in (0, 1), got {test_fraction}")
         return (TaskSpec(task, "train", n_train, seed, None, test_fraction),
                 TaskSpec(task, "test", n_test, seed + 1, None, test_fraction))
+    train, test = _task_splits(task, tokenizer, n_train, n_test, seed, test_task, test_fraction)
+    begins = resolve_bos(tokenizer, bos)
+    return replace(train, bos=begins), replace(test, bos=begins)
+
+
+def _task_splits(task: str, tokenizer: PreTrainedTokenizerBase, n_train: int, n_test: int, seed: int,
+                 test_task: str | None, test_fraction: float) -> tuple[TaskSpec, TaskSpec]:
     if task in BUILT_IN:
         if test_task is not None:
             train_vocabulary, _ = _vocabularies(task, tokenizer)
@@ -203,11 +224,14 @@ def _check_disjoint(train: TaskSpec, test: TaskSpec, tokenizer: PreTrainedTokeni
 
 
 def load_split(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
-    """The examples a spec describes, tokenised by ``tokenizer`` (the same ones every time)."""
+    """The examples a spec describes, tokenised by ``tokenizer`` (the same ones every time): with the BOS
+    token first exactly when the spec says so (a spec that records nothing had none)."""
+    bos = bool(spec.bos)
     if spec.task == "ioi":
-        return ioi.ioi_task(tokenizer, spec.n_examples, spec.seed, **(spec.vocabulary or {}))
+        return ioi.ioi_task(tokenizer, spec.n_examples, spec.seed, **(spec.vocabulary or {}), bos=bos)
     if spec.task == "greater-than":
-        return greater_than.greater_than_task(tokenizer, spec.n_examples, spec.seed, **(spec.vocabulary or {}))
+        return greater_than.greater_than_task(tokenizer, spec.n_examples, spec.seed, **(spec.vocabulary or {}),
+                                              bos=bos)
     if spec.is_program:
         return program_task(spec.task, spec.n_examples, spec.seed, spec.split, spec.test_fraction)
     if spec.sha256 is not None and Path(spec.task).is_file() and file_sha256(spec.task) != spec.sha256:
@@ -216,8 +240,8 @@ def load_split(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
             "split cannot be rebuilt; restore the file, or evaluate on it anyway with --task FILE"
         )
     if spec.test_fraction is None:
-        return custom_task(spec.task, tokenizer, spec.n_examples)
-    return custom_task(spec.task, tokenizer, spec.n_examples, spec.split, spec.test_fraction)
+        return custom_task(spec.task, tokenizer, spec.n_examples, bos=bos)
+    return custom_task(spec.task, tokenizer, spec.n_examples, spec.split, spec.test_fraction, bos=bos)
 
 
 def with_examples(spec: TaskSpec, n_examples: int) -> TaskSpec:

@@ -30,7 +30,8 @@ from .batches import GIB, ReferenceCache, TaskBatches
 from .circuit import Circuit, Scores, edges_for_sparsity, generalisation_gap, write_atomically
 from .distributed import Ranks, ranks_from_env
 from .errors import HapError
-from .evaluation import FullModelCheck, HeldOutMonitor, check_full_model, evaluate, faithfulness_curve, require_capable_model
+from .evaluation import (HeldOutMonitor, check_full_model, evaluate, fails_task, faithfulness_curve,
+                         require_capable_model)
 from .graph import Graph
 from .ground_truth import describe_recovery, judge, read_ground_truth
 from .models.loading import DEFAULT_MODEL, Model, load_model
@@ -514,12 +515,6 @@ def _signed(value: Any, digits: int = 4) -> str:
     return f"{value:+.{digits}f}" if isinstance(value, (int, float)) else ""
 
 
-def _fails_task(full_model: dict[str, Any]) -> bool:
-    accuracy, metric = full_model.get("accuracy"), full_model.get("logit_diff")
-    return isinstance(accuracy, (int, float)) and isinstance(metric, (int, float)) and \
-        FullModelCheck("", 0, accuracy, metric).weak
-
-
 def format_summary(circuit: Circuit) -> str:
     """The short human summary ``discover`` and ``evaluate`` print: held-out metrics first, in-sample beside them."""
     metrics = circuit.metrics
@@ -560,7 +555,7 @@ def format_summary(circuit: Circuit) -> str:
         lines.append("  examples      " + "".join(
             f"{str(values.get('n_examples', 'n/a')) + ' (' + str(values.get('n_full_model_wrong', '?')) + ' wrong)':>19}"
             for _, values in shown) + "   (full model wrong on)")
-        weak = [label for label, values in shown if _fails_task(values.get("full_model") or {})]
+        weak = [label for label, values in shown if fails_task(values.get("full_model"))]
         if weak:
             lines.append(f"  WARNING       the full model fails the task on the {' and '.join(weak)} examples (at or "
                          "below chance, or wrong on average): this circuit explains a broken behaviour")

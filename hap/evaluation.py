@@ -146,6 +146,16 @@ class FullModelCheck:
                 f"on {self.n_examples} {self.split} examples")
 
 
+def fails_task(full_model: Any) -> bool:
+    """Whether recorded full-model metrics (``Metrics.full_model``: ``accuracy``, ``logit_diff``) fail the task
+    as ``FullModelCheck.weak`` judges (False when they are missing)."""
+    if not isinstance(full_model, dict):
+        return False
+    accuracy, metric = full_model.get("accuracy"), full_model.get("logit_diff")
+    return isinstance(accuracy, (int, float)) and isinstance(metric, (int, float)) and \
+        FullModelCheck("", 0, accuracy, metric).weak
+
+
 def check_full_model(model: Model, data: TaskData | Iterable[Batch], split: str = "test",
                      n_examples: int | None = FULL_MODEL_CHECK_EXAMPLES, batch_size: int = 16) -> FullModelCheck:
     """The full model's accuracy and mean metric on the first ``n_examples`` (None: all) examples.

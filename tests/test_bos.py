@@ -353,3 +353,24 @@ def test_the_check_reads_the_same_numbers_from_a_task_or_its_batches(tiny_gpt2):
     assert via_batches.n_examples == first.n_examples == 12
     assert via_batches.accuracy == pytest.approx(first.accuracy)
     assert via_batches.logit_diff == pytest.approx(first.logit_diff, abs=1e-5)
+
+
+def test_the_report_and_summary_warn_of_a_weak_full_model(bos_runs, tmp_path):
+    import shutil
+
+    from hap.discovery import format_summary
+    from hap.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(bos_runs["eap"], run)
+    circuit = Circuit.load(run / "circuit.json")
+    weak = {"accuracy": 0.25, "logit_diff": -1.0}
+    strong = {"accuracy": 0.9, "logit_diff": 2.0}
+    for full_model, warned in ((weak, True), (strong, False)):
+        circuit.metrics["test"]["full_model"] = {**circuit.metrics["test"]["full_model"], **full_model}
+        circuit.metrics["train"]["full_model"] = {**circuit.metrics["train"]["full_model"], **strong}
+        assert ("WARNING       the full model fails the task on the test (held out) examples" in
+                format_summary(circuit)) is warned
+        circuit.save(run / "circuit.json")
+        page = write_report(run).read_text()
+        assert ('id="weak-model"' in page) is warned

@@ -22,6 +22,7 @@ import torch
 from .. import __version__
 from ..circuit import Circuit, write_atomically
 from ..errors import HapError
+from ..evaluation import CHANCE_ACCURACY, fails_task
 from ..tasks.splits import TaskSpec
 from .curves import CurveSeries, faithfulness_figure, read_train_log, roc_figure, save_figure, training_figure
 from .svg import circuit_elements, draw_circuit
@@ -298,6 +299,11 @@ def _metrics_section(circuit: Circuit) -> str:
         rows, classes = metrics_rows(test)
         parts += [f'<p class="note">{escape(_split_line(circuit, "test"))}</p>',
                   table(headers, rows, table_id="metrics", row_classes=classes)]
+        if fails_task(test.get("full_model")):
+            parts.append('<p class="note no" id="weak-model">The full model fails the task on these examples (at '
+                         f'or below chance, {CHANCE_ACCURACY:.2f}, or wrong on average): this circuit explains a '
+                         "broken behaviour. Check the BOS token (<code>--bos</code>), the prompt format and the "
+                         "answer tokens.</p>")
     else:
         parts.append('<p class="note no" id="metrics">This circuit file has no held-out metrics (it predates '
                      "held-out splits, or was never measured on one): run <code>hap evaluate</code> on it. The "

@@ -4,13 +4,16 @@
 (``in_graph``) with the scores that chose it, the settings, metrics and
 runtimes, and the task splits it was fitted and judged on.
 
-``circuit.json`` format ``hap-circuit/2`` keeps metrics per split:
+``circuit.json`` format ``hap-circuit/3`` keeps metrics per split:
 ``metrics["test"]`` (held-out: the headline), ``metrics["train"]`` (in-sample,
 the examples it was fitted on), ``metrics["gap"]`` (test minus train) and
 ``metrics["curve"]`` (MIB curve, on the test split); ``splits`` holds the
 ``TaskSpec`` of each split so ``hap evaluate`` rebuilds exactly the same
-examples. Format ``hap-circuit/1`` files are read too: their unlabelled metrics
-were measured on the training examples and become ``metrics["train"]``. Selection keeps the top edges by |score|, then drops edges that cannot
+examples; ``nodes`` holds, per head and MLP, how much the circuit needs it
+(``importance``, with the split it was measured on under ``node_importance``:
+``hap.importance``). Format ``hap-circuit/2`` files (no node importance) and
+``hap-circuit/1`` files are read too: the latter's unlabelled metrics were
+measured on the training examples and become ``metrics["train"]``. Selection keeps the top edges by |score|, then drops edges that cannot
 matter: those whose source has no kept path from ``input`` or whose reader has
 no kept path to ``logits``.
 """
@@ -32,8 +35,10 @@ from .errors import HapError
 from .graph import Graph
 from .models.adapter import Layout
 
-FORMAT = "hap-circuit/2"
+FORMAT = "hap-circuit/3"
+FORMAT_2 = "hap-circuit/2"
 FORMAT_1 = "hap-circuit/1"
+READABLE_FORMATS = (FORMAT, FORMAT_2, FORMAT_1)
 METRIC_SPLITS = ("test", "train")
 
 
@@ -61,6 +66,20 @@ def write_atomically(path: str | Path, data: str | bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _read_importance(document: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """The node-importance table of a ``hap-circuit/3`` document: its ``node_importance`` header and the
+    ``importance`` of each node, most important first (the order it was written in)."""
+    header = document.get("node_importance")
+    if header is None:
+        return None
+    nodes = document.get("nodes")
+    if not isinstance(header, dict) or not isinstance(nodes, dict):
+        raise CircuitFileError(f"{source}: 'node_importance' and 'nodes' must be objects; re-run hap explain")
+    rows = [{"name": name, **node["importance"]} for name, node in nodes.items()
+            if isinstance(node, dict) and isinstance(node.get("importance"), dict)]
+    return {**header, "nodes": sorted(rows, key=lambda row: row.get("rank", 0))}
 
 
 def prune_dangling(graph: Graph, in_graph: Tensor) -> Tensor:
@@ -120,6 +139,8 @@ class Circuit:
     runtime_s: dict[str, float] = field(default_factory=dict)
     splits: dict[str, Any] = field(default_factory=dict)  # split name -> TaskSpec dict
     kv_per_head: Tensor | None = None  # [S, L, H, 2]: per query head k/v input scores (``--per-head-kv``)
+    # ``hap.importance.ImportanceTable.to_dict()``: how much the circuit needs each of its nodes (None: not measured)
+    importance: dict[str, Any] | None = None
 
     @property
     def held_out(self) -> dict[str, Any]:
@@ -147,7 +168,7 @@ class Circuit:
         return nodes
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``hap-circuit/2`` document (EAP-IG / MIB names for edges and nodes)."""
+        """The ``hap-circuit/3`` document (EAP-IG / MIB names for edges and nodes)."""
         graph = self.graph()
         sources, readers = graph.real.nonzero(as_tuple=True)
         scores = graph.scores[sources, readers].tolist()
@@ -179,11 +200,21 @@ class Circuit:
                 "n_edges_in_graph": int(graph.in_graph.sum()),
             },
             "edges": edges,
-            "nodes": {name: {"in_graph": keep} for name, keep in self.node_in_graph(graph).items()},
+            "nodes": self._nodes(graph),
+            **({"node_importance": {k: v for k, v in self.importance.items() if k != "nodes"}}
+               if self.importance is not None else {}),
             "metrics": self.metrics,
             "runtime_s": self.runtime_s,
             **({"kv_per_head": self.kv_per_head.tolist()} if self.kv_per_head is not None else {}),
         }
+
+    def _nodes(self, graph: Graph) -> dict[str, dict[str, Any]]:
+        """Each node's ``in_graph``, and its ``importance`` row where it was measured."""
+        nodes: dict[str, dict[str, Any]] = {name: {"in_graph": keep}
+                                            for name, keep in self.node_in_graph(graph).items()}
+        for row in (self.importance or {}).get("nodes", []):
+            nodes[row["name"]]["importance"] = {key: value for key, value in row.items() if key != "name"}
+        return nodes
 
     def save(self, path: str | Path) -> Path:
         """Write ``circuit.json`` atomically; returns the path."""
@@ -214,12 +245,12 @@ class Circuit:
 
     @classmethod
     def from_dict(cls, document: dict[str, Any], model: str | None = None, source: str = "circuit") -> Circuit:
-        """Read a ``hap-circuit/2`` (or ``/1``) document; with ``model``, refuse another model's circuit."""
+        """Read a ``hap-circuit/3`` (or ``/2``, ``/1``) document; with ``model``, refuse another model's circuit."""
         found = document.get("format")
-        if found not in (FORMAT, FORMAT_1):
+        if found not in READABLE_FORMATS:
             raise CircuitFileError(
-                f"{source} has format {found!r}, this hap-circuits reads {FORMAT!r} and {FORMAT_1!r}; re-run "
-                "discovery with this version or convert the file"
+                f"{source} has format {found!r}, this hap-circuits reads {', '.join(map(repr, READABLE_FORMATS))}; "
+                "re-run discovery with this version or convert the file"
             )
         if model is not None and document.get("model") != model:
             raise CircuitFileError(
@@ -288,8 +319,9 @@ class Circuit:
             config=document.get("config", {}),
             metrics=metrics,
             runtime_s=document.get("runtime_s", {}),
-            splits=document.get("splits", {}) if found == FORMAT else {},
+            splits=document.get("splits", {}) if found != FORMAT_1 else {},
             kv_per_head=kv_per_head,
+            importance=_read_importance(document, source) if found == FORMAT else None,
         )
 
     @classmethod

@@ -285,6 +285,53 @@ def _curve(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPLAIN_EXAMPLES = 64  # hap explain's default: the first 64 examples of the recorded split
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .circuit import Circuit, write_atomically
+    from .importance import node_importance
+    from .models.loading import load_model
+
+    path = Path(args.circuit)
+    path = path / "circuit.json" if path.is_dir() else path
+    circuit = Circuit.load(path, model=args.model)
+    model = load_model(circuit.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                       per_head_kv_graph=circuit.layout.kv_ungrouped)
+    circuit.check_fits(model.layout, str(path))
+    if args.n_examples is None:
+        recorded = (circuit.metrics.get(args.split) or {}).get("n_examples")
+        args.n_examples = min(EXPLAIN_EXAMPLES, recorded) if isinstance(recorded, int) else EXPLAIN_EXAMPLES
+    task, note, split = _examples(args, circuit, model.tokenizer, str(path))
+    ablation = circuit.config.get("ablation", "interchange")
+    batch_size = args.batch_size or int(circuit.config.get("batch_size", 16))
+    data = _measured_data(model, task, batch_size, ablation, split.get("split", "drawn"), args.allow_weak_model)
+    started = time.perf_counter()
+    table = node_importance(model, circuit, task, batch_size, ablation, data=data,
+                            split=split.get("split", "drawn"), progress=not args.json)
+    seconds = time.perf_counter() - started
+    document = {**table.to_dict(), "extra": {"examples": split, "seconds": round(seconds, 1)}}
+    if args.json:
+        print(json.dumps({"circuit": str(path), "model": circuit.model, "split": table.split,
+                          "n_examples": table.n_examples, "faithfulness": table.faithfulness, "kl": table.kl,
+                          "nodes": [{"name": node.name, "kind": node.kind, "layer": node.layer, "rank": node.rank,
+                                     "importance": node.faithfulness_drop,
+                                     "evidence": {"faithfulness_drop": node.faithfulness_drop,
+                                                  "kl_increase": node.kl_increase, "n_edges": node.n_edges,
+                                                  "attribution": node.attribution}}
+                                    for node in table.nodes]}))
+    else:
+        print(f"{circuit.model} / {circuit.task} / {circuit.method}: {len(table.nodes)} heads and MLPs")
+        print(table.format(top=args.top))
+        print(f"examples: {note}; {seconds:.1f} s")
+        if table.split == "train":
+            print("(these are the examples the circuit was fitted on: in-sample numbers, not held out)")
+    if not args.no_write:
+        circuit.importance = document
+        write_atomically(path, json.dumps(circuit.to_dict()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .settings import ATTRIBUTION_METHODS, METHODS
 
@@ -429,6 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_options(curve)
     curve.add_argument("--no-write", action="store_true", help="do not store the curve in the circuit file")
     curve.set_defaults(run=_curve)
+    explain = commands.add_parser(
+        "explain", help="how much the circuit needs each of its heads and MLPs, on held-out examples",
+        description="Node importance: each head and MLP of the circuit is removed with all its edges, one at a "
+        f"time, and the held-out faithfulness lost and KL added are measured (by default on the first "
+        f"{EXPLAIN_EXAMPLES} examples of the recorded test split; one masked run per node and batch). Stored in "
+        "the circuit file (nodes.*.importance) unless --no-write.")
+    explain.add_argument("circuit", help="circuit.json or a run directory")
+    _add_model_options(explain, default=None)
+    _add_task_options(explain)
+    explain.add_argument("--top", type=int, default=20, help="rows shown (default 20; --json gives all)")
+    explain.add_argument("--json", action="store_true", help="one JSON line: {\"nodes\": [{\"name\", "
+                         "\"importance\", \"evidence\"}, ...]}")
+    explain.add_argument("--no-write", action="store_true", help="do not store the table in the circuit file")
+    explain.set_defaults(run=_explain)
     ensemble = commands.add_parser(
         "ensemble", help="combine the edge scores of finished runs and evaluate the circuit they choose",
         description="Parallel ensemble (MIB shared task): each run's |scores| are rank-normalised, combined by "

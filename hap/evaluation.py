@@ -100,11 +100,12 @@ def _masks(graph: Graph, kept: list[Tensor], kind: AblationKind, device, dtype) 
     return [(mask.to(device, dtype), ComputePlan.build(graph, mask.bool(), kind)) for mask in kept]
 
 
-def _evaluate_masks(model: Model, graph: Graph, data: Iterable[Batch], kept: list[Tensor], kind: AblationKind,
+def evaluate_masks(model: Model, graph: Graph, data: Iterable[Batch], kept: list[Tensor], kind: AblationKind,
                     progress: bool, label: str, n_examples: int | None = None,
                     ) -> tuple[list[dict[str, float]], dict[str, float], dict[str, float], int]:
-    """Metrics of several edge sets [S, R] bool on the same batches, plus the full model and the empty circuit,
-    and the number of examples. ``data`` is read once (batches may be made on the fly)."""
+    """Metrics (``kl``, ``logit_diff``, ``accuracy``) of several edge sets [S, R] bool on the same batches, then
+    those of the full model and of the empty circuit, and the number of examples. ``data`` is read once
+    (batches may be made on the fly); every set costs one masked forward per batch."""
     empty = torch.zeros(graph.real.shape, dtype=torch.bool)
     runs = _masks(graph, [*kept, empty], kind, model.device, model.dtype)
     sums = [_Sums() for _ in runs]
@@ -225,7 +226,7 @@ def evaluate(
     kept = circuit.in_graph if isinstance(circuit, Circuit) else circuit
     kept = kept.cpu().bool() & graph.real
     data = data if data is not None else batches(model, graph, task, batch_size, AblationKind(ablation))
-    [metrics], full, empty, n = _evaluate_masks(model, graph, data, [kept], AblationKind(ablation), progress, label,
+    [metrics], full, empty, n = evaluate_masks(model, graph, data, [kept], AblationKind(ablation), progress, label,
                                                 len(task))
     return Metrics(
         kl=metrics["kl"],
@@ -266,7 +267,7 @@ def faithfulness_curve(
             chosen[order[: max(1, round(fraction * graph.n_edges))]] = True
             kept.append(chosen.view(real.shape) & real)
     data = data if data is not None else batches(model, graph, task, batch_size, AblationKind(ablation))
-    results, full, empty, _ = _evaluate_masks(model, graph, data, kept, AblationKind(ablation), progress, "curve",
+    results, full, empty, _ = evaluate_masks(model, graph, data, kept, AblationKind(ablation), progress, "curve",
                                               len(task))
     values = [faithfulness(r["logit_diff"], full["logit_diff"], empty["logit_diff"]) for r in results]
     signed, absolute = values[: len(fractions)], values[len(fractions):]
@@ -297,7 +298,7 @@ class HeldOutMonitor:
         part = task.slice(0, min(n_examples, len(task)))
         data = TaskBatches(model, graph, part, len(part), kind, cache=ReferenceCache(memory_budget=2**62),
                            name="monitor")
-        _, full, empty, _ = _evaluate_masks(model, graph, data, [], kind, False, "monitor")
+        _, full, empty, _ = evaluate_masks(model, graph, data, [], kind, False, "monitor")
         return cls(data, kind, full, empty)
 
     @property

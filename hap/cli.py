@@ -258,17 +258,26 @@ def _ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
-def _curve(args: argparse.Namespace) -> int:
-    from .circuit import Circuit, Scores, write_atomically
-    from .evaluation import faithfulness_curve
+def _circuit_and_model(given: str, args: argparse.Namespace):
+    """(the circuit file's path, the circuit, its model loaded as ``--device``/``--dtype``/``--device-map``
+    say, checked to fit) for the commands that re-run a saved circuit."""
+    from .circuit import Circuit
     from .models.loading import load_model
 
-    path = Path(args.scores)
+    path = Path(given)
     path = path / "circuit.json" if path.is_dir() else path
     circuit = Circuit.load(path, model=args.model)
     model = load_model(circuit.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                        per_head_kv_graph=circuit.layout.kv_ungrouped)
     circuit.check_fits(model.layout, str(path))
+    return path, circuit, model
+
+
+def _curve(args: argparse.Namespace) -> int:
+    from .circuit import Scores, write_atomically
+    from .evaluation import faithfulness_curve
+
+    path, circuit, model = _circuit_and_model(args.scores, args)
     task, note, split = _examples(args, circuit, model.tokenizer, str(path))
     scores = Scores(circuit.model, circuit.task, circuit.method, circuit.layout, circuit.scores, circuit.config)
     ablation = circuit.config.get("ablation", "interchange")
@@ -289,16 +298,10 @@ EXPLAIN_EXAMPLES = 64  # hap explain's default: the first 64 examples of the rec
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from .circuit import Circuit, write_atomically
+    from .circuit import write_atomically
     from .importance import node_importance
-    from .models.loading import load_model
 
-    path = Path(args.circuit)
-    path = path / "circuit.json" if path.is_dir() else path
-    circuit = Circuit.load(path, model=args.model)
-    model = load_model(circuit.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                       per_head_kv_graph=circuit.layout.kv_ungrouped)
-    circuit.check_fits(model.layout, str(path))
+    path, circuit, model = _circuit_and_model(args.circuit, args)
     if args.n_examples is None:
         recorded = (circuit.metrics.get(args.split) or {}).get("n_examples")
         args.n_examples = min(EXPLAIN_EXAMPLES, recorded) if isinstance(recorded, int) else EXPLAIN_EXAMPLES

@@ -89,8 +89,12 @@ class _Sums:
 
     def add(self, batch: Batch, logits: Tensor) -> None:
         self.kl += float(divergence(batch.clean_logits, logits).sum())
-        self.metric += float(batch.task.logit_diff(logits).sum())
-        self.correct += float(batch.task.correct(logits).float().sum())
+        self.add_metric(batch.task, logits)
+
+    def add_metric(self, task: TaskData, logits: Tensor) -> None:
+        """The task's metric and correct answers only (no reference to take a KL to)."""
+        self.metric += float(task.logit_diff(logits).sum())
+        self.correct += float(task.correct(logits).float().sum())
 
     def means(self, n: int) -> dict[str, float]:
         return {"kl": self.kl / n, "logit_diff": self.metric / n, "accuracy": self.correct / n}
@@ -137,7 +141,7 @@ class FullModelCheck:
     @property
     def weak(self) -> bool:
         """At or below chance, or wrong on average: no circuit of this model explains the task."""
-        return self.accuracy <= CHANCE_ACCURACY or self.logit_diff < 0
+        return is_weak(self.accuracy, self.logit_diff)
 
     def describe(self) -> str:
         """E.g. "accuracy 0.10 (chance 0.50), mean logit difference -5.22 on 64 test examples"."""
@@ -147,14 +151,19 @@ class FullModelCheck:
                 f"on {self.n_examples} {self.split} examples")
 
 
+def is_weak(accuracy: float, mean_metric: float) -> bool:
+    """The one rule for a full model that fails the task: accuracy at or below chance, or a negative mean
+    metric."""
+    return accuracy <= CHANCE_ACCURACY or mean_metric < 0
+
+
 def fails_task(full_model: Any) -> bool:
     """Whether recorded full-model metrics (``Metrics.full_model``: ``accuracy``, ``logit_diff``) fail the task
-    as ``FullModelCheck.weak`` judges (False when they are missing)."""
+    (``is_weak``; False when they are missing)."""
     if not isinstance(full_model, dict):
         return False
     accuracy, metric = full_model.get("accuracy"), full_model.get("logit_diff")
-    return isinstance(accuracy, (int, float)) and isinstance(metric, (int, float)) and \
-        FullModelCheck("", 0, accuracy, metric).weak
+    return isinstance(accuracy, (int, float)) and isinstance(metric, (int, float)) and is_weak(accuracy, metric)
 
 
 def check_full_model(model: Model, data: TaskData | Iterable[Batch], split: str = "test",
@@ -178,10 +187,12 @@ def check_full_model(model: Model, data: TaskData | Iterable[Batch], split: str 
                 break
     if not parts:
         raise HapError(f"the {split} split has no examples to measure the full model on")
+    sums = _Sums()
+    for part, logits in parts:
+        sums.add_metric(part, logits)
     n = sum(len(part) for part, _ in parts)
-    correct = sum(float(part.correct(logits).float().sum()) for part, logits in parts)
-    metric = sum(float(part.logit_diff(logits).sum()) for part, logits in parts)
-    return FullModelCheck(split, n, correct / n, metric / n, parts[0][0].metric)
+    means = sums.means(n)
+    return FullModelCheck(split, n, means["accuracy"], means["logit_diff"], parts[0][0].metric)
 
 
 def require_capable_model(checks: Iterable[FullModelCheck], bos: bool, allow_weak_model: bool = False,

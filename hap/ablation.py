@@ -1024,11 +1024,28 @@ def record_outputs(model: Model, graph: Graph, input_ids: Tensor, reference: Ref
             deltas = recorded[:n] - run.ref.outputs[:n]
         live = plan.live[:n].to(device=model.device, dtype=model.dtype)
         recorded_mask = mask.detach()[:n].to(device=model.device, dtype=model.dtype) * live
-        later = (graph.reader_block >= until_block).to(model.device)
+    return _known(graph, deltas, recorded_mask, until_block)
+
+
+def _known(graph: Graph, deltas: Tensor, recorded_mask: Tensor, until_block: int) -> KnownOutputs:
+    """``KnownOutputs`` of the deltas of the sources before ``until_block`` under ``recorded_mask``: the
+    sums each later reader takes of them."""
+    with torch.no_grad():
+        later = (graph.reader_block >= until_block).to(deltas.device)
         readers = ((recorded_mask != 0).any(0) & later).nonzero().flatten()
         weights = recorded_mask.index_select(1, readers).T  # [u, n]
         sums = (weights @ deltas.flatten(1)).view(len(readers), *deltas.shape[1:])
     return KnownOutputs(deltas, recorded_mask, readers, sums, until_block)
+
+
+def known_until(graph: Graph, known: KnownOutputs, block: int) -> KnownOutputs:
+    """The outputs ``known`` records, cut to the sources before an earlier ``block`` (what a run that
+    differs from the recorded one from that block on may take): one recording of a whole run serves
+    the runs that differ from it at any block."""
+    if block > known.until_block:
+        raise InvalidMaskError(f"known outputs end at block {known.until_block}, before block {block}")
+    n = graph.sources_of_block(block).start
+    return _known(graph, known.deltas[:n], known.mask[:n], block)
 
 
 def run_with_probes(

@@ -4,14 +4,17 @@
 (``in_graph``) with the scores that chose it, the settings, metrics and
 runtimes, and the task splits it was fitted and judged on.
 
-``circuit.json`` format ``hap-circuit/3`` keeps metrics per split:
+``circuit.json`` format ``hap-circuit/4`` keeps metrics per split:
 ``metrics["test"]`` (held-out: the headline), ``metrics["train"]`` (in-sample,
 the examples it was fitted on), ``metrics["gap"]`` (test minus train) and
 ``metrics["curve"]`` (MIB curve, on the test split); ``splits`` holds the
 ``TaskSpec`` of each split so ``hap evaluate`` rebuilds exactly the same
 examples; ``nodes`` holds, per head and MLP, how much the circuit needs it
 (``importance``, with the split it was measured on under ``node_importance``:
-``hap.importance``). Format ``hap-circuit/2`` files (no node importance) and
+``hap.importance``), what it does (``evidence``, with the examples under
+``node_evidence``: ``hap.evidence``) and, for heads, its ``role``
+(``hap.roles``). Format ``hap-circuit/3`` files (importance only),
+``hap-circuit/2`` files (no node importance) and
 ``hap-circuit/1`` files are read too: the latter's unlabelled metrics were
 measured on the training examples and become ``metrics["train"]``. Selection keeps the top edges by |score|, then drops edges that cannot
 matter: those whose source has no kept path from ``input`` or whose reader has
@@ -35,10 +38,11 @@ from .errors import HapError
 from .graph import Graph
 from .models.adapter import Layout
 
-FORMAT = "hap-circuit/3"
+FORMAT = "hap-circuit/4"
+FORMAT_3 = "hap-circuit/3"
 FORMAT_2 = "hap-circuit/2"
 FORMAT_1 = "hap-circuit/1"
-READABLE_FORMATS = (FORMAT, FORMAT_2, FORMAT_1)
+READABLE_FORMATS = (FORMAT, FORMAT_3, FORMAT_2, FORMAT_1)
 METRIC_SPLITS = ("test", "train")
 
 
@@ -68,8 +72,21 @@ def write_atomically(path: str | Path, data: str | bytes) -> None:
         raise
 
 
+def _read_evidence(document: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The evidence table (``node_evidence`` header, each node's ``evidence``) and the roles (each head's
+    ``role``) of a ``hap-circuit/4`` document; None where it has none."""
+    header, nodes = document.get("node_evidence"), document.get("nodes")
+    if not isinstance(header, dict) or not isinstance(nodes, dict):
+        return None, None
+    rows = [{"name": name, **node["evidence"]} for name, node in nodes.items()
+            if isinstance(node, dict) and isinstance(node.get("evidence"), dict)]
+    roles = {name: node["role"] for name, node in nodes.items() if isinstance(node, dict)
+             and isinstance(node.get("role"), dict)}
+    return {**header, "nodes": rows}, (roles if header.get("has_roles") else None)
+
+
 def _read_importance(document: dict[str, Any], source: str) -> dict[str, Any] | None:
-    """The node-importance table of a ``hap-circuit/3`` document: its ``node_importance`` header and the
+    """The node-importance table of a ``hap-circuit/3`` or ``/4`` document: its ``node_importance`` header and the
     ``importance`` of each node, most important first (the order it was written in)."""
     header = document.get("node_importance")
     if header is None:
@@ -141,6 +158,10 @@ class Circuit:
     kv_per_head: Tensor | None = None  # [S, L, H, 2]: per query head k/v input scores (``--per-head-kv``)
     # ``hap.importance.ImportanceTable.to_dict()``: how much the circuit needs each of its nodes (None: not measured)
     importance: dict[str, Any] | None = None
+    # ``hap.evidence.EvidenceTable.to_dict()`` of the circuit's nodes, and each head's ``hap.roles.Role`` as a dict
+    # (None: not measured, or no role rules for the task)
+    evidence: dict[str, Any] | None = None
+    roles: dict[str, dict[str, Any]] | None = None
 
     @property
     def held_out(self) -> dict[str, Any]:
@@ -168,7 +189,7 @@ class Circuit:
         return nodes
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``hap-circuit/3`` document (EAP-IG / MIB names for edges and nodes)."""
+        """The ``hap-circuit/4`` document (EAP-IG / MIB names for edges and nodes)."""
         graph = self.graph()
         sources, readers = graph.real.nonzero(as_tuple=True)
         scores = graph.scores[sources, readers].tolist()
@@ -203,6 +224,9 @@ class Circuit:
             "nodes": self._nodes(graph),
             **({"node_importance": {k: v for k, v in self.importance.items() if k != "nodes"}}
                if self.importance is not None else {}),
+            **({"node_evidence": {**{k: v for k, v in self.evidence.items() if k != "nodes"},
+                                  "has_roles": self.roles is not None}}
+               if self.evidence is not None else {}),
             "metrics": self.metrics,
             "runtime_s": self.runtime_s,
             **({"kv_per_head": self.kv_per_head.tolist()} if self.kv_per_head is not None else {}),
@@ -214,6 +238,12 @@ class Circuit:
                                             for name, keep in self.node_in_graph(graph).items()}
         for row in (self.importance or {}).get("nodes", []):
             nodes[row["name"]]["importance"] = {key: value for key, value in row.items() if key != "name"}
+        for row in (self.evidence or {}).get("nodes", []):
+            if row["name"] in nodes:
+                nodes[row["name"]]["evidence"] = {key: value for key, value in row.items() if key != "name"}
+        for name, role in (self.roles or {}).items():
+            if name in nodes:
+                nodes[name]["role"] = role
         return nodes
 
     def save(self, path: str | Path) -> Path:
@@ -245,7 +275,7 @@ class Circuit:
 
     @classmethod
     def from_dict(cls, document: dict[str, Any], model: str | None = None, source: str = "circuit") -> Circuit:
-        """Read a ``hap-circuit/3`` (or ``/2``, ``/1``) document; with ``model``, refuse another model's circuit."""
+        """Read a ``hap-circuit/4`` (or ``/3``, ``/2``, ``/1``) document; with ``model``, refuse another model's circuit."""
         found = document.get("format")
         if found not in READABLE_FORMATS:
             raise CircuitFileError(
@@ -299,6 +329,7 @@ class Circuit:
         metrics = document.get("metrics", {})
         if found == FORMAT_1:
             metrics = upgrade_format_1_metrics(metrics)
+        evidence, roles = _read_evidence(document) if found == FORMAT else (None, None)
         kv_per_head = None
         if document.get("kv_per_head") is not None:
             want = (graph.n_sources, layout.n_layers, layout.n_heads, 2)
@@ -321,7 +352,9 @@ class Circuit:
             runtime_s=document.get("runtime_s", {}),
             splits=document.get("splits", {}) if found != FORMAT_1 else {},
             kv_per_head=kv_per_head,
-            importance=_read_importance(document, source) if found == FORMAT else None,
+            importance=_read_importance(document, source) if found in (FORMAT, FORMAT_3) else None,
+            evidence=evidence,
+            roles=roles,
         )
 
     @classmethod

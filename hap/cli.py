@@ -299,7 +299,7 @@ EXPLAIN_EXAMPLES = 64  # hap explain's default: the first 64 examples of the rec
 
 def _explain(args: argparse.Namespace) -> int:
     from .circuit import write_atomically
-    from .importance import node_importance
+    from .explain import explain_circuit, store_explanation
 
     path, circuit, model = _circuit_and_model(args.circuit, args)
     if args.n_examples is None:
@@ -310,27 +310,22 @@ def _explain(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or int(circuit.config.get("batch_size", 16))
     data = _measured_data(model, task, batch_size, ablation, split.get("split", "drawn"), args.allow_weak_model)
     started = time.perf_counter()
-    table = node_importance(model, circuit, task, batch_size, ablation, data=data,
-                            split=split.get("split", "drawn"), progress=not args.json)
+    explanation = explain_circuit(model, circuit, task, batch_size, ablation, data=data,
+                                  split=split.get("split", "drawn"), progress=not args.json)
     seconds = time.perf_counter() - started
-    document = {**table.to_dict(), "extra": {"examples": split, "seconds": round(seconds, 1)}}
+    table = explanation.importance
     if args.json:
         print(json.dumps({"circuit": str(path), "model": circuit.model, "split": table.split,
                           "n_examples": table.n_examples, "faithfulness": table.faithfulness, "kl": table.kl,
-                          "nodes": [{"name": node.name, "kind": node.kind, "layer": node.layer, "rank": node.rank,
-                                     "importance": node.faithfulness_drop,
-                                     "evidence": {"faithfulness_drop": node.faithfulness_drop,
-                                                  "kl_increase": node.kl_increase, "n_edges": node.n_edges,
-                                                  "attribution": node.attribution}}
-                                    for node in table.nodes]}))
+                          **explanation.to_json()}))
     else:
         print(f"{circuit.model} / {circuit.task} / {circuit.method}: {len(table.nodes)} heads and MLPs")
-        print(table.format(top=args.top))
+        print(explanation.format(top=args.top))
         print(f"examples: {note}; {seconds:.1f} s")
         if table.split == "train":
             print("(these are the examples the circuit was fitted on: in-sample numbers, not held out)")
     if not args.no_write:
-        circuit.importance = document
+        store_explanation(circuit, explanation, {"examples": split, "seconds": round(seconds, 1)})
         write_atomically(path, json.dumps(circuit.to_dict()))
     return 0
 
@@ -480,16 +475,20 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--no-write", action="store_true", help="do not store the curve in the circuit file")
     curve.set_defaults(run=_curve)
     explain = commands.add_parser(
-        "explain", help="how much the circuit needs each of its heads and MLPs, on held-out examples",
+        "explain", help="each head and MLP of the circuit: how much the circuit needs it, what it does, its role",
         description="Node importance: each head and MLP of the circuit is removed with all its edges, one at a "
         f"time, and the held-out faithfulness lost and KL added are measured (by default on the first "
-        f"{EXPLAIN_EXAMPLES} examples of the recorded test split; one masked run per node and batch). Stored in "
-        "the circuit file (nodes.*.importance) unless --no-write.")
+        f"{EXPLAIN_EXAMPLES} examples of the recorded test split). Evidence, on the full model and the same "
+        "examples: each head's attention between the task's named positions, each node's direct effect on the "
+        "metric (direct logit attribution) and the circuit nodes that read it. Roles (IOI: name movers, negative "
+        "name movers, S-inhibition confirmed by path patching, induction, duplicate-token, previous-token) "
+        "from rules printed with the table. Stored in the circuit file (nodes.*.importance, .evidence, .role) "
+        "unless --no-write.")
     explain.add_argument("circuit", help="circuit.json or a run directory")
     _add_model_options(explain, default=None)
     _add_task_options(explain)
     explain.add_argument("--top", type=int, default=20, help="rows shown (default 20; --json gives all)")
-    explain.add_argument("--json", action="store_true", help="one JSON line: {\"nodes\": [{\"name\", "
+    explain.add_argument("--json", action="store_true", help="one JSON line: {\"nodes\": [{\"name\", \"role\", "
                          "\"importance\", \"evidence\"}, ...]}")
     explain.add_argument("--no-write", action="store_true", help="do not store the table in the circuit file")
     explain.set_defaults(run=_explain)

@@ -82,7 +82,9 @@ def cpr_cmd(fractions: list[float], signed: list[float], absolute: list[float]) 
 
 
 @dataclass
-class _Sums:
+class MetricSums:
+    """Running sums of a circuit's KL to the full model, task metric and correct answers over batches."""
+
     kl: float = 0.0
     metric: float = 0.0
     correct: float = 0.0
@@ -112,8 +114,8 @@ def evaluate_masks(model: Model, graph: Graph, data: Iterable[Batch], kept: list
     (batches may be made on the fly); every set costs one masked forward per batch."""
     empty = torch.zeros(graph.real.shape, dtype=torch.bool)
     runs = _masks(graph, [*kept, empty], kind, model.device, model.dtype)
-    sums = [_Sums() for _ in runs]
-    full = _Sums()
+    sums = [MetricSums() for _ in runs]
+    full = MetricSums()
     n = 0
     total_examples = None if n_examples is None else n_examples * len(runs)
     with torch.no_grad(), tqdm(total=total_examples, desc=label, unit="ex", disable=not progress) as bar:
@@ -187,7 +189,7 @@ def check_full_model(model: Model, data: TaskData | Iterable[Batch], split: str 
                 break
     if not parts:
         raise HapError(f"the {split} split has no examples to measure the full model on")
-    sums = _Sums()
+    sums = MetricSums()
     for part, logits in parts:
         sums.add_metric(part, logits)
     n = sum(len(part) for part, _ in parts)
@@ -325,7 +327,7 @@ class HeldOutMonitor:
         with torch.no_grad():
             logits = run_masked(model, graph, batch.clean, batch.reference, kept.to(model.device, model.dtype), plan,
                                 batch.positions)
-        sums = _Sums()
+        sums = MetricSums()
         sums.add(batch, logits)
         means = sums.means(len(batch.clean))
         f = faithfulness(means["logit_diff"], self.full["logit_diff"], self.empty["logit_diff"])

@@ -4,7 +4,7 @@ A node leaves the circuit with all its kept edges: those out of it, and those in
 only it reads (a head's query input, its key and value inputs where no other head shares them, an
 MLP's input). Its importance is what the circuit then loses: the drop in faithfulness and the rise in
 KL, measured exactly through the one ablation primitive (``evaluation.evaluate_masks``: one masked run
-per node and batch). For attribution methods each node also gets the linear estimate: the sum of its
+per node and batch, from the node's block on). For attribution methods each node also gets the linear estimate: the sum of its
 outgoing edges' scores, which estimates the change of the metric when the node is ablated.
 """
 
@@ -16,16 +16,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .ablation import AblationKind
+from tqdm.auto import tqdm
+
+from .ablation import AblationKind, ComputePlan, known_until, record_outputs, run_masked
 from .batches import ReferenceCache, TaskBatches
 from .circuit import Circuit
-from .evaluation import evaluate_masks, faithfulness
+from .errors import HapError
+from .evaluation import MetricSums, faithfulness
 from .graph import Graph
 from .models.loading import Model
 from .settings import ATTRIBUTION_METHODS
 from .tasks import TaskData
 
-NODES_PER_PASS = 64  # node masks evaluated per pass over the batches (each pass also runs the empty circuit)
+COPIES_PER_FORWARD = 64  # examples per masked forward: several nodes' masks batched as per-example masks
 
 
 @dataclass(frozen=True)
@@ -114,13 +117,15 @@ def _kind_and_layer(name: str) -> tuple[str, int]:
 def node_importance(model: Model, circuit: Circuit, task: TaskData, batch_size: int = 16,
                     ablation: AblationKind | str | None = None, data: TaskBatches | None = None,
                     split: str = "test", progress: bool = False,
-                    nodes_per_pass: int = NODES_PER_PASS) -> ImportanceTable:
+                    copies_per_forward: int = COPIES_PER_FORWARD) -> ImportanceTable:
     """How much ``circuit`` needs each of its heads and MLPs on ``task`` (a held-out split, normally).
 
     ``ablation`` defaults to the circuit's. ``data``: batches of ``task`` to read (a ``TaskBatches``
-    keeps them for the later passes); by default they are made here and kept within the default
-    reference memory. Cost: one masked forward per node and batch, plus the circuit and the empty
-    circuit once per ``nodes_per_pass`` nodes.
+    keeps them); by default they are made here and kept within the default reference memory. Cost per
+    batch: the circuit and the empty circuit once each; then, for each node, the blocks from the node's
+    own on (removing a node changes no reader before its block, so the circuit's run up to there is
+    recorded once and shared), up to ``copies_per_forward`` examples per forward (several nodes' masks
+    batched as per-example masks).
     """
     graph = Graph.from_model(model)
     kind = AblationKind(ablation or circuit.config.get("ablation", "interchange"))
@@ -128,31 +133,58 @@ def node_importance(model: Model, circuit: Circuit, task: TaskData, batch_size: 
     data = data if data is not None else TaskBatches(model, graph, task, batch_size, kind, cache=ReferenceCache())
     sources = circuit_nodes(graph, kept)
     removed = [node_edges(graph, kept, source) for source in sources]
-    measured: list[dict[str, float]] = []
-    base = full = empty = None
+    first_block = [int(graph.source_block[source]) for source in sources]  # its own readers' block
+    plan = ComputePlan.build(graph, kept, kind)
+    mask = kept.to(model.device, model.dtype)
+    empty = torch.zeros_like(mask)
+    empty_plan = ComputePlan.build(graph, torch.zeros_like(kept), kind)
+    base, full, nothing = MetricSums(), MetricSums(), MetricSums()
+    without = [MetricSums() for _ in sources]
+    by_block: dict[int, list[int]] = {}
+    for index, block in enumerate(first_block):
+        by_block.setdefault(block, []).append(index)
     n = 0
-    for start in range(0, max(1, len(sources)), nodes_per_pass):
-        chunk = [kept & ~edges for edges in removed[start:start + nodes_per_pass]]
-        label = f"node importance ({min(start + nodes_per_pass, len(sources))}/{len(sources)} nodes)"
-        results, full, empty, n = evaluate_masks(model, graph, data, [kept, *chunk], kind, progress, label,
-                                                 len(task))
-        base = results[0]
-        measured += results[1:]
-    assert base is not None and full is not None and empty is not None
+    with torch.no_grad(), tqdm(total=len(task) * len(sources), desc="node importance", unit="ex",
+                               disable=not progress) as bar:
+        for batch in data:
+            size = len(batch.clean)
+            n += size
+            full.add(batch, batch.clean_logits)
+            base.add(batch, run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions))
+            nothing.add(batch, run_masked(model, graph, batch.clean, batch.reference, empty, empty_plan,
+                                          batch.positions))
+            recorded = record_outputs(model, graph, batch.clean, batch.reference, mask, graph.n_blocks - 1, plan)
+            per_forward = max(1, copies_per_forward // size)
+            for block, members in by_block.items():
+                known = known_until(graph, recorded, block)
+                for start in range(0, len(members), per_forward):
+                    chunk = members[start:start + per_forward]
+                    k = len(chunk)
+                    masks = torch.stack([(kept & ~removed[i]) for i in chunk]).to(model.device, model.dtype)
+                    logits = run_masked(model, graph, batch.clean.repeat(k, 1), batch.reference.of_copies(k),
+                                        masks.repeat_interleave(size, dim=0), plan, batch.positions.repeat(k),
+                                        known=known)
+                    for copy, i in enumerate(chunk):
+                        without[i].add(batch, logits[copy * size:(copy + 1) * size])
+                    bar.update(k * size)
+    if n == 0:
+        raise HapError("node importance needs at least one example; the task or split is empty")
+    full_m, base_m, empty_m = full.means(n), base.means(n), nothing.means(n)
 
     def faithful(values: dict[str, float]) -> float:
-        return faithfulness(values["logit_diff"], full["logit_diff"], empty["logit_diff"])
+        return faithfulness(values["logit_diff"], full_m["logit_diff"], empty_m["logit_diff"])
 
     attribution_method = circuit.method if circuit.method in ATTRIBUTION_METHODS else None
     scores = circuit.scores.cpu().float() * graph.real
     rows = []
-    for source, edges, values in zip(sources, removed, measured):
+    for source, edges, sums in zip(sources, removed, without):
+        values = sums.means(n)
         name = graph.source_names[source]
         node_kind, layer = _kind_and_layer(name)
         rows.append(NodeImportance(
             name=name, kind=node_kind, layer=layer, n_edges=int(edges.sum()),
-            faithfulness_drop=faithful(base) - faithful(values), kl_increase=values["kl"] - base["kl"],
+            faithfulness_drop=faithful(base_m) - faithful(values), kl_increase=values["kl"] - base_m["kl"],
             attribution=float(scores[source].sum()) if attribution_method else None))
     rows.sort(key=lambda row: (-row.faithfulness_drop, -row.kl_increase, row.name))
     ranked = [NodeImportance(**{**asdict(row), "rank": rank}) for rank, row in enumerate(rows, start=1)]
-    return ImportanceTable(ranked, split, n, kind.value, faithful(base), base["kl"], attribution_method)
+    return ImportanceTable(ranked, split, n, kind.value, faithful(base_m), base_m["kl"], attribution_method)

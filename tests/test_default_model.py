@@ -59,7 +59,7 @@ def test_discover_then_evaluate_end_to_end(tmp_path, capsys):
     summary = capsys.readouterr().out
     assert "edges kept" in summary and "faithfulness" in summary and "test (held out)" in summary
     document = json.loads((out / "circuit.json").read_text())
-    assert document["format"] == "hap-circuit/3" and document["splits"]["test"]["split"] == "test"
+    assert document["format"] == "hap-circuit/4" and document["splits"]["test"]["split"] == "test"
     assert document["model"] == "smollm2-135m" and document["graph"]["n_edges"] == 70651
     assert 0 < document["graph"]["n_edges_in_graph"] <= 200
     assert main(["evaluate", str(out / "circuit.json"), "--json"]) == 0

@@ -19,7 +19,7 @@ from transformers import (FalconConfig, FalconForCausalLM, Gemma2Config, Gemma2F
                           Qwen3ForCausalLM, Starcoder2Config, Starcoder2ForCausalLM)
 
 import hap
-from hap.ablation import ComputePlan, interchange_reference, mean_reference, run_masked, zero_reference
+from hap.ablation import ComputePlan, interchange_reference, mean_reference, run_masked, trace, zero_reference
 from hap.errors import UnsupportedArchitectureError
 from hap.models.tiny import tiny_tokenizer
 from hap.verify import verify_model, verify_prompts
@@ -220,3 +220,27 @@ def test_circuit_and_mib_files_keep_the_graph_shape(noisy_model, tmp_path):
     back = from_mib(mib)
     assert back.layout.parallel_attn_mlp == noisy_model.layout.parallel_attn_mlp
     assert torch.equal(back.in_graph, circuit.in_graph)
+
+
+def test_attention_pattern_and_final_norm_are_the_hugging_face_models(noisy_model):
+    """The weights ``attention_pattern`` reports are those Hugging Face's eager attention uses (soft caps,
+    sliding windows, q/k norms, rotary), and the final norm then the head is the unembedding."""
+    model = noisy_model
+    clean, _ = verify_prompts(model)
+    hf = model.hf_model
+    eager = type(hf).from_pretrained(hf.config.name_or_path, attn_implementation="eager", dtype=torch.float64)
+    with torch.no_grad():
+        expected = eager(clean, output_attentions=True).attentions
+    graph = hap.Graph.from_model(model)
+    adapter, layout = model.adapter, model.layout
+    group = torch.arange(layout.n_heads) // layout.heads_per_group
+    with torch.no_grad():
+        recorded = trace(model, clean, logits=True)
+        ctx = adapter.prepare(clean)
+        for layer in range(layout.n_layers):
+            x = recorded.block_inputs[graph.base_block(2 * layer + 1)][None]
+            q, k = adapter.queries(layer, x, ctx), adapter.keys(layer, x, ctx).index_select(1, group)
+            pattern = adapter.attention_pattern(layer, q, k, ctx)
+            assert torch.allclose(pattern.double(), expected[layer].double(), atol=1e-6), layer
+        final = recorded.block_inputs[-1]
+        assert torch.allclose(adapter.logits_from_normed(adapter.final_norm()(final)), recorded.logits, atol=1e-9)

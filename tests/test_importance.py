@@ -13,6 +13,7 @@ from hap.cli import main
 from hap.evaluation import evaluate
 from hap.graph import Graph
 from hap.importance import ImportanceTable, node_importance
+from hap.models.loading import load_model
 from hap.tasks import ioi_task
 
 
@@ -23,9 +24,12 @@ def _circuit(model, n_edges: int = 40) -> Circuit:
 
 
 def _by_hand(graph: Graph, kept: torch.Tensor, name: str) -> torch.Tensor:
-    """The node's kept edges, found by name: out of it, and into its own readers (no GQA here)."""
+    """The node's kept edges, found by name: out of it, and into its own readers (under grouped-query
+    attention a head's key and value inputs are its group's, shared, so only its query input is its own)."""
     if name.startswith("m"):
         own = {name}
+    elif graph.layout.n_kv_heads < graph.layout.n_heads:
+        own = {f"{name}<q>"}
     else:
         own = {f"{name}<q>", f"{name}<k>", f"{name}<v>"}
     edges = torch.zeros_like(kept)
@@ -35,11 +39,12 @@ def _by_hand(graph: Graph, kept: torch.Tensor, name: str) -> torch.Tensor:
     return kept & edges
 
 
-def test_the_table_equals_one_node_at_a_time(tiny_gpt2_64):
-    model = tiny_gpt2_64
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_the_table_equals_one_node_at_a_time(name):
+    model = load_model(name, device="cpu", dtype="float64")
     circuit = _circuit(model)
     test = ioi_task(model.tokenizer, 12, seed=5)
-    table = node_importance(model, circuit, test, batch_size=5, nodes_per_pass=3)  # several passes
+    table = node_importance(model, circuit, test, batch_size=5, copies_per_forward=10)  # 2 nodes a forward
     graph = Graph.from_model(model)
     kept = circuit.in_graph & graph.real
     whole = evaluate(model, circuit, test, batch_size=4)
@@ -65,7 +70,7 @@ def test_the_table_is_stored_per_node_and_read_back(tiny_gpt2, tmp_path):
     table = node_importance(tiny_gpt2, circuit, ioi_task(tiny_gpt2.tokenizer, 8, seed=5), batch_size=4)
     circuit.importance = table.to_dict()
     document = circuit.to_dict()
-    assert document["format"] == FORMAT == "hap-circuit/3"
+    assert document["format"] == FORMAT == "hap-circuit/4"
     first = table.nodes[0]
     assert document["nodes"][first.name]["importance"]["faithfulness_drop"] == first.faithfulness_drop
     assert document["node_importance"]["n_examples"] == 8
@@ -94,7 +99,13 @@ def test_hap_explain_prints_and_stores_the_table(tmp_path, capsys):
     assert main(["explain", str(run), "--json", "--no-write", "--n-examples", "6", "--allow-weak-model"]) == 0
     line = json.loads(capsys.readouterr().out)
     assert line["n_examples"] == 6 and len(line["nodes"]) == len(ranked)  # the same nodes, on 6 examples
-    assert set(line["nodes"][0]["evidence"]) == {"faithfulness_drop", "kl_increase", "n_edges", "attribution"}
+    first = line["nodes"][0]
+    assert {"faithfulness_drop", "kl_increase", "n_edges", "attribution", "rank"} <= set(first["importance"])
+    assert {"direct_effect", "attention", "readers"} <= set(first["evidence"])
+    assert first["role"] in {"unlabelled", None} or first["role"] in {rule["role"] for rule in line["rules"]}
+    evidence = stored["nodes"][ranked[0][1]]["evidence"]
+    assert stored["node_evidence"]["positions"] == ["IO", "S1", "S1+1", "S2", "END"]
+    assert "direct_effect" in evidence and stored["node_evidence"]["has_roles"]
     assert json.loads((run / "circuit.json").read_text())["node_importance"]["n_examples"] == 12  # not written
     assert main(["explain", str(run), "--split", "train", "--allow-weak-model", "--no-write"]) == 0
     assert "in-sample" in capsys.readouterr().out

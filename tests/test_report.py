@@ -246,7 +246,7 @@ def test_a_format_1_file_is_read_with_its_metrics_labelled_in_sample(tmp_path):
     assert "no held-out metrics" in html and 'id="metrics-train"' in html
     loaded.save(run / "again.json")  # saved again, it is a format-2 file with the same metrics
     again = json.loads((run / "again.json").read_text())
-    assert again["format"] == "hap-circuit/3" and again["metrics"] == loaded.metrics
+    assert again["format"] == "hap-circuit/4" and again["metrics"] == loaded.metrics
 
 
 def test_train_log_skips_a_truncated_last_line_only(tmp_path):

@@ -142,6 +142,15 @@ class ModelAdapter:
         """Logits [..., V] for the un-normed ``logits`` reader input x [..., D]."""
         raise NotImplementedError
 
+    def final_norm(self) -> torch.nn.Module | None:
+        """The norm the ``logits`` reader applies before the unembedding (None: the model has none)."""
+        raise NotImplementedError
+
+    def logits_from_normed(self, y: Tensor) -> Tensor:
+        """Logits [..., V] of the normed final residual y [..., D]: ``unembed(x)`` is
+        ``logits_from_normed(final_norm()(x))``."""
+        raise NotImplementedError
+
     def _rope(self, x: Tensor, ctx: RunContext, layer: int) -> Tensor:
         return x
 
@@ -210,6 +219,22 @@ class ModelAdapter:
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=w.scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale)
+
+    def attention_pattern(self, layer: int, q: Tensor, k: Tensor, ctx: RunContext) -> Tensor:
+        """The weights [B, n, T, T] (query x key; at least float32) with which ``attend`` mixes the values of
+        q, k [B, n, T, K]: the same scale, soft cap and mask. A query that may see no key (a padded row of
+        a tracr model) gets all zeros."""
+        w = self.attention[layer]
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * w.scale
+        if w.softcap is not None:
+            scores = torch.tanh(scores / w.softcap) * w.softcap
+        mask = ctx.layer_masks[layer] if ctx.layer_masks is not None else ctx.attention_mask
+        if mask is None:
+            length = q.shape[-2]
+            mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        return torch.nan_to_num(weights, nan=0.0)
 
     def head_outputs(self, layer: int, mixed: Tensor, heads: Tensor | None = None) -> Tensor:
         """Each selected head's share of the layer's output: [B, n, T, K] -> [n, B, T, D].

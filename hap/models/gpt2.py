@@ -89,3 +89,9 @@ class GPT2Adapter(ModelAdapter):
 
     def unembed(self, x: Tensor) -> Tensor:
         return self.hf_model.lm_head(self.hf_model.transformer.ln_f(x))
+
+    def final_norm(self) -> torch.nn.Module:
+        return self.hf_model.transformer.ln_f
+
+    def logits_from_normed(self, y: Tensor) -> Tensor:
+        return self.hf_model.lm_head(y)

@@ -94,6 +94,17 @@ class PlacedAdapter(ModelAdapter):
     def unembed(self, x: Tensor) -> Tensor:
         return self._back(self.inner.unembed(self._there(x, self.unembed_device())))
 
+    def final_norm(self) -> torch.nn.Module | None:
+        return self.inner.final_norm()
+
+    def logits_from_normed(self, y: Tensor) -> Tensor:
+        return self._back(self.inner.logits_from_normed(self._there(y, self.unembed_device())))
+
+    def attention_pattern(self, layer: int, q: Tensor, k: Tensor, ctx: RunContext) -> Tensor:
+        device = self.attention_device(layer)
+        return self.inner.attention_pattern(layer, self._there(q, device), self._there(k, device),
+                                            self._context(ctx, device)).to(self.home)
+
     def queries(self, layer: int, x: Tensor, ctx: RunContext, heads: Tensor | None = None) -> Tensor:
         device = self.attention_device(layer)
         return self._back(self.inner.queries(layer, self._there(x, device), self._context(ctx, device), _on(heads, device)))

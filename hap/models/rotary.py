@@ -279,7 +279,13 @@ class RotaryAdapter(ModelAdapter):
         return getattr(block, wiring.mlp_post_norm)(out) if wiring.mlp_post_norm else out
 
     def unembed(self, x: Tensor) -> Tensor:
-        logits = self.hf_model.get_output_embeddings()(getattr(self.body, self.wiring.final_norm)(x))
+        return self.logits_from_normed(self.final_norm()(x))
+
+    def final_norm(self) -> torch.nn.Module:
+        return getattr(self.body, self.wiring.final_norm)
+
+    def logits_from_normed(self, y: Tensor) -> Tensor:
+        logits = self.hf_model.get_output_embeddings()(y)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

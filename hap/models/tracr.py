@@ -184,6 +184,12 @@ class TracrAdapter(ModelAdapter):
     def unembed(self, x: Tensor) -> Tensor:
         return self.hf_model.unembed(x)
 
+    def final_norm(self) -> None:
+        return None
+
+    def logits_from_normed(self, y: Tensor) -> Tensor:
+        return self.hf_model.unembed(y)
+
 
 def tracr_tokenizer(config: TracrConfig) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the program's input vocabulary (ids as tracr's input encoder)."""

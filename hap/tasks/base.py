@@ -25,6 +25,9 @@ from transformers import PreTrainedTokenizerBase
 from ..errors import DataError
 
 
+END = "END"  # the name of the answer position among a task's named positions
+
+
 class Metric(Enum):
     """How a task scores the logits at its answer position (higher = more correct)."""
 
@@ -46,7 +49,10 @@ class TaskData:
     last real token, ``lengths - 1``). ``answer_values``/``wrong_values`` [N]
     float: the clean and the corrupted run's output, for ``Metric.VALUE``.
     ``bos``: every row begins with the tokenizer's BOS prefix (position 0 is
-    then no word of the prompt).
+    then no word of the prompt). ``named_positions``: the token positions that
+    matter in every example, name -> [N] long (IOI: ``IO``, ``S1``, ``S1+1``,
+    ``S2``), ``-1`` where a row has no such token; ``named()`` adds ``END``,
+    the answer position.
     """
 
     name: str
@@ -65,6 +71,7 @@ class TaskData:
     answer_values: Tensor | None = None
     wrong_values: Tensor | None = None
     bos: bool = False  # every row begins with the tokenizer's special prefix (its BOS token)
+    named_positions: dict[str, Tensor] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.clean_prompts)
@@ -91,6 +98,10 @@ class TaskData:
         if self.positions is not None and (
                 self.positions.shape != (n,) or bool((self.positions < 0).any() | (self.positions >= self.lengths).any())):
             raise DataError(f"task {self.name!r}: positions must be [{n}] and inside each row's real tokens")
+        for label, where in (self.named_positions or {}).items():
+            if where.shape != (n,) or bool(((where < -1) | (where >= self.lengths)).any()):
+                raise DataError(f"task {self.name!r}: named position {label!r} must be [{n}], each -1 (absent) or "
+                                "inside its row's real tokens")
 
     def __len__(self) -> int:
         return len(self.clean_prompts)
@@ -99,6 +110,11 @@ class TaskData:
     def answer_positions(self) -> Tensor:
         """[N] long: where each row's answer is predicted."""
         return self.lengths - 1 if self.positions is None else self.positions
+
+    def named(self) -> dict[str, Tensor]:
+        """The task's named positions (name -> [N] long, -1 where a row has none), then ``END``: the answer
+        position. Empty but for ``END`` when the task names none."""
+        return {**(self.named_positions or {}), END: self.answer_positions}
 
     def slice(self, start: int, stop: int) -> TaskData:
         """Examples ``start`` to ``stop`` (exclusive), trimmed to their own longest row."""
@@ -120,6 +136,8 @@ class TaskData:
             positions=None if self.positions is None else self.positions[rows],
             answer_values=None if self.answer_values is None else self.answer_values[rows],
             wrong_values=None if self.wrong_values is None else self.wrong_values[rows],
+            named_positions=None if self.named_positions is None else
+            {label: where[rows] for label, where in self.named_positions.items()},
         )
 
     def batches(self, batch_size: int) -> Iterator[TaskData]:

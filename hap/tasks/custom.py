@@ -5,7 +5,10 @@ Ruth thanked", "answer": " Mary", "wrong": " John"}`` (on one line).
 
 Every line is checked against the tokenizer that will run it: clean and corrupted
 must have the same (non-zero) token length and ``answer``/``wrong`` must each be
-exactly one known token. Any problem raises one ``DataError`` naming the file,
+exactly one known token. A line may also name the token positions that matter in its
+clean prompt, ``"positions": {"IO": 2, "S2": -3}`` (a token index into the prompt's own
+tokens, negative from the end; a BOS the tokenizer adds is not counted): the evidence of
+``hap explain`` is measured there. Any problem raises one ``DataError`` naming the file,
 the line, the problem and the fix. Blank lines are skipped; only the first
 ``n_examples`` examples are read. The metric is the logit difference answer - wrong.
 
@@ -19,13 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import DataError
-from .base import TaskData, check_n_examples, encode, make_task_data
+from .base import END, TaskData, check_n_examples, encode, make_task_data, prompt_prefix
 
 FIELDS = ("clean", "corrupted", "answer", "wrong")
 EXAMPLE_LINE = '{"clean": "...", "corrupted": "...", "answer": " Mary", "wrong": " John"}'
@@ -53,7 +58,7 @@ def in_test_split(row: dict[str, str], test_fraction: float) -> bool:
 
 
 def read_rows(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_examples: int,
-              part: str = "all", test_fraction: float = 0.0) -> list[dict[str, str]]:
+              part: str = "all", test_fraction: float = 0.0) -> list[dict[str, Any]]:
     """The first ``n_examples`` valid examples of the file in ``part`` ("all", "train" or "test").
 
     Every line scanned is checked (see the module docstring); raises ``DataError``
@@ -71,7 +76,7 @@ def read_rows(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_examples: 
     except OSError as error:
         raise DataError(f"{path_text}: cannot read the file ({error.strerror})") from None
 
-    rows: list[dict[str, str]] = []
+    rows: list[dict[str, Any]] = []
     for number, line in enumerate(text.split("\n"), start=1):
         if len(rows) == n_examples:
             break
@@ -105,7 +110,7 @@ def custom_task(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_examples
             f"{path} has no examples (the file is empty or only blank lines); "
             f"write one JSON object per line, e.g. {EXAMPLE_LINE}"
         )
-    return make_task_data(
+    data = make_task_data(
         str(path),
         tokenizer,
         [row["clean"] for row in rows],
@@ -114,9 +119,23 @@ def custom_task(path: str | Path, tokenizer: PreTrainedTokenizerBase, n_examples
         [encode(tokenizer, row["wrong"])[0] for row in rows],
         bos=bos,
     )
+    labels = sorted({label for row in rows for label in row.get("positions", {})})
+    if not labels:
+        return data
+    offset = len(prompt_prefix(tokenizer, bos))
+    named = {label: torch.tensor([_token_index(row, label, tokenizer, offset) for row in rows]) for label in labels}
+    return replace(data, named_positions=named)
 
 
-def _parse_line(line: str, where: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+def _token_index(row: dict[str, Any], label: str, tokenizer: PreTrainedTokenizerBase, offset: int) -> int:
+    """The position of ``row``'s named token ``label`` in its ids (-1: the row does not name it)."""
+    index = row.get("positions", {}).get(label)
+    if index is None:
+        return -1
+    return offset + (index if index >= 0 else len(encode(tokenizer, row["clean"])) + index)
+
+
+def _parse_line(line: str, where: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """Validate one non-blank line; ``where`` is "<file>, line <n>" for the messages."""
     try:
         row = json.loads(line, object_pairs_hook=_reject_duplicates)
@@ -164,4 +183,22 @@ def _parse_line(line: str, where: str, tokenizer: PreTrainedTokenizerBase) -> di
                 f"{where}: {field} {row[field]!r} is the unknown token {tokenizer.unk_token!r} of this tokenizer; "
                 "use a word in its vocabulary"
             )
-    return {field: row[field] for field in FIELDS}
+    parsed: dict[str, Any] = {field: row[field] for field in FIELDS}
+    if "positions" in row:
+        parsed["positions"] = _parse_positions(row["positions"], len(clean), where)
+    return parsed
+
+
+def _parse_positions(positions: Any, length: int, where: str) -> dict[str, int]:
+    """A line's ``positions``: names -> token indices of its clean prompt (``length`` tokens)."""
+    example = '"positions": {"IO": 2, "S2": -3}'
+    if not isinstance(positions, dict) or not positions:
+        raise DataError(f"{where}: positions must be a non-empty object of names and token indices, e.g. {example}")
+    for label, index in positions.items():
+        if label == END:
+            raise DataError(f"{where}: the position name {END!r} is taken (the answer position, always named); "
+                            "call yours otherwise")
+        if isinstance(index, bool) or not isinstance(index, int) or not -length <= index < length:
+            raise DataError(f"{where}: position {label!r} is {json.dumps(index)}; it must be a whole number from "
+                            f"{-length} to {length - 1} (a token index into the clean prompt's {length} tokens)")
+    return dict(positions)

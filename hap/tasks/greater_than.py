@@ -29,7 +29,7 @@ mass on bad tokens at the answer position.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Sequence
 
@@ -37,7 +37,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import DataError
-from .base import Metric, TaskData, check_n_examples, encode, make_task_data
+from .base import Metric, TaskData, check_n_examples, encode, make_task_data, prompt_prefix
 
 CENTURY = "17"  # the century the tokenizer's year scheme is detected on
 CORRUPTED_YY = 1
@@ -158,6 +158,9 @@ def greater_than_task(
     candidate_ids = torch.tensor([years.tokens[v] for v in values], dtype=torch.long)
 
     rng = random.Random(seed)
+    prefix = prompt_prefix(tokenizer, bos)
+    digits = 2 if years.scheme is YearScheme.DIGIT else 1  # tokens of the start year after its century
+    year_ends: list[int] = []  # per example: the position of the start year's last token
     clean_prompts: list[str] = []
     corrupted_prompts: list[str] = []
     answers: list[int] = []
@@ -168,6 +171,8 @@ def greater_than_task(
         template, noun, yy = rng.choice(list(templates)), rng.choice(list(nouns)), rng.choice(starts)
         century = rng.choice(list(centuries))
         clean_prompts.append(_prompt(template, noun, century, yy, years.separator))
+        start_text = clean_prompts[-1][: clean_prompts[-1].index(f"{century}{years.separator}{yy:02d}")]
+        year_ends.append(len(prefix) + len(encode(tokenizer, start_text + f"{century}{years.separator}{yy:02d}")) - 1)
         corrupted_prompts.append(_prompt(template, noun, century, CORRUPTED_YY, years.separator))
         if years.scheme is YearScheme.DIGIT:
             tens = yy // 10
@@ -180,7 +185,7 @@ def greater_than_task(
             bad_rows.append([v <= yy for v in values])
             answers.append(years.tokens[min(v for v in values if v > yy)])
             wrongs.append(years.tokens[yy])
-    return make_task_data(
+    data = make_task_data(
         "greater-than",
         tokenizer,
         clean_prompts,
@@ -193,6 +198,10 @@ def greater_than_task(
         good_mask=torch.tensor(good_rows, dtype=torch.bool),
         bad_mask=torch.tensor(bad_rows, dtype=torch.bool),
     )
+    ends = torch.tensor(year_ends, dtype=torch.long)
+    named = {"YY": ends} if digits == 1 else {"YY.tens": ends - 1, "YY.ones": ends}
+    named["century"] = ends - digits  # the start year's century token
+    return replace(data, named_positions=named)
 
 
 def _check_century(tokenizer: PreTrainedTokenizerBase, years: YearTokens, century: str, starts: list[int]) -> None:

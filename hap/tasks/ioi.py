@@ -20,8 +20,11 @@ name (by position in these lists) is the held-out quarter.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Sequence
 
+import torch
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import DataError
@@ -150,7 +153,24 @@ def ioi_task(
         answers.append(_name_id(tokenizer, io))
         wrongs.append(_name_id(tokenizer, subject))
     # Every substituted word is one token, so each pair has equal length; make_task_data checks it row by row.
-    return make_task_data("ioi", tokenizer, clean_prompts, corrupted_prompts, answers, wrongs, bos=bos)
+    data = make_task_data("ioi", tokenizer, clean_prompts, corrupted_prompts, answers, wrongs, bos=bos)
+    return replace(data, named_positions=ioi_positions(data.clean_ids, data.answer_ids, data.wrong_ids))
+
+
+def ioi_positions(clean_ids: Tensor, io_ids: Tensor, s_ids: Tensor) -> dict[str, Tensor]:
+    """Where the names are in each prompt [N, T]: ``IO`` (the indirect object's one mention), ``S1`` (the
+    subject's first mention), ``S1+1`` (the token after it) and ``S2`` (its second mention, the one the
+    sentence's verb follows)."""
+    io_at = clean_ids == io_ids[:, None]
+    s_at = clean_ids == s_ids[:, None]
+    width = torch.arange(clean_ids.shape[1])
+    first_io = torch.where(io_at, width, clean_ids.shape[1]).min(1).values
+    first_s = torch.where(s_at, width, clean_ids.shape[1]).min(1).values
+    last_s = torch.where(s_at, width, -1).max(1).values
+    if bool((first_io == clean_ids.shape[1]).any() | (first_s == last_s).any()):
+        raise DataError("ioi: a prompt does not mention the indirect object once and the subject twice; every "
+                        "template needs {X}, {Y} and {S} as separate words")
+    return {"IO": first_io, "S1": first_s, "S1+1": first_s + 1, "S2": last_s}
 
 
 def _name_id(tokenizer: PreTrainedTokenizerBase, name: str) -> int:

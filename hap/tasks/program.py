@@ -112,4 +112,5 @@ def _task_data(name: str, model: TracrTransformer, rows: dict[str, list]) -> Tas
         clean_ids=clean, corrupted_ids=corrupted, lengths=lengths,
         answer_ids=answers, wrong_ids=wrong,
         positions=torch.tensor(rows["position"]), **values,
+        named_positions={f"p{i}": torch.where(i < lengths, i, -1) for i in range(width)},
     )

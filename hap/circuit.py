@@ -82,7 +82,8 @@ def _read_evidence(document: dict[str, Any]) -> tuple[dict[str, Any] | None, dic
             if isinstance(node, dict) and isinstance(node.get("evidence"), dict)]
     roles = {name: node["role"] for name, node in nodes.items() if isinstance(node, dict)
              and isinstance(node.get("role"), dict)}
-    return {**header, "nodes": rows}, (roles if header.get("has_roles") else None)
+    table = {key: value for key, value in header.items() if key != "has_roles"}
+    return {**table, "nodes": rows}, (roles if header.get("has_roles") else None)
 
 
 def _read_importance(document: dict[str, Any], source: str) -> dict[str, Any] | None:

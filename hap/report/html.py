@@ -25,6 +25,7 @@ from ..errors import HapError
 from ..evaluation import CHANCE_ACCURACY, fails_task
 from ..tasks.splits import TaskSpec
 from .curves import CurveSeries, faithfulness_figure, read_train_log, roc_figure, save_figure, training_figure
+from .core import core_assets, core_section
 from .svg import circuit_elements, draw_circuit
 
 TRAIN_LOG = "train_log.jsonl"
@@ -177,12 +178,13 @@ def png_image(data: bytes, alt: str) -> str:
     return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
 
 
-def page(title: str, body: str) -> str:
-    """A complete HTML document with the shared style and script; no external resources."""
+def page(title: str, body: str, css: str = "", script: str = "") -> str:
+    """A complete HTML document with the shared style and script (and ``css``/``script`` after them); no
+    external resources."""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n{body}\n</main>"
-            f"<script>{SCRIPT}</script></body></html>\n")
+            f"<title>{escape(title)}</title><style>{CSS}{css}</style></head>\n<body><main>\n{body}\n</main>"
+            f"<script>{script}</script><script>{SCRIPT}</script></body></html>\n")
 
 
 def metrics_rows(metrics: dict[str, Any]) -> tuple[list[list[Cell | str]], list[str]]:
@@ -375,13 +377,30 @@ def _ground_truth_section(circuit: Circuit, roc_png: bytes | None) -> str:
     return "\n".join(parts)
 
 
+def _headline(circuit: Circuit) -> str:
+    """The held-out numbers in one line ("held-out faithfulness 0.84, accuracy 0.85 (full model 0.95)")."""
+    test = circuit.held_out
+    if not test:
+        return "no held-out metrics"
+    full = test.get("full_model") if isinstance(test.get("full_model"), dict) else {}
+    return (f"held-out faithfulness {fmt(test.get('faithfulness'), 3)}, accuracy {fmt(test.get('accuracy'), 3)} "
+            f"(full model {fmt(full.get('accuracy'), 3)}), KL {fmt(test.get('kl'), 3)}")
+
+
 def render_report(circuit: Circuit, source: Path, svg: str, curves_png: bytes | None,
                   training_png: bytes | None, max_table_edges: int = 2000, roc_png: bytes | None = None) -> str:
     """The report page of one run as an HTML string (see ``write_report``, which also makes the figures)."""
     title = f"{circuit.model} · {circuit.task} · {circuit.method}"
     command = circuit.config.get("command")
+    has_core = circuit.importance is not None and circuit.evidence is not None
     parts = [f"<h1>Circuit report: {escape(title)}</h1>",
-             f'<p class="sub">hap-circuits {__version__} · {circuit.n_edges:,} kept edges</p>',
+             f'<p class="sub">hap-circuits {__version__} · {circuit.n_edges:,} kept edges · {escape(_headline(circuit))}'
+             "</p>",
+             "<h2>The circuit's core</h2>", core_section(circuit, source),
+             f'<details id="all-edges"{"" if has_core else " open"}><summary>Every kept edge (the full '
+             "drawing)</summary>",
+             '<p class="note">Hover a node to show only its edges; hover an edge for its name and score.</p>',
+             f'<div class="figure" id="circuit">{svg}</div></details>',
              '<div class="grid"><section><h2>Run</h2>', _summary(circuit, source), "</section>",
              "<section><h2>Metrics</h2>", _metrics_section(circuit),
              '<p class="note">Faithfulness f = (m(C) − m(∅)) / (m(N) − m(∅)) with m the logit difference; '
@@ -391,9 +410,6 @@ def render_report(circuit: Circuit, source: Path, svg: str, curves_png: bytes | 
              "<h2>Reproduce</h2>",
              f"<pre id=\"command\">{escape(command)}</pre>" if command else
              '<p class="note">This run did not record its command line (config["command"]).</p>',
-             "<h2>Circuit</h2>",
-             '<p class="note">Hover a node to show only its edges; hover an edge for its name and score.</p>',
-             f'<div class="figure" id="circuit">{svg}</div>',
              _ground_truth_section(circuit, roc_png),
              "<h2>Faithfulness curve</h2>",
              f'<p class="note">Measured on the {escape(str((circuit.metrics.get("curve") or {}).get("split", "unrecorded")))} '
@@ -410,7 +426,8 @@ def render_report(circuit: Circuit, source: Path, svg: str, curves_png: bytes | 
     parts += ["<h2>Heads and MLPs by total |score|</h2>", _node_table(circuit),
               "<h2>Kept edges</h2>", _edge_table(circuit, max_table_edges),
               "<h2>All settings</h2>", _settings(circuit.config)]
-    return page(f"hap report: {title}", "\n".join(parts))
+    css, script = core_assets()
+    return page(f"hap report: {title}", "\n".join(parts), css, script)
 
 
 def circuit_path(run: str | Path) -> Path:

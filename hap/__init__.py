@@ -1,7 +1,8 @@
 """hap-circuits: find the circuits of transformer language models.
 
 The data's path: ``load_model`` (adapter) -> ``Graph`` -> ablation
-(``run_masked`` with a ``Reference``) -> methods -> evaluation -> report.
+(``run_masked`` with a ``Reference``) -> methods -> evaluation -> explanation
+(importance, evidence, roles) -> report.
 
 Names are imported on first use, so ``hap --help`` does not wait for torch.
 """
@@ -38,7 +39,14 @@ _EXPORTS = {
     "evaluate": ".evaluation",
     "require_capable_model": ".evaluation",
     "faithfulness_curve": ".evaluation",
+    "EvidenceTable": ".evidence",
+    "NodeEvidence": ".evidence",
+    "node_evidence": ".evidence",
+    "Explanation": ".explain",
+    "explain_circuit": ".explain",
     "Graph": ".graph",
+    "Role": ".roles",
+    "head_roles": ".roles",
     "ImportanceTable": ".importance",
     "NodeImportance": ".importance",
     "node_importance": ".importance",
@@ -76,6 +84,13 @@ __all__ = [
     "faithfulness_curve",
     "hybrid",
     "node_importance",
+    "EvidenceTable",
+    "NodeEvidence",
+    "node_evidence",
+    "Explanation",
+    "explain_circuit",
+    "Role",
+    "head_roles",
     "load_split",
     "load_task",
     "task_splits",

@@ -170,7 +170,7 @@ def _discover(args: argparse.Namespace) -> int:
         "test_fraction": args.test_fraction, "batch_size": args.batch_size, "seed": args.seed,
         "ig_steps": args.ig_steps, "loss": args.loss, "ablation": args.ablation, "edges_subset": subset,
         "per_head_kv": args.per_head_kv, "kv_graph": args.kv_graph,
-        "curve": args.curve, "ground_truth": args.ground_truth, "threshold": args.threshold,
+        "curve": args.curve, "explain_examples": args.explain_examples, "ground_truth": args.ground_truth, "threshold": args.threshold,
         "acdc_metric": args.acdc_metric, "tests_per_forward": args.tests_per_forward,
         "threshold_runs": args.threshold_runs, "threshold_tolerance": args.threshold_tolerance,
         "threshold_start": args.threshold_start,
@@ -390,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="per-head: discover on MIB's graph, where every query head has its own key/value "
                           "input (edge counts comparable with MIB under grouped-query attention); default grouped")
     discover.add_argument("--curve", action="store_true", default=None, help="also compute the MIB curve")
+    discover.add_argument("--explain-examples", type=int, default=None, metavar="N",
+                          help="explain the circuit (node importance, evidence, roles: hap explain) on the first N "
+                          f"held-out examples (default {settings.DEFAULT_EXPLAIN_EXAMPLES}; 0 skips it; about one "
+                          "masked run of the blocks after each node per example)")
     discover.add_argument("--ground-truth", default=None, metavar="FILE",
                           help="true edges (JSON list or {\"edges\": [...]}): report precision, recall, exact "
                           "recovery and ROC AUC (automatic for tracr models)")

@@ -36,8 +36,9 @@ from .graph import Graph
 from .ground_truth import describe_recovery, judge, read_ground_truth
 from .models.loading import DEFAULT_MODEL, Model, load_model
 from .models.tracr import TracrTransformer
+from .explain import explain_circuit, store_explanation
 from .settings import (ATTRIBUTION_METHODS, DEFAULT_ATTRIBUTION_EXAMPLES, DEFAULT_BATCH_SIZE, DEFAULT_METHOD,
-                       DEFAULT_MONITOR_EXAMPLES, DEFAULT_N_TEST, DEFAULT_REFERENCE_MEMORY_GIB, DEFAULT_STEPS,
+                       DEFAULT_EXPLAIN_EXAMPLES, DEFAULT_MONITOR_EXAMPLES, DEFAULT_N_TEST, DEFAULT_REFERENCE_MEMORY_GIB, DEFAULT_STEPS,
                        DEFAULT_TEST_FRACTION, METHODS, PRECISIONS, PRUNING_METHODS)
 from .tasks import TaskData, TaskSpec, is_program_task, load_split, resolve_bos, task_splits
 
@@ -92,6 +93,7 @@ class DiscoverConfig:
     per_head_kv: bool = False
     kv_graph: str = "grouped"  # or "per-head": MIB's graph, every query head its own key/value input
     curve: bool = False
+    explain_examples: int = DEFAULT_EXPLAIN_EXAMPLES  # held-out examples hap explain's table is measured on (0: none)
     ground_truth: str | None = None  # a file of true edges; tracr models know theirs
     bos: bool | None = None  # prompts begin with the BOS token; None: as the tokenizer does (run.json: resolved)
     allow_weak_model: bool = False  # study a full model that fails the task (at or below chance) anyway
@@ -192,6 +194,8 @@ class DiscoverConfig:
             raise HapError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.attribution_examples < 1:
             raise HapError(f"--attribution-examples must be at least 1, got {self.attribution_examples}")
+        if self.explain_examples < 0:
+            raise HapError(f"--explain-examples must be 0 (no explanation) or more, got {self.explain_examples}")
         if self.monitor_examples < 1:
             raise HapError(f"--monitor-examples must be at least 1, got {self.monitor_examples}")
         if self.eval_every is not None and self.eval_every < 1:
@@ -496,6 +500,14 @@ def discover(config: DiscoverConfig) -> Circuit:
 
     circuit.metrics = measure(model, circuit, train, test, config, runtime)
     circuit.splits = {"train": train_spec.to_dict(), "test": test_spec.to_dict()}
+    if config.explain_examples and test_task.named_positions is not None and circuit.n_edges:
+        started = time.perf_counter()
+        head = test.head(config.explain_examples)
+        explanation = explain_circuit(model, circuit, head.task, config.batch_size, config.ablation, data=head,
+                                      split="test", progress=True)
+        runtime["explain"] = time.perf_counter() - started
+        store_explanation(circuit, explanation, {"examples": {**test_spec.to_dict(),
+                                                               "n_examples": explanation.importance.n_examples}})
     given = {key: value for key, value in config.to_dict().items() if value is not None or key not in circuit.config}
     circuit.config = {**circuit.config, **given}  # what the method resolved (e.g. the tau searched) beats None
     circuit.runtime_s = {**circuit.runtime_s, **runtime}
@@ -513,6 +525,33 @@ def _number(value: Any, digits: int = 4) -> str:
 
 def _signed(value: Any, digits: int = 4) -> str:
     return f"{value:+.{digits}f}" if isinstance(value, (int, float)) else ""
+
+
+CORE_SHOWN = 5  # nodes the summary names
+
+
+def _core_lines(circuit: Circuit) -> list[str]:
+    """The nodes the circuit needs most, with their roles (when ``hap explain``'s table is stored)."""
+    rows = (circuit.importance or {}).get("nodes") or []
+    if not rows:
+        return []
+    roles = circuit.roles or {}
+
+    def named(row: dict[str, Any]) -> str:
+        role = (roles.get(row["name"]) or {}).get("role")
+        return f"{row['name']}{' (' + role + ')' if role else ''} {row['faithfulness_drop']:+.2f}"
+
+    lines = [f"  core          {' · '.join(named(row) for row in rows[:CORE_SHOWN])}",
+             f"                (faithfulness lost without each, on {circuit.importance.get('n_examples')} "
+             f"{circuit.importance.get('split')} examples; hap explain for the table)"]
+    counts: dict[str, int] = {}
+    for role in roles.values():
+        if role.get("role") != "unlabelled":
+            counts[role["role"]] = counts.get(role["role"], 0) + 1
+    if circuit.roles is not None:
+        lines.append("  roles         " + (" · ".join(f"{role} {count}" for role, count in counts.items())
+                                           or "no head of the circuit fits a role rule"))
+    return lines
 
 
 def format_summary(circuit: Circuit) -> str:
@@ -561,6 +600,7 @@ def format_summary(circuit: Circuit) -> str:
                          "below chance, or wrong on average): this circuit explains a broken behaviour")
     if "ground_truth" in metrics:
         lines.append(f"  ground truth  {describe_recovery(metrics['ground_truth'])}")
+    lines += _core_lines(circuit)
     if "curve" in metrics:
         lines.append(f"  curve         CPR {metrics['curve']['cpr']:.3f} · CMD {metrics['curve']['cmd']:.3f} "
                      f"({metrics['curve'].get('split', 'unknown')} split)")

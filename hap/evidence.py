@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .ablation import trace
 from .errors import HapError
-from .graph import Graph
+from .graph import Graph, node_kind_and_layer, reader_kind
 from .models.adapter import rms_norm_shares
 from .models.loading import Model
 from .tasks import TaskData
@@ -101,28 +101,13 @@ def frozen_norm_shares(norm: torch.nn.Module | None, total: Tensor, parts: Tenso
     return rms_norm_shares(norm, torch.cat([parts, rest[None]]))[:-1]
 
 
-def _reader_kind(name: str) -> str:
-    if name == "logits":
-        return "logits"
-    for kind in ("q", "k", "v"):
-        if name.endswith(f"<{kind}>"):
-            return kind
-    return "mlp"
-
-
 def node_readers(graph: Graph, kept: Tensor, source: int) -> dict[str, list[str]]:
     """The kept readers of ``source`` by input kind: ``{"q": ["a20.h3"], "v": ["a21.g1"], "mlp": ["m22"]}``."""
     readers: dict[str, list[str]] = {}
     for reader in kept[source].nonzero().flatten().tolist():
         name = graph.reader_names[reader]
-        readers.setdefault(_reader_kind(name), []).append(name.split("<")[0])
+        readers.setdefault(reader_kind(name), []).append(name.split("<")[0])
     return readers
-
-
-def _kind_and_layer(name: str) -> tuple[str, int]:
-    if name.startswith("m"):
-        return "mlp", int(name[1:])
-    return "head", int(name[1:].split(".")[0])
 
 
 def node_evidence(model: Model, task: TaskData, batch_size: int = 16, kept: Tensor | None = None,
@@ -190,7 +175,7 @@ def node_evidence(model: Model, task: TaskData, batch_size: int = 16, kept: Tens
     nodes = []
     for source in range(1, n_sources):
         name = graph.source_names[source]
-        kind, layer = _kind_and_layer(name)
+        kind, layer = node_kind_and_layer(name)
         readers = node_readers(graph, kept.cpu().bool() & graph.real, source) if kept is not None else {}
         if kind == "mlp":
             nodes.append(NodeEvidence(name, kind, layer, float(direct[source]), readers=readers))

@@ -53,6 +53,20 @@ def _reader_names(layout: Layout) -> list[str]:
     return names
 
 
+def node_kind_and_layer(name: str) -> tuple[str, int]:
+    """``"a9.h3"`` -> ("head", 9); ``"m5"`` -> ("mlp", 5)."""
+    if name.startswith("m"):
+        return "mlp", int(name[1:])
+    return "head", int(name[1:].split(".")[0])
+
+
+def reader_kind(name: str) -> str:
+    """The input a reader is: ``"q"``, ``"k"``, ``"v"`` (``a4.h2<q>``), ``"mlp"`` (``m5``) or ``"logits"``."""
+    if name == "logits":
+        return "logits"
+    return name[-2] if name.endswith(">") else "mlp"
+
+
 @dataclass
 class Graph:
     """Tensor-backed edge graph of one model shape.

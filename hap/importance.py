@@ -23,7 +23,7 @@ from .batches import ReferenceCache, TaskBatches
 from .circuit import Circuit
 from .errors import HapError
 from .evaluation import MetricSums, faithfulness
-from .graph import Graph
+from .graph import Graph, node_kind_and_layer
 from .models.loading import Model
 from .settings import ATTRIBUTION_METHODS
 from .tasks import TaskData
@@ -108,12 +108,6 @@ def node_edges(graph: Graph, kept: Tensor, source: int) -> Tensor:
     return edges
 
 
-def _kind_and_layer(name: str) -> tuple[str, int]:
-    if name.startswith("m"):
-        return "mlp", int(name[1:])
-    return "head", int(name[1:].split(".")[0])
-
-
 def node_importance(model: Model, circuit: Circuit, task: TaskData, batch_size: int = 16,
                     ablation: AblationKind | str | None = None, data: TaskBatches | None = None,
                     split: str = "test", progress: bool = False,
@@ -161,9 +155,13 @@ def node_importance(model: Model, circuit: Circuit, task: TaskData, batch_size: 
                     chunk = members[start:start + per_forward]
                     k = len(chunk)
                     masks = torch.stack([(kept & ~removed[i]) for i in chunk]).to(model.device, model.dtype)
-                    logits = run_masked(model, graph, batch.clean.repeat(k, 1), batch.reference.of_copies(k),
-                                        masks.repeat_interleave(size, dim=0), plan, batch.positions.repeat(k),
-                                        known=known)
+                    if k == 1:  # one node: its mask for the whole batch
+                        logits = run_masked(model, graph, batch.clean, batch.reference, masks[0], plan,
+                                            batch.positions, known=known)
+                    else:
+                        logits = run_masked(model, graph, batch.clean.repeat(k, 1), batch.reference.of_copies(k),
+                                            masks.repeat_interleave(size, dim=0), plan, batch.positions.repeat(k),
+                                            known=known)
                     for copy, i in enumerate(chunk):
                         without[i].add(batch, logits[copy * size:(copy + 1) * size])
                     bar.update(k * size)
@@ -180,7 +178,7 @@ def node_importance(model: Model, circuit: Circuit, task: TaskData, batch_size: 
     for source, edges, sums in zip(sources, removed, without):
         values = sums.means(n)
         name = graph.source_names[source]
-        node_kind, layer = _kind_and_layer(name)
+        node_kind, layer = node_kind_and_layer(name)
         rows.append(NodeImportance(
             name=name, kind=node_kind, layer=layer, n_edges=int(edges.sum()),
             faithfulness_drop=faithful(base_m) - faithful(values), kl_increase=values["kl"] - base_m["kl"],

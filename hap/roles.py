@@ -15,6 +15,10 @@ The IOI classes are those of Wang et al. 2022:
   queries (path patching: those queries read its output on the corrupted prompt, everything else is
   the clean run) lowers the logit difference;
 * induction: S2 attends S1+1; duplicate-token: S2 attends S1; previous-token: S1+1 attends S1.
+
+One class beyond theirs, so that a head whose main effect is direct is not named after a side pattern:
+S-suppression, END attends S and the head raises logit(IO) - logit(S) directly (it lowers the
+subject's logit: the copy suppression of McDougall et al. 2023). It is tried after S-inhibition.
 """
 
 from __future__ import annotations
@@ -90,6 +94,11 @@ def _s_inhibition(node: NodeEvidence, context: RoleContext) -> dict[str, float]:
     return numbers
 
 
+def _s_suppression(node: NodeEvidence, context: RoleContext) -> dict[str, float]:
+    return {"END->S": node.attends("END", "S2") + node.attends("END", "S1"), "direct_effect": node.direct_effect,
+            "direct_share": node.direct_effect / context.full_metric}
+
+
 def _attends(source: str, target: str) -> Callable[[NodeEvidence, RoleContext], dict[str, float]]:
     return lambda node, context: {f"{source}->{target}": node.attends(source, target)}
 
@@ -110,6 +119,10 @@ IOI_RULES: tuple[RoleRule, ...] = (
              _s_inhibition,
              lambda numbers, context: numbers["END->S"] >= ATTENTION_MIN
              and numbers.get("path_patching_share", 0.0) >= PATH_PATCHING_MIN),
+    RoleRule("S-suppression", f"END attends S1+S2 >= {ATTENTION_MIN} and direct effect >= +{DIRECT_MIN} x the full "
+             "model's logit difference (it lowers the subject's logit: copy suppression, McDougall et al. 2023)",
+             _s_suppression,
+             lambda numbers, context: numbers["END->S"] >= ATTENTION_MIN and numbers["direct_share"] >= DIRECT_MIN),
     RoleRule("induction", f"S2 attends S1+1 >= {ATTENTION_MIN}", _attends("S2", "S1+1"), _above("S2->S1+1")),
     RoleRule("duplicate-token", f"S2 attends S1 >= {ATTENTION_MIN}", _attends("S2", "S1"), _above("S2->S1")),
     RoleRule("previous-token", f"S1+1 attends S1 >= {ATTENTION_MIN}", _attends("S1+1", "S1"), _above("S1+1->S1")),

@@ -34,6 +34,8 @@ DEFAULT_BATCH_SIZE = 16
 DEFAULT_STEPS = 120
 DEFAULT_ATTRIBUTION_EXAMPLES = 64
 DEFAULT_MONITOR_EXAMPLES = 32
+# held-out examples on which discover explains its circuit (node importance, evidence, roles): one batch
+DEFAULT_EXPLAIN_EXAMPLES = 16
 DEFAULT_REFERENCE_MEMORY_GIB = 1.5
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hap.attribution import attribute
+from hap.errors import HapError
 from hap.explain import explain_circuit, load_explanation, store_explanation
 from hap.graph import Graph
 from hap.report import write_report
@@ -104,3 +105,32 @@ def test_core_view_renders_filters_and_shows_evidence_in_headless_chromium(tiny_
     assert re.search(rf'<h3 id="core-selected">{re.escape(top)} ', clicked)
     assert 'id="core-evidence"' in clicked and "faithfulness lost" in clicked and 'class="tokens"' in clicked
     assert f'<g class="core-node selected" data-node="{top}"' in clicked
+
+
+def test_compare_shows_which_heads_of_each_role_every_run_keeps(tiny_gpt2, tmp_path):
+    from hap.report.compare import compare_runs, kept_components, read_roles
+
+    small = _explained(tiny_gpt2, tmp_path / "small", n_edges=12)
+    large = _explained(tiny_gpt2, tmp_path / "large", n_edges=80)
+    kept_small, kept_large = kept_components(small), kept_components(large)
+    movers = sorted(name for name in kept_large if name.startswith("a"))[:3]
+    roles = {name: {"role": "name mover"} for name in movers}
+    (tmp_path / "roles.json").write_text(json.dumps({"roles": roles}))
+    assert read_roles(tmp_path / "roles.json") == roles
+    page = compare_runs([tmp_path / "small", tmp_path / "large"], tmp_path / "compare.html",
+                        read_roles(tmp_path / "roles.json")).read_text()
+    section = page[page.index('id="roles-kept"'):]
+    row = re.search(r"<tr><td>name mover</td>.*?</tr>", section).group(0)
+    counts = re.findall(r">(\d+) of (\d+)<", row)
+    assert counts == [(str(len(set(movers) & kept_small)), "3"), ("3", "3")]
+    bare = compare_runs([tmp_path / "small", tmp_path / "large"], tmp_path / "bare.html").read_text()
+    carried = [role["role"] for circuit in (small, large) for role in (circuit.roles or {}).values()]
+    assert ("No head roles are known" in bare) == all(role == "unlabelled" for role in carried)
+    with pytest.raises(HapError, match="no roles in it"):
+        read_roles(_no_roles(tmp_path))
+
+
+def _no_roles(tmp_path: Path) -> Path:
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps({"nodes": {"a0.h0": {"in_graph": True}}}))
+    return path

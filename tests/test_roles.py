@@ -161,3 +161,13 @@ def test_path_patching_equals_the_slow_twin(tiny_gpt2_64):
             patched = task.logit_diff(logits[rows, task.answer_positions]).mean()
             assert drops[sender] == pytest.approx(float(full - patched), abs=1e-9)
             assert not math.isclose(drops[sender], 0.0, abs_tol=1e-6)  # the edges matter in this model
+
+
+def test_a_head_that_attends_s_and_raises_the_metric_directly_is_s_suppression_not_its_side_pattern():
+    full = 2.0
+    strong = (DIRECT_MIN + 0.01) * full
+    nodes = [_head("a6.h3", 6, strong, END__S2=0.5, S1_1__S1=0.35),  # attends S2 at END, +direct, also prev-token
+             _head("a6.h4", 6, 0.0, END__S2=0.5, S1_1__S1=0.35)]  # the same attention, no direct effect
+    roles = label_heads(_table(nodes, full), RoleContext(full))
+    assert roles["a6.h3"].role == "S-suppression" and roles["a6.h3"].also == ["previous-token"]
+    assert roles["a6.h4"].role == "previous-token"

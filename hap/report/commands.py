@@ -17,9 +17,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare_runs
+    from .compare import compare_runs, read_roles
 
-    print(compare_runs(args.runs, args.out))
+    print(compare_runs(args.runs, args.out, read_roles(args.roles) if args.roles else None))
     return 0
 
 
@@ -51,6 +51,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Write one self-contained HTML page comparing the circuits of runs of the same model and task.")
     compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or circuit.json paths)")
     compare.add_argument("--out", default="compare.html", help="output HTML path (default compare.html)")
+    compare.add_argument("--roles", default=None, metavar="FILE",
+                         help="head roles to show kept side by side: a circuit.json filled by hap explain, or a "
+                         '{"roles": {...}} file (default: the roles the runs carry)')
     compare.set_defaults(run=_compare)
 
     export = commands.add_parser(

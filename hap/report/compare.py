@@ -148,8 +148,69 @@ def _pairwise(runs: Sequence[Run], components: Sequence[set]) -> str:
     return f'<ul id="pairwise">{"".join(items)}</ul>'
 
 
-def render_comparison(runs: Sequence[Run]) -> str:
-    """The comparison page of loaded runs as an HTML string."""
+def read_roles(path: str | Path) -> dict[str, dict]:
+    """Head roles from a file: a ``circuit.json`` with roles (``nodes.NAME.role``, ``hap explain``) or
+    ``{"roles": {"a9.h9": {"role": "name mover", ...}, ...}}`` (the case study's ``roles.json``)."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise HapError(f"--roles {path}: cannot read it as JSON ({error})") from None
+    if isinstance(document.get("roles"), dict):
+        return document["roles"]
+    nodes = document.get("nodes")
+    roles = {name: node["role"] for name, node in (nodes or {}).items()
+             if isinstance(node, dict) and isinstance(node.get("role"), dict)} if isinstance(nodes, dict) else {}
+    if not roles:
+        raise HapError(f"--roles {path}: no roles in it; give a circuit.json that hap explain has filled, or a "
+                       '{"roles": {...}} file')
+    return roles
+
+
+def run_roles(runs: Sequence[Run], given: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Every head's role known to the comparison: ``given``, then those the runs' circuits carry."""
+    roles: dict[str, dict] = {}
+    for run in runs:
+        for name, role in (run.circuit.roles or {}).items():
+            roles.setdefault(name, role)
+    return {**roles, **(given or {})}
+
+
+def _kept_roles(runs: Sequence[Run], components: Sequence[set], roles: dict[str, dict]) -> str:
+    """Per role class, how many of its heads each run keeps, and per labelled head whether each run keeps it."""
+    from ..roles import IOI_RULES
+
+    labelled = {name: role["role"] for name, role in roles.items() if role.get("role") not in (None, "unlabelled")}
+    if not labelled:
+        return ('<p class="note" id="kept-roles">No head roles are known for these runs: run <code>hap explain'
+                "</code> on one of them, or pass <code>--roles FILE</code>.</p>")
+    order = [rule.role for rule in IOI_RULES] + sorted({r for r in labelled.values()} - {r.role for r in IOI_RULES})
+    rows = []
+    for role in order:
+        heads = sorted((name for name, held in labelled.items() if held == role), key=_component_key)
+        if not heads:
+            continue
+        cells = []
+        for kept in components:
+            inside = [name for name in heads if name in kept]
+            cells.append(Cell(f"{len(inside)} of {len(heads)}", len(inside) / len(heads), "num",
+                              title=", ".join(inside) or "none"))
+        rows.append([Cell(role), Cell(", ".join(heads), cls="name"), *cells])
+    head_rows = []
+    for name in sorted(labelled, key=_component_key):
+        marks = [Cell("✓", 1, "yes") if name in kept else Cell("–", 0, "no") for kept in components]
+        head_rows.append([Cell(name, cls="name"), Cell(labelled[name]), *marks])
+    return ('<p class="note" id="kept-roles">Roles are found on the full model (hap explain: attention between '
+            "named positions, direct effect, path patching for S-inhibition); a run keeps a head when its circuit "
+            "has a kept edge out of it.</p>"
+            + table(["role", "heads", *(run.label for run in runs)], rows, table_id="roles-kept")
+            + "<details><summary>Every labelled head</summary>"
+            + table(["head", "role", *(run.label for run in runs)], head_rows, sortable=True, table_id="role-heads",
+                    scroll=True) + "</details>")
+
+
+def render_comparison(runs: Sequence[Run], roles: dict[str, dict] | None = None) -> str:
+    """The comparison page of loaded runs as an HTML string (``roles``: head roles to show kept side by side,
+    besides those the circuits carry)."""
     first = runs[0].circuit
     total = Graph.from_layout(first.layout).n_edges
     edges = [kept_edges(run.circuit) for run in runs]
@@ -200,6 +261,7 @@ def render_comparison(runs: Sequence[Run]) -> str:
              "<h2>Overlap</h2>", '<div class="grid"><section><h3>Kept edges (Jaccard)</h3>',
              _matrix(runs, edges, "edge-jaccard"), "</section><section><h3>Kept heads and MLPs (Jaccard)</h3>",
              _matrix(runs, components, "node-jaccard"), "</section></div>",
+             "<h2>Kept heads by role</h2>", _kept_roles(runs, components, run_roles(runs, roles)),
              "<h2>Heads and MLPs kept by some runs only</h2>", _differences(runs, components),
              "<h3>Heads one run keeps and another drops</h3>", _pairwise(runs, components),
              "<h2>Faithfulness curves</h2>", curve_html,
@@ -207,12 +269,13 @@ def render_comparison(runs: Sequence[Run]) -> str:
     return page(f"hap compare: {title}", "\n".join(parts))
 
 
-def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, roles: dict[str, dict] | None = None) -> Path:
     """Write a self-contained comparison page of 2+ runs of one model and task to ``out``; returns it.
+    ``roles``: head roles (``read_roles``) to show which each run keeps.
 
     Raises ``IncomparableRunsError`` for fewer than two runs or runs of
     different models, tasks or graph shapes.
     """
     out = Path(out)
-    write_atomically(out, render_comparison(load_runs(run_dirs)))
+    write_atomically(out, render_comparison(load_runs(run_dirs), roles))
     return out

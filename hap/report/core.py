@@ -19,22 +19,24 @@ from typing import Any
 
 from ..circuit import Circuit
 from ..explain import Explanation, load_explanation
+from ..graph import node_kind_and_layer
 
 DAGRE = Path(__file__).with_name("assets") / "dagre.min.js"
 CORE_NODES = 30  # nodes shown at first: the most important ones
 ROLE_COLOURS = {"name mover": "#1f5fa8", "negative name mover": "#c0392b", "S-inhibition": "#7b3fa0",
+                "S-suppression": "#0e7490",
                 "induction": "#1a7f37", "duplicate-token": "#d97706", "previous-token": "#8d6e63",
                 "unlabelled": "#98a2b3", "mlp": "#d0d5dd", "endpoint": "#1d232b"}
 
 
 def _block(name: str, n_layers: int) -> int:
+    """The block that writes (or, for ``logits``, reads) a node: ``Graph``'s numbering."""
     if name == "input":
         return 0
     if name == "logits":
         return 2 * n_layers + 1
-    if name.startswith("m"):
-        return 2 * int(name[1:]) + 2
-    return 2 * int(name[1:].split(".")[0]) + 1
+    kind, layer = node_kind_and_layer(name)
+    return 2 * layer + (2 if kind == "mlp" else 1)
 
 
 def _reader_nodes(reader: str, heads_per_group: int) -> tuple[list[str], str]:

@@ -23,9 +23,10 @@ from .. import __version__
 from ..circuit import Circuit, write_atomically
 from ..errors import HapError
 from ..evaluation import CHANCE_ACCURACY, fails_task
+from ..graph import reader_kind
 from ..tasks.splits import TaskSpec
-from .curves import CurveSeries, faithfulness_figure, read_train_log, roc_figure, save_figure, training_figure
 from .core import core_assets, core_section
+from .curves import CurveSeries, faithfulness_figure, read_train_log, roc_figure, save_figure, training_figure
 from .svg import circuit_elements, draw_circuit
 
 TRAIN_LOG = "train_log.jsonl"
@@ -228,12 +229,6 @@ def node_totals(circuit: Circuit) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=lambda row: -row["total"])
 
 
-def _reader_kind(reader: str) -> str:
-    if reader == "logits":
-        return "logits"
-    return reader[-2] if reader.endswith(">") else "mlp"
-
-
 def _edge_table(circuit: Circuit, limit: int) -> str:
     graph = circuit.graph()
     sources, readers = graph.in_graph.nonzero(as_tuple=True)
@@ -244,7 +239,7 @@ def _edge_table(circuit: Circuit, limit: int) -> str:
         source, reader = graph.source_names[sources[i]], graph.reader_names[readers[i]]
         score = float(scores[i])
         rows.append([number(rank), Cell(f"{source}->{reader}", cls="name"), Cell(source, cls="name"),
-                     Cell(reader, cls="name"), Cell(_reader_kind(reader)), number(score), number(abs(score))])
+                     Cell(reader, cls="name"), Cell(reader_kind(reader)), number(score), number(abs(score))])
     note = "" if len(order) <= limit else \
         f'<p class="note">The {limit:,} edges of largest |score| of {len(order):,}; all are in circuit.json.</p>'
     return note + table(["rank", "edge", "source", "reader", "input", "score", "|score|"], rows, sortable=True,

@@ -99,7 +99,7 @@ def core_data(circuit: Circuit, explanation: Explanation) -> dict[str, Any]:
 CORE_CSS = """
 #core-wrap{display:flex;gap:18px;align-items:flex-start;flex-wrap:wrap}
 #core-figure{flex:1 1 620px;overflow:auto;border:1px solid var(--line);max-height:900px;background:#fff}
-#core-detail{flex:0 1 380px;border:1px solid var(--line);padding:10px 12px;min-height:120px;font-size:13px}
+#core-detail{flex:0 1 330px;border:1px solid var(--line);padding:10px 12px;min-height:120px;font-size:13px}
 #core-detail h3{margin:0 0 6px}
 .core-node{cursor:pointer}.core-node text{font:11px "DejaVu Sans Mono",Menlo,monospace;pointer-events:none}
 .core-node.selected rect{stroke:#000;stroke-width:2.5}
@@ -128,50 +128,72 @@ CORE_SCRIPT = """
     var threshold = shown.length ? shown[shown.length - 1].importance : 0;
     label.textContent = count + ' nodes: faithfulness lost \\u2265 ' + threshold.toFixed(4);
     var g = new dagre.graphlib.Graph({multigraph: false});
-    g.setGraph({rankdir: 'BT', ranksep: 9, nodesep: 14, marginx: 12, marginy: 12});
+    g.setGraph({rankdir: 'BT', ranksep: 6, nodesep: 8, edgesep: 1.5, marginx: 10, marginy: 10});
     g.setDefaultEdgeLabel(function(){ return {}; });
-    var blocks = {input: 0, logits: data.final_block}, names = {input: 1, logits: 1};
-    g.setNode('input', {width: 54, height: 22}); g.setNode('logits', {width: 54, height: 22});
-    shown.forEach(function(n){ g.setNode(n.name, {width: 64, height: 22}); blocks[n.name] = n.block; names[n.name] = 1; });
+    // input and logits are anchors only (not drawn: nearly every node touches them); markers on the nodes say so
+    var blocks = {input: 0, logits: data.final_block}, names = {};
+    g.setNode('input', {width: 1, height: 1}); g.setNode('logits', {width: 1, height: 1});
+    shown.forEach(function(n){ g.setNode(n.name, {width: 64, height: 20}); blocks[n.name] = n.block; names[n.name] = 1; });
     var edges = data.edges.filter(function(e){ return names[e.source] && names[e.target]; });
+    var fromInput = {}, toLogits = {};
+    data.edges.forEach(function(e){
+      if (e.source === 'input' && names[e.target]) fromInput[e.target] = e;
+      if (e.target === 'logits' && names[e.source]) toLogits[e.source] = e;
+    });
+    g.setEdge('input', 'logits', {minlen: data.final_block, weight: 1});
     var into = {}, outof = {};
     edges.forEach(function(e){
       g.setEdge(e.source, e.target, {minlen: Math.max(1, blocks[e.target] - blocks[e.source]), weight: 1});
       into[e.target] = 1; outof[e.source] = 1;
     });
-    shown.forEach(function(n){  // keep a node at its own block even when no drawn edge holds it there
+    // Each edge asks for exactly its blocks' distance, so the tightest layout puts every node at its own
+    // block; anchors to input and logits (free: weight 0) pin the first and last nodes of each chain there.
+    shown.forEach(function(n){
       if (!into[n.name]) g.setEdge('input', n.name, {minlen: n.block, weight: 0});
       if (!outof[n.name]) g.setEdge(n.name, 'logits', {minlen: data.final_block - n.block, weight: 0});
     });
     dagre.layout(g);
     var size = g.graph();
     figure.innerHTML = '';
-    var svg = el('svg', {id: 'core-svg', width: size.width, height: size.height,
-                         viewBox: '0 0 ' + size.width + ' ' + size.height}, figure);
+    var natural = document.getElementById('core-natural').checked;
+    var svg = el('svg', {id: 'core-svg', width: natural ? size.width : '100%', viewBox: '0 0 ' + size.width + ' ' +
+                         size.height, preserveAspectRatio: 'xMidYMin meet'}, figure);
+    if (!natural) svg.setAttribute('style', 'max-width:' + Math.max(size.width, 420) + 'px');
     var largest = Math.max.apply(null, edges.map(function(e){ return e.abs; }).concat([1e-12]));
+    function describe(e){
+      return e.source + ' \u2192 ' + e.target + ' (' + e.kinds.join(', ') + '): ' + e.n + ' kept edge' +
+        (e.n > 1 ? 's' : '') + ', score ' + fmt(e.score, 4) + ', |score| ' + e.abs.toFixed(4);
+    }
     edges.forEach(function(e){
       var points = g.edge(e.source, e.target).points;
       var d = 'M' + points.map(function(p){ return p.x.toFixed(1) + ',' + p.y.toFixed(1); }).join(' L');
       var path = el('path', {d: d, 'class': 'core-edge', 'stroke-width': (0.8 + 5 * e.abs / largest).toFixed(2),
                              stroke: e.score >= 0 ? '#1f5fa8' : '#c0392b', 'data-source': e.source,
                              'data-target': e.target}, svg);
-      el('title', {}, path).textContent = e.source + ' \\u2192 ' + e.target + ' (' + e.kinds.join(', ') + '): ' +
-        e.n + ' kept edge' + (e.n > 1 ? 's' : '') + ', score ' + fmt(e.score, 4) + ', |score| ' + e.abs.toFixed(4);
+      el('title', {}, path).textContent = describe(e);
     });
-    ['input', 'logits'].concat(shown.map(function(n){ return n.name; })).forEach(function(name){
-      var box = g.node(name), n = byName[name];
+    shown.forEach(function(n){
+      var name = n.name, box = g.node(name);
       var group = el('g', {'class': 'core-node' + (name === selected ? ' selected' : ''), 'data-node': name,
                            transform: 'translate(' + (box.x - box.width / 2) + ',' + (box.y - box.height / 2) + ')'}, svg);
-      var colour = n ? data.colours[n.role] || data.colours.unlabelled : data.colours.endpoint;
-      el('rect', {width: box.width, height: box.height, rx: n && n.kind === 'mlp' ? 2 : 10, fill: colour}, group);
-      var text = el('text', {x: box.width / 2, y: 15, 'text-anchor': 'middle',
-                             fill: n && (n.kind === 'mlp' || n.role === 'unlabelled') ? '#1d232b' : '#fff'}, group);
+      el('rect', {width: box.width, height: box.height, rx: n.kind === 'mlp' ? 2 : 9,
+                  fill: data.colours[n.role] || data.colours.unlabelled}, group);
+      var text = el('text', {x: box.width / 2, y: 14, 'text-anchor': 'middle',
+                             fill: n.kind === 'mlp' || n.role === 'unlabelled' ? '#1d232b' : '#fff'}, group);
       text.textContent = name;
-      if (n) {
-        el('title', {}, group).textContent = name + ' \\u00b7 ' + n.role + ' \\u00b7 rank ' + n.rank +
-          ' \\u00b7 faithfulness lost ' + fmt(n.importance, 4);
-        group.addEventListener('click', function(){ select(name); });
+      el('title', {}, group).textContent = name + ' \u00b7 ' + n.role + ' \u00b7 rank ' + n.rank +
+        ' \u00b7 faithfulness lost ' + fmt(n.importance, 4);
+      if (toLogits[name]) {
+        var out = el('circle', {'class': 'core-logits', cx: box.width - 2, cy: 2, r: 4.5,
+                                fill: toLogits[name].score >= 0 ? '#1f5fa8' : '#c0392b', stroke: '#fff'}, group);
+        el('title', {}, out).textContent = describe(toLogits[name]);
       }
+      if (fromInput[name]) {
+        var inp = el('circle', {'class': 'core-input', cx: 2, cy: box.height - 2, r: 4, fill: '#1d232b',
+                                stroke: '#fff'}, group);
+        el('title', {}, inp).textContent = describe(fromInput[name]);
+      }
+      group.addEventListener('click', function(){ select(name); });
     });
     document.documentElement.setAttribute('data-core-nodes', String(shown.length));
   }
@@ -215,6 +237,7 @@ CORE_SCRIPT = """
   slider.max = String(data.nodes.length); slider.min = String(Math.min(1, data.nodes.length));
   slider.value = String(data.first);
   slider.addEventListener('input', draw);
+  document.getElementById('core-natural').addEventListener('change', draw);
   var wanted = {}; (location.hash || '').replace(/^#/, '').split('&').forEach(function(kv){
     var p = kv.split('='); if (p[0]) wanted[p[0]] = decodeURIComponent(p[1] || ''); });
   draw();
@@ -241,13 +264,15 @@ def core_section(circuit: Circuit, source: Path) -> str:
     return "\n".join([
         f'<p class="note">The heads and MLPs the circuit needs most, measured on {data["n_examples"]} {where} '
         f'examples (faithfulness lost when the node leaves the circuit with its edges; the circuit\'s own is '
-        f'{data["faithfulness"]:.3f}). One rank per block, input at the bottom; a line is all kept edges between '
-        "two nodes (width: summed |score|; blue positive, red negative). Click a node for its evidence; hover a "
-        "line for its score." + ("" if data["has_roles"] else " No role rules read this task: colours are "
+        f'{data["faithfulness"]:.3f}). One rank per block, the first layers at the bottom; a line is all kept '
+        "edges between two nodes (width: summed |score|; blue positive, red negative). A dot at a node's top right: "
+        "it writes to the logits; at its bottom left: it reads the embeddings. Click a node for its evidence; "
+        "hover a line or a dot for its score." + ("" if data["has_roles"] else " No role rules read this task: colours are "
                                  "heads and MLPs only.") + "</p>",
         f'<p><label for="core-threshold">Show the most important </label><input type="range" id="core-threshold" '
         f'min="1" max="{len(data["nodes"])}" value="{data["first"]}" step="1"> <span id="core-threshold-label">'
-        f'</span></p><p class="note">{legend}</p>',
+        f'</span> <label><input type="checkbox" id="core-natural"> actual size (scroll)</label></p>'
+        f'<p class="note">{legend}</p>',
         '<div id="core-wrap"><div id="core-figure"></div><div id="core-detail"><p class="note">Click a node to see '
         "its role, the numbers that earned it, who reads it and its attention on one held-out example.</p></div>"
         "</div>",

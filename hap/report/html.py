@@ -64,6 +64,7 @@ word-break:break-all;font-size:12.5px}
 .yes{color:#1a7f37;font-weight:600}.no{color:#b42318}
 details{margin:8px 0}summary{cursor:pointer;font-weight:600}
 svg.focus .edge{opacity:.07}svg.focus .edge.on{opacity:1}
+#settings td.name{white-space:normal;word-break:break-all}
 """
 
 SCRIPT = """

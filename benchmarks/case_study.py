@@ -78,11 +78,19 @@ def run_discover(method: str, sparsity: float, out: Path) -> Path:
     return folder
 
 
-def kept_heads(circuit_path: Path) -> set[str]:
-    from hap.circuit import Circuit
-
-    circuit = Circuit.load(circuit_path)
+def kept_heads(circuit) -> set[str]:
     return {name for name, kept in circuit.node_in_graph().items() if kept and name.startswith("a")}
+
+
+def s_inhibition_paths(circuit, roles: dict) -> tuple[int, int]:
+    """(kept, possible) edges from the S-inhibition heads into the name movers' queries: the path the
+    path-patching test measured, and the paper's claim is about."""
+    graph = circuit.graph()
+    senders = [name for name, role in roles.items() if role["role"] == "S-inhibition"]
+    movers = [name for name, role in roles.items() if role["role"] == "name mover"]
+    pairs = [(graph.source_index(s), graph.reader_index(f"{m}<q>")) for s in senders for m in movers
+             if graph.real[graph.source_index(s), graph.reader_index(f"{m}<q>")]]
+    return sum(bool(graph.in_graph[s, r]) for s, r in pairs), len(pairs)
 
 
 def summarise(out: Path, roles: dict, folders: dict[tuple[str, float], Path]) -> list[dict]:
@@ -95,24 +103,27 @@ def summarise(out: Path, roles: dict, folders: dict[tuple[str, float], Path]) ->
     rows = []
     for (method, sparsity), folder in sorted(folders.items(), key=lambda item: (item[0][1], METHODS.index(item[0][0]))):
         circuit = Circuit.load(folder / "circuit.json")
-        kept = kept_heads(folder / "circuit.json")
+        kept = kept_heads(circuit)
+        paths = s_inhibition_paths(circuit, roles["roles"])
         test = circuit.held_out
         rows.append({"method": method, "sparsity": sparsity, "edges": circuit.n_edges,
                      "faithfulness": test.get("faithfulness"), "kl": test.get("kl"), "accuracy": test.get("accuracy"),
                      "converged": circuit.config.get("converged"), "steps": circuit.config.get("steps_done"),
                      "seconds": round(sum(v for v in circuit.runtime_s.values() if isinstance(v, (int, float))), 1),
+                     "heads_kept": len(kept), "s_inhibition_to_name_mover_queries": paths,
                      "kept": {role: sorted(set(heads) & kept) for role, heads in members.items()}})
     lines = [f"Roles on the full model ({roles['split']['n_examples']} held-out IOI examples): "
              + "; ".join(f"{role} {', '.join(heads) or 'none'}" for role, heads in members.items()), "",
-             "| sparsity | method | edges | held-out faithfulness | KL | accuracy | "
-             + " | ".join(classes) + " | S-inhibition heads kept |",
-             "|" + "---|" * (7 + len(classes))]
+             "| sparsity | method | edges | held-out faithfulness | KL | accuracy | heads kept | "
+             + " | ".join(classes) + " | S-inhibition heads kept | S-inh. -> name mover q edges |",
+             "|" + "---|" * (9 + len(classes))]
     for row in rows:
         converged = "" if row["converged"] is None else (" (converged)" if row["converged"] else " (not converged)")
         counts = " | ".join(f"{len(row['kept'][role])}/{len(members[role])}" for role in classes)
+        kept_paths, possible = row["s_inhibition_to_name_mover_queries"]
         lines.append(f"| {row['sparsity']:.2f} | {row['method']}{converged} | {row['edges']:,} | "
-                     f"{row['faithfulness']:.3f} | {row['kl']:.3f} | {row['accuracy']:.3f} | {counts} | "
-                     f"{', '.join(row['kept']['S-inhibition']) or 'none'} |")
+                     f"{row['faithfulness']:.3f} | {row['kl']:.3f} | {row['accuracy']:.3f} | {row['heads_kept']} | "
+                     f"{counts} | {', '.join(row['kept']['S-inhibition']) or 'none'} | {kept_paths}/{possible} |")
     from hap.circuit import write_atomically
 
     write_atomically(out / "table.md", "\n".join(lines) + "\n")

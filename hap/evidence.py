@@ -173,10 +173,11 @@ def node_evidence(model: Model, task: TaskData, batch_size: int = 16, kept: Tens
     tokens = [model.tokenizer.decode([token]) for token in task.clean_ids[0, :first_length].tolist()]
     first_positions = {label: int(named[label][0]) for label in labels}
     nodes = []
+    kept_edges = kept.cpu().bool() & graph.real if kept is not None else None
     for source in range(1, n_sources):
         name = graph.source_names[source]
         kind, layer = node_kind_and_layer(name)
-        readers = node_readers(graph, kept.cpu().bool() & graph.real, source) if kept is not None else {}
+        readers = node_readers(graph, kept_edges, source) if kept_edges is not None else {}
         if kind == "mlp":
             nodes.append(NodeEvidence(name, kind, layer, float(direct[source]), readers=readers))
             continue

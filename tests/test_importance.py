@@ -109,3 +109,24 @@ def test_hap_explain_prints_and_stores_the_table(tmp_path, capsys):
     assert json.loads((run / "circuit.json").read_text())["node_importance"]["n_examples"] == 12  # not written
     assert main(["explain", str(run), "--split", "train", "--allow-weak-model", "--no-write"]) == 0
     assert "in-sample" in capsys.readouterr().out
+
+
+def test_discover_explains_its_circuit_by_default_and_names_its_core(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["discover", "--model", "tiny-gpt2", "--allow-weak-model", "--method", "eap", "--edges", "30",
+                 "--n-examples", "8", "--n-test", "12", "--no-report", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    stored = json.loads((run / "circuit.json").read_text())
+    assert stored["node_importance"]["n_examples"] == 12 and stored["node_evidence"]["n_examples"] == 12
+    assert "explain" in stored["runtime_s"]
+    top = min(stored["nodes"].items(), key=lambda item: item[1].get("importance", {}).get("rank", 10**9))[0]
+    assert f"core          {top}" in out and "roles" in out
+    bare = tmp_path / "bare"
+    assert main(["discover", "--model", "tiny-gpt2", "--allow-weak-model", "--method", "eap", "--edges", "30",
+                 "--n-examples", "8", "--n-test", "12", "--no-report", "--explain-examples", "0",
+                 "--out", str(bare)]) == 0
+    assert "core " not in capsys.readouterr().out
+    assert "node_importance" not in json.loads((bare / "circuit.json").read_text())
+    assert main(["discover", "--model", "tiny-gpt2", "--method", "eap", "--edges", "30", "--explain-examples", "-1",
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "--explain-examples must be 0" in capsys.readouterr().err

@@ -118,10 +118,11 @@ def summarise(out: Path, roles: dict, folders: dict[tuple[str, float], Path]) ->
              + " | ".join(classes) + " | S-inhibition heads kept | S-inh. -> name mover q edges |",
              "|" + "---|" * (9 + len(classes))]
     for row in rows:
-        converged = "" if row["converged"] is None else (" (converged)" if row["converged"] else " (not converged)")
+        budget = "" if row["steps"] is None else (f" ({row['steps']} steps, "
+                                                  + ("at" if row["converged"] else "NOT at") + " the target sparsity)")
         counts = " | ".join(f"{len(row['kept'][role])}/{len(members[role])}" for role in classes)
         kept_paths, possible = row["s_inhibition_to_name_mover_queries"]
-        lines.append(f"| {row['sparsity']:.2f} | {row['method']}{converged} | {row['edges']:,} | "
+        lines.append(f"| {row['sparsity']:.2f} | {row['method']}{budget} | {row['edges']:,} | "
                      f"{row['faithfulness']:.3f} | {row['kl']:.3f} | {row['accuracy']:.3f} | {row['heads_kept']} | "
                      f"{counts} | {', '.join(row['kept']['S-inhibition']) or 'none'} | {kept_paths}/{possible} |")
     from hap.circuit import write_atomically

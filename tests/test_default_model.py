@@ -62,6 +62,9 @@ def test_discover_then_evaluate_end_to_end(tmp_path, capsys):
     assert document["format"] == "hap-circuit/4" and document["splits"]["test"]["split"] == "test"
     assert document["model"] == "smollm2-135m" and document["graph"]["n_edges"] == 70651
     assert 0 < document["graph"]["n_edges_in_graph"] <= 200
+    # discover explained the circuit on the real model: importance, evidence and roles of its heads
+    assert "core          " in summary and document["node_evidence"]["positions"] == ["IO", "S1", "S1+1", "S2", "END"]
+    assert document["node_importance"]["n_examples"] == 16 and document["node_evidence"]["has_roles"]
     assert main(["evaluate", str(out / "circuit.json"), "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["split"] == document["splits"]["test"] and line["n_examples"] == 16

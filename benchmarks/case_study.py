@@ -78,6 +78,16 @@ def run_discover(method: str, sparsity: float, out: Path) -> Path:
     return folder
 
 
+def finished_runs(out: Path) -> dict[tuple[str, float], Path]:
+    """Every finished run under ``out/runs`` (this invocation's and earlier ones'), by (method, sparsity)."""
+    found = {}
+    for folder in (out / "runs").glob("*-*"):
+        method, _, sparsity = folder.name.rpartition("-")
+        if method in METHODS and (folder / "circuit.json").exists():
+            found[(method, float(sparsity))] = folder
+    return found
+
+
 def kept_heads(circuit) -> set[str]:
     return {name for name, kept in circuit.node_in_graph().items() if kept and name.startswith("a")}
 
@@ -150,7 +160,7 @@ def main() -> int:
             from hap.report.compare import compare_runs
 
             compare_runs(done, out / f"compare-{sparsity:.2f}.html", roles["roles"])
-        summarise(out, roles, {key: folder for key, folder in folders.items()})
+        summarise(out, roles, finished_runs(out))
     print((out / "table.md").read_text())
     return 0
 

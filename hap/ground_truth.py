@@ -32,7 +32,7 @@ from .batches import Batch
 from .errors import DataError
 from .graph import Graph
 from .models.loading import Model
-from .models.tracr import TracrTransformer, true_edges
+from .models.tracr import NO_VALUE_BELOW, TracrTransformer, true_edges
 
 
 @dataclass(frozen=True)
@@ -118,10 +118,16 @@ def recovery(graph: Graph, chosen: Tensor, scores: Tensor, truth: Tensor) -> Rec
 
 def same_outputs(reference_logits: Tensor, logits: Tensor, tolerance: float = 1e-4) -> bool:
     """Whether a run gives the same outputs as the reference at every answer position ([N, V] each): the
-    same argmax (what tracr decodes), or for one numerical output (V = 1) the same value to ``tolerance``."""
+    same value of a tracr program's categorical output (its argmax, or no value where every entry is near
+    0: ``decode_outputs``), or for one numerical output (V = 1) the same value to ``tolerance``."""
     if logits.shape[-1] == 1:
         return bool(((logits - reference_logits).abs() <= tolerance).all())
-    return bool((logits.argmax(-1) == reference_logits.argmax(-1)).all())
+
+    def decoded(rows: Tensor) -> Tensor:
+        best, index = rows.max(-1)
+        return torch.where(best >= NO_VALUE_BELOW, index, -1)
+
+    return bool((decoded(logits) == decoded(reference_logits)).all())
 
 
 def minimal_truth(model: Model, graph: Graph, circuit: Tensor, data: Iterable[Batch]) -> Tensor:
@@ -142,14 +148,29 @@ def minimal_truth(model: Model, graph: Graph, circuit: Tensor, data: Iterable[Ba
                        for b in batches)
 
     if not reproduces(circuit):
-        raise DataError("the true circuit does not give the model's outputs under this ablation; it is not a "
-                        "complete circuit (a bug in the derivation or a file of another model)")
+        raise DataError("the program's circuit does not give the model's outputs under this ablation "
+                        f"({first_difference(model, graph, circuit, batches)}); every read outside it sees "
+                        "dimensions its reader ignores, so this is a bug in the derivation or a file of another model")
     kept = circuit.clone()
     for s, r in sorted(circuit.nonzero().tolist(), key=lambda edge: (-edge[1], -edge[0])):
         kept[s, r] = False
         if not reproduces(kept):
             kept[s, r] = True
     return kept
+
+
+def first_difference(model: Model, graph: Graph, circuit: Tensor, batches: list[Batch]) -> str:
+    """The first example where the circuit's run and the model disagree, in words."""
+    mask = circuit.to(model.device, model.dtype)
+    for batch in batches:
+        with torch.no_grad():
+            logits = run_masked(model, graph, batch.clean, batch.reference, mask, positions=batch.positions)
+        for i in range(len(logits)):
+            if not same_outputs(batch.clean_logits[i:i + 1], logits[i:i + 1]):
+                n = int(batch.task.lengths[i])
+                return (f"first on input {batch.task.clean_prompts[i]!r} at position {int(batch.positions[i])} of {n}: "
+                        f"the model gives {batch.clean_logits[i].tolist()}, the circuit {logits[i].tolist()}")
+    return "no single example differs"
 
 
 def program_truth(model: Model, graph: Graph, data: Iterable[Batch]) -> tuple[Tensor, int]:

@@ -19,12 +19,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .ablation import AblationKind
 from .attribution import AttributionConfig, attribute
 from .batches import ReferenceCache, TaskBatches
 from .circuit import Circuit, Scores, edges_for_sparsity, prune_dangling, top_edges
 from .distributed import Ranks
 from .errors import HapError
-from .evaluation import HeldOutMonitor
+from .evaluation import HeldOutMonitor, evaluate_masks
 from .graph import Graph
 from .models.loading import Model
 from .pruning import PruningConfig, log_alpha_for_probability, prune, pruned_circuit
@@ -215,5 +216,37 @@ def hybrid(
     circuit = pruned_circuit(model, task, "hap", result, {
         **config.to_dict(), "n_candidates": int(candidates.sum()),
     })
+    started = time.perf_counter()
+    circuit = better_than_stage_one(model, graph, data, circuit, scores, config, progress and ranks.is_main)
+    runtime["stage_one_check"] = time.perf_counter() - started
     circuit.runtime_s = dict(runtime)
     return circuit
+
+
+def better_than_stage_one(model: Model, graph: Graph, data: TaskBatches, pruned: Circuit, scores: Scores,
+                          config: HybridConfig, say: bool = False) -> Circuit:
+    """The pruned circuit, or stage 1's own circuit of the same size where that one fits the training
+    examples better: HAP never ends below its first stage on the loss it trains (the KL to the full
+    model, or the squared error of a numerical output, over ``data``).
+
+    Pruning can lose to its own candidates: gradient-trained gates drop a chain of edges that helps only
+    when complete (each link's gradient needs every other link open), while attribution ranked the whole
+    chain. Both training losses are recorded in ``config["stage_one_check"]``; when stage 1 wins, its
+    edges and scores are returned, ``config["returned"]`` says so, and ``say`` prints it."""
+    n_keep = edges_for_sparsity(graph, config.pruning.target_sparsity)
+    first = scores.circuit(n_keep)
+    kind = AblationKind(config.pruning.ablation)
+    (pruned_fit, first_fit), _, _, _ = evaluate_masks(model, graph, data, [pruned.in_graph, first.in_graph], kind,
+                                                      progress=False, label="stage-one check")
+    check = {"training_loss_pruned": pruned_fit["kl"], "training_loss_stage_one": first_fit["kl"],
+             "n_examples": len(data.task)}
+    pruned.config["stage_one_check"] = check
+    if first_fit["kl"] >= pruned_fit["kl"]:
+        return pruned
+    if say:
+        print(f"HAP: pruning ended at training loss {pruned_fit['kl']:.4g}, above its stage-1 "
+              f"({scores.method}) circuit of the same size ({first_fit['kl']:.4g}); returning stage 1's circuit",
+              flush=True)
+    config_out = {**pruned.config, "returned": "stage one", "n_pruned_dangling": first.config["n_pruned_dangling"]}
+    return Circuit(pruned.model, pruned.task, "hap", pruned.layout, first.scores, first.in_graph, config=config_out,
+                   runtime_s=dict(pruned.runtime_s), kv_per_head=pruned.kv_per_head)

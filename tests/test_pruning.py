@@ -316,3 +316,37 @@ def test_a_step_plan_without_clamped_gates_changes_nothing(tiny_llama, node_mask
     assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
     for full, planned in zip(results[0][1], results[1][1]):
         assert torch.allclose(full, planned, atol=1e-6) and float(full.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("steps, warm_start", [(400, True), (2, False)])
+def test_hap_never_ends_below_its_stage_one_circuit(steps, warm_start):
+    """Judged on both circuits, recomputed here: HAP's training loss is never above that of its stage-1
+    circuit of the same size. tracr-sort under interchange ablation: stage 1 (EAP-IG) finds the exact
+    circuit (loss 0); a full warm-started run matches it and keeps its own edges, while a cold run cut to
+    2 steps (masks still at their open, nearly tied start) does not, and HAP returns stage 1's circuit."""
+    from hap.circuit import edges_for_sparsity
+    from hap.tasks.program import program_task
+
+    model = hap.load_model("tracr-sort", device="cpu")
+    graph = hap.Graph.from_model(model)
+    task = program_task("tracr-sort", 128, seed=0)
+    n_keep = 7
+    sparsity = 1 - n_keep / graph.n_edges
+    config = HybridConfig(pruning=PruningConfig(target_sparsity=sparsity, steps=steps, lr=0.1, lambda_lr=0.1,
+                                                batch_size=32, max_extra_steps=0),
+                          attribution=AttributionConfig(method="eap-ig-inputs"), warm_start=warm_start)
+    assert edges_for_sparsity(graph, sparsity) == n_keep
+    circuit = hybrid(model, task, config)
+    stage_one = hap.attribute(model, task, config=config.attribution).circuit(n_keep)
+    loss = hap.evaluate(model, circuit, task, ablation="interchange").kl
+    stage_one_loss = hap.evaluate(model, stage_one, task, ablation="interchange").kl
+    check = circuit.config["stage_one_check"]
+    assert check["training_loss_stage_one"] == pytest.approx(stage_one_loss, abs=1e-6)
+    assert loss <= stage_one_loss + 1e-6
+    if warm_start:  # the pruned circuit is as good: kept
+        assert "returned" not in circuit.config and check["training_loss_pruned"] == pytest.approx(loss, abs=1e-6)
+    else:  # the pruned circuit was worse: stage 1's edges and scores come back, and the record says why
+        assert check["training_loss_pruned"] > stage_one_loss + 1e-3
+        assert circuit.config["returned"] == "stage one"
+        assert torch.equal(circuit.in_graph, stage_one.in_graph)
+        assert torch.allclose(circuit.scores, stage_one.scores, rtol=1e-4, atol=1e-12)

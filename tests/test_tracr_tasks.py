@@ -134,8 +134,32 @@ def test_minimal_truth_drops_an_edge_that_changes_nothing():
     extra[spare[0], spare[1]] = True
     kept = minimal_truth(model, graph, extra, TaskBatches(model, graph, task, 30, "zero"))
     assert not bool(kept[spare[0], spare[1]]) and torch.equal(kept, whole)
-    with pytest.raises(DataError, match="not a complete circuit"):
+    with pytest.raises(DataError, match=r"does not give the model's outputs under this ablation \(first on input 'BOS "):
         minimal_truth(model, graph, torch.zeros_like(whole), TaskBatches(model, graph, task, 30, "zero"))
+
+
+@pytest.mark.parametrize("kind", ["interchange", "zero"])
+def test_a_positional_selector_has_a_true_circuit_under_every_ablation(kind):
+    """shift_by(1): one head whose query and key read positions only. Position 1 holds no value (nothing
+    precedes it), and tracr's all-but-zero output there has an argmax set by 1e-9 softmax leaks, which
+    differ between inputs: such positions are no examples. Interchange (equal lengths) needs only the value
+    read and the output; zero ablation needs the query and key too."""
+    model, graph, task, (truth, whole) = _truth("tracr-shift_by", kind, 200)
+    assert bool((task.positions > 1).all())
+    names = {f"{graph.source_names[s]}->{graph.reader_names[r]}" for s, r in truth.nonzero().tolist()}
+    moved = {"input->a0.h0<v>", "a0.h0->logits"}
+    assert whole == 4 and names == (moved if kind == "interchange" else moved | {"input->a0.h0<q>", "input->a0.h0<k>"})
+
+
+def test_a_categorical_output_of_no_value_is_told_apart_from_every_value():
+    from hap.ground_truth import same_outputs
+    from hap.models.tracr import decode_outputs
+
+    config = load_model("tracr-shift_by", device="cpu").hf_model.config
+    logits = torch.tensor([[1e-9, 2e-9, 1e-9], [0.0, 1.0, 0.0], [3e-9, 1e-9, 1e-9]])
+    assert decode_outputs(config, logits).tolist() == [-1, 1, -1]
+    assert same_outputs(logits[[0]], logits[[2]])  # no value both: the same output whatever the argmax
+    assert not same_outputs(logits[[1]], logits[[0]]) and not same_outputs(logits[[0]], logits[[1]])
 
 
 @pytest.mark.parametrize("program, method", [("tracr-xproportion", "ep"), ("tracr-reverse", "ep"),

@@ -39,7 +39,9 @@ from tracr.compiler import compiling, lib
 from tracr.rasp import rasp
 
 BOS, PAD = "BOS", "PAD"
-SHIPPED = ("reverse", "sort", "hist", "xproportion", "frac_prevs")
+SHIPPED = ("reverse", "sort", "hist", "xproportion", "frac_prevs",  # the first five: 1 to 3 layers
+           "shift_by", "pair_balance", "count", "count_less_freq", "detect_pattern",  # small, from tracr's library
+           "sort_freq", "shuffle_dyck", "shuffle_dyck2", "sort_reversed")  # 5 to 8 layers deep
 
 
 def shipped_program(name: str):
@@ -55,6 +57,25 @@ def shipped_program(name: str):
     if name == "frac_prevs":  # the fraction of a or b so far, non-causal
         bools = rasp.Map(lambda token: token in {"a", "b"}, rasp.tokens)
         return lib.make_frac_prevs(bools), {"a", "b", "c", "d"}, 5, False
+    if name == "shift_by":  # one head whose selector reads positions only; position 1 has no value (None)
+        return lib.shift_by(1, rasp.tokens), {"a", "b", "c"}, 5, False
+    if name == "pair_balance":  # the fraction of "(" so far less that of ")": two numerical means subtracted
+        return lib.make_pair_balance(rasp.tokens, "(", ")"), {"(", ")", "x"}, 5, True
+    if name == "count":  # how many a's in the input: a selector width on a token comparison
+        return lib.make_count(rasp.tokens, "a"), {"a", "b", "c"}, 5, False
+    if name == "count_less_freq":  # how many tokens are rarer than 2 occurrences: a histogram feeding a count
+        return lib.make_count_less_freq(2), {"a", "b", "c"}, 5, False
+    if name == "detect_pattern":  # whether "abc" ends at each position: shifted copies combined by MLPs
+        return lib.detect_pattern(rasp.tokens, "abc"), {"a", "b", "c"}, 5, False
+    if name == "sort_freq":  # tokens by decreasing frequency: a histogram, a key made unique, a sort
+        return lib.make_sort_freq(max_seq_len=5), {"a", "b", "c"}, 5, False
+    if name == "shuffle_dyck":  # balanced parentheses, one pair type
+        return lib.make_shuffle_dyck(["()"]), {"(", ")", "x"}, 6, False
+    if name == "shuffle_dyck2":  # balanced parentheses, two pair types
+        return lib.make_shuffle_dyck2(), {"(", ")", "{", "}", "x"}, 6, False
+    if name == "sort_reversed":  # ours: sort the reversed input by the input's tokens (reverse feeding a sort)
+        reversed_tokens = lib.make_reverse(rasp.tokens)
+        return lib.make_sort(reversed_tokens, rasp.tokens, max_seq_len=5, min_key=1), {1, 2, 3, 4, 5}, 5, False
     raise SystemExit(f"unknown program {name!r}; shipped: {', '.join(SHIPPED)}, or module:function")
 
 
@@ -114,19 +135,28 @@ def export(compiled, name: str, sink: str, max_seq_len: int, causal: bool, comma
     return config, weights
 
 
-def examples(compiled, vocab: set, max_seq_len: int, n: int, seed: int) -> list[dict]:
-    """Random inputs (every length) and tracr's own outputs for them."""
+NO_VALUE_BELOW = 0.5  # hap.models.tracr's: a categorical output this close to 0 everywhere holds no value
+
+
+def examples(compiled, vocab: set, max_seq_len: int, n: int, seed: int, sink: str) -> list[dict]:
+    """Random inputs (every length) and tracr's own outputs for them; None where a categorical output holds
+    no value (tracr's decoder takes the argmax of an all-but-zero vector there)."""
     rng = random.Random(seed)
     values = sorted(vocab, key=str)
     numerical = not hasattr(compiled.output_encoder, "encoding_map")
+    labels = list(compiled.residual_labels)
+    sink_dims = [i for i, label in enumerate(labels) if label.startswith(f"{sink}:")]
     rows = []
     for i in range(n):
         length = 1 + i % max_seq_len
         tokens = [rng.choice(values) for _ in range(length)]
-        output = compiled.apply([BOS, *tokens]).decoded
-        rows.append({"input": [str(t) for t in tokens],
-                     "output": [None if o is None else (float(o) if numerical else str(o))
-                                for o in output[1:]]})
+        result = compiled.apply([BOS, *tokens])
+        residual = np.asarray(result.transformer_output)[0]
+        outputs = []
+        for position, value in enumerate(result.decoded[1:], start=1):
+            empty = not numerical and residual[position, sink_dims].max() < NO_VALUE_BELOW
+            outputs.append(None if value is None or empty else (float(value) if numerical else str(value)))
+        rows.append({"input": [str(t) for t in tokens], "output": outputs})
     return rows
 
 
@@ -194,7 +224,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         save_file(weights, str(out / "weights.safetensors"))
         (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-        (out / "examples.json").write_text(json.dumps(examples(compiled, vocab, max_seq_len, args.n_examples, 0)) + "\n")
+        (out / "examples.json").write_text(json.dumps(examples(compiled, vocab, max_seq_len, args.n_examples, 0, program.label)) + "\n")
         truth = ground_truth(config, weights)
         (out / "ground_truth.json").write_text(json.dumps({"program": label, "edges": truth}, indent=1) + "\n")
         print(f"{label}: {config['n_layers']} layers, {config['n_heads']} heads, d_model {config['d_model']}, "

@@ -258,6 +258,23 @@ def true_edges(model: TracrTransformer) -> set[str]:
     return edges
 
 
+NO_VALUE_BELOW = 0.5  # a categorical output whose largest entry is below this holds no value (tracr's None)
+
+
+def decode_outputs(config: TracrConfig, logits: Tensor) -> Tensor:
+    """The program's output per row of ``logits`` [..., V]: the argmax index, or -1 where the output holds no
+    value; for a numerical program the value itself.
+
+    A categorical output is one-hot (entries near 1) when the program has a value there. Where it has none
+    (an aggregate whose selector matches nothing: ``shift_by`` at the first position) every entry is near 0
+    and the argmax is decided by the softmax's leaks of 1e-9 onto other keys, which tracr's own decoder
+    reports as if it were a value."""
+    if config.numerical:
+        return logits[..., 0]
+    best, index = logits.max(-1)
+    return torch.where(best >= NO_VALUE_BELOW, index, torch.full_like(index, -1))
+
+
 def sample_inputs(config: TracrConfig, lengths: Tensor, generator: torch.Generator) -> Tensor:
     """Token ids [N, 1 + max(lengths)]: BOS, then ``lengths[i]`` tokens drawn uniformly from the
     program's vocabulary, then padding."""

@@ -4,12 +4,14 @@ A tracr model answers at every position, so one example here is one (input, posi
 the clean input is a random sequence from the program's vocabulary (BOS, then 1 to
 ``max_seq_len`` tokens), the corrupted input another random sequence of the same length,
 and the example's answer position is one where the program's outputs on the two differ
-(positions where they agree carry no signal and are skipped; so are BOS and padding).
+(positions where they agree carry no signal and are skipped; so are BOS and padding, and positions
+where the clean output holds no value, tracr's None: ``decode_outputs``).
 The compiled model is the oracle: tracr's compiled weights reproduce the program
 exactly (``hap verify``), so its outputs are the program's.
 
 * categorical output: answer = the clean output's index, wrong = the corrupted output's
-  index, metric the logit difference (tracr's "logits" are its one-hot output space);
+  index (where the corrupted output holds no value: its largest entry besides the answer),
+  metric the logit difference (tracr's "logits" are its one-hot output space);
 * numerical output (one column): ``Metric.VALUE`` with the two outputs as values.
 
 Train and test splits are disjoint in their clean inputs: each input sequence is hashed
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from ..models.tracr import TracrTransformer, load_tracr, sample_inputs, tracr_dir
+from ..models.tracr import TracrTransformer, decode_outputs, load_tracr, sample_inputs, tracr_dir
 from .base import Metric, TaskData
 
 OUTPUTS_DIFFER = 1e-6  # numerical outputs closer than this count as equal
@@ -59,7 +61,7 @@ def program_task(program: str, n_examples: int, seed: int = 0, split: str = "all
     for _ in range(MAX_ROUNDS):
         lengths = torch.randint(1, config.max_seq_len + 1, (DRAW,), generator=generator)
         clean, corrupted = sample_inputs(config, lengths, generator), sample_inputs(config, lengths, generator)
-        clean_out, corrupted_out = _outputs(model, clean), _outputs(model, corrupted)
+        (clean_out, _), (corrupted_out, corrupted_logits) = _outputs(model, clean), _outputs(model, corrupted)
         for i in range(DRAW):
             n = int(lengths[i]) + 1  # with BOS
             tokens = [config.input_vocab[t] for t in clean[i, :n].tolist()]
@@ -67,8 +69,10 @@ def program_task(program: str, n_examples: int, seed: int = 0, split: str = "all
                 continue
             for position in range(1, n):
                 a, w = clean_out[i, position], corrupted_out[i, position]
-                if (a - w).abs() <= OUTPUTS_DIFFER if config.numerical else a == w:
+                if (a - w).abs() <= OUTPUTS_DIFFER if config.numerical else (a == w or a < 0):
                     continue
+                if not config.numerical and w < 0:  # no value: the strongest other output is the wrong one
+                    w = corrupted_logits[i, position].index_fill(0, a, float("-inf")).argmax()
                 for key, value in (("clean", clean[i, :n]), ("corrupted", corrupted[i, :n]), ("length", n),
                                    ("position", position), ("answer", a), ("wrong", w)):
                     rows[key].append(value)
@@ -78,11 +82,11 @@ def program_task(program: str, n_examples: int, seed: int = 0, split: str = "all
                     f"and corrupted outputs differ on the {split} side; ask for fewer examples")
 
 
-def _outputs(model: TracrTransformer, ids: Tensor) -> Tensor:
-    """[N, T]: the program's output at each position (argmax index, or the numerical value)."""
+def _outputs(model: TracrTransformer, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """([N, T] the program's output at each position: ``decode_outputs``, [N, T, V] the logits)."""
     with torch.no_grad():
         logits = model(ids).logits
-    return logits[..., 0] if model.config.numerical else logits.argmax(-1)
+    return decode_outputs(model.config, logits), logits
 
 
 def _task_data(name: str, model: TracrTransformer, rows: dict[str, list]) -> TaskData:

@@ -223,3 +223,18 @@ def test_tracr_models_get_the_long_pruning_schedule_unless_told_otherwise():
     assert (chosen.steps, chosen.lr, chosen.sparsity_warmup) == (300, 0.5, 250)
     other = DiscoverConfig(out="x", method="hap", sparsity=0.9)
     assert (other.task, other.steps, other.lr, other.sparsity_warmup) == ("ioi", 120, 0.8, None)
+
+
+def test_a_chain_that_pruning_drops_is_kept_by_hap(tmp_path):
+    """tracr-count under zero ablation: the count is a chain, the head's query, key and value, then the MLP
+    that turns its attention to BOS into a number, useful only complete. Edge Pruning with masks started
+    open (as published) drops half of it; HAP from the same open start ends there too, sees that its
+    stage-1 circuit (EAP-IG, exact here) fits the training examples better, and returns that one."""
+    settings = dict(model="tracr-count", ablation="zero", edges=6, steps=1000, lr=0.1, lambda_lr=0.1,
+                    sparsity_warmup=833, force=True, report=False, explain_examples=0)
+    pruned = discover(DiscoverConfig(out=str(tmp_path / "ep"), method="ep", **settings))
+    hybrid = discover(DiscoverConfig(out=str(tmp_path / "hap"), method="hap", warm_start=False, **settings))
+    assert pruned.metrics["ground_truth"]["recall"] < 1.0  # the naive run loses the chain
+    check = hybrid.config["stage_one_check"]
+    assert check["training_loss_pruned"] > check["training_loss_stage_one"] and hybrid.config["returned"] == "stage one"
+    assert hybrid.metrics["ground_truth"]["exact"] and hybrid.metrics["ground_truth"]["n_true"] == 6

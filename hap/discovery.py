@@ -614,6 +614,12 @@ def format_summary(circuit: Circuit) -> str:
         if not config.get("converged"):
             lines.append("                the masks had not reached the target, so binarisation removed edges the "
                          "training still relied on; raise --steps or --max-extra-steps")
+    check = config.get("stage_one_check")
+    if check is not None:
+        verdict = ("stage 1's circuit returned: pruning ended above it" if config.get("returned") == "stage one"
+                   else "the pruned circuit kept")
+        lines.append(f"  stage 1 check training loss {check['training_loss_pruned']:.4g} pruned, "
+                     f"{check['training_loss_stage_one']:.4g} stage 1's top edges ({verdict})")
     if circuit.runtime_s:
         stages = " · ".join(f"{stage} {seconds:.1f}" for stage, seconds in circuit.runtime_s.items())
         lines.append(f"  seconds       {stages}")

@@ -49,7 +49,6 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .ablation import AblationKind, ComputePlan, KnownOutputs, MixedPrecision, Reference, record_outputs, run_masked
 from .batches import Batch, divergence
@@ -58,6 +57,7 @@ from .errors import HapError
 from .graph import Graph
 from .models.loading import Model
 from .precision import PRECISIONS, ReducedTwin, check_twin_below_threshold, reduced_twin
+from .progress import progress_bar, shown
 from .tasks import TaskData
 
 METRICS = ("kl", "logit-diff")
@@ -269,6 +269,7 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
     and each reader's tests compare against the current circuit measured the same way. ``replay``: earlier
     sweeps of the same settings at other thresholds, whose longest shared prefix a fresh sweep replays;
     ``stop_above``: return (unfinished, saved) once more than this many decided edges are kept."""
+    progress = shown(progress)  # not inside hap.progress.quiet() (--quiet)
     mark = time.monotonic()  # the sweep's clock (state.seconds) runs from here
     graph = Graph.from_model(model)
     order = sweep_order(graph)
@@ -314,8 +315,8 @@ def acdc(model: Model, task: TaskData, config: AcdcConfig, data: Sequence[Batch]
                               "forwards": state.forwards, "seconds": round(state.seconds, 2),
                               "work": done(state.position), "work_left": done(len(order)) - done(state.position)})
 
-    with tqdm(total=done(len(order)), initial=done(state.position), desc="acdc (work: blocks computed)",
-              unit="block", unit_scale=True, disable=not progress) as bar:
+    with progress_bar(total=done(len(order)), initial=done(state.position), desc="acdc (work: blocks computed)",
+                      unit="block", unit_scale=True, disable=not progress) as bar:
         while state.position < len(order) and not (stop_above is not None
                                                     and state.n_decided_kept(len(order)) > stop_above):
             group = order[state.position: state.position + k]
@@ -457,6 +458,7 @@ def search_threshold(model: Model, task: TaskData, config: AcdcConfig, data: Seq
     one with the most), to be cut to ``n_edges`` by ``acdc_circuit``, and every sweep run."""
     if tolerance < 0:
         raise HapError(f"--threshold-tolerance must be >= 0, got {tolerance}")
+    progress = shown(progress)  # not inside hap.progress.quiet() (--quiet)
     if start is not None and not low < start < high:
         raise HapError(f"--threshold-start must lie between {low:g} and {high:g}, got {start:g}")
     graph = Graph.from_model(model)

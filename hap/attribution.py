@@ -31,7 +31,6 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .ablation import AblationKind, MixedPrecision, run_masked, run_with_probes, trace
 from .batches import Batch, Loss, TaskBatches, loss_function
@@ -41,6 +40,7 @@ from .errors import HapError
 from .graph import Graph
 from .models.loading import Model
 from .precision import PRECISIONS, ReducedTwin, reduced_twin
+from .progress import progress_bar
 from .tasks import TaskData
 
 
@@ -242,7 +242,7 @@ def attribute(
     if config.mixed_precision is not None and twin is None:
         twin = reduced_twin(model, config.mixed_precision, sample=data[0])
     shown = progress and ranks.is_main
-    with tqdm(total=n_total, desc=f"attribution ({config.method.value})", unit="ex", disable=not shown) as bar:
+    with progress_bar(total=n_total, desc=f"attribution ({config.method.value})", unit="ex", disable=not shown) as bar:
         for index in ranks.mine(len(data)):
             batch = data[index]
             weight = len(batch.clean) / n_total

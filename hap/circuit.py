@@ -247,6 +247,12 @@ class Circuit:
                 nodes[name]["role"] = role
         return nodes
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: model, task, method, edges kept, sparsity, held-out metrics (``hap.display``)."""
+        from .display import circuit_html
+
+        return circuit_html(self)
+
     def save(self, path: str | Path) -> Path:
         """Write ``circuit.json`` atomically; returns the path."""
         write_atomically(path, json.dumps(self.to_dict()))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from . import settings
+from . import progress, settings
 from .errors import HapError
 from .report.commands import register as register_report_commands
 from .settings import DEFAULT_MODEL
@@ -61,6 +61,12 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
     _add_bos_option(parser, "default: as the circuit was found")
     parser.add_argument("--allow-weak-model", action="store_true", default=None,
                         help="measure even when the full model fails the task (at or below chance)")
+
+
+def _add_quiet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress (bars on a terminal, progress lines in a log), for scripts; the "
+                        "summary, warnings and errors still print")
 
 
 def _add_bos_option(parser: argparse.ArgumentParser, default: str) -> None:
@@ -347,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--random-tokens", action="store_true", help="stress test on random token ids")
     _add_bos_option(verify, "default: as the tokenizer does")
+    _add_quiet_option(verify)
     verify.set_defaults(run=_verify)
 
     discover = commands.add_parser(
@@ -454,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")
     discover.add_argument("--force", action="store_true", default=None, help="overwrite a run in --out")
     discover.add_argument("--no-report", action="store_true", help="skip report.html")
+    _add_quiet_option(discover)
     discover.set_defaults(run=_discover)
 
     evaluate = commands.add_parser(
@@ -468,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ground-truth", default=None, metavar="FILE",
                           help="true edges (JSON list or {\"edges\": [...]}): precision, recall, exact recovery, "
                           "ROC AUC of the circuit's scores (automatic for tracr models)")
+    _add_quiet_option(evaluate)
     evaluate.set_defaults(run=_evaluate)
 
     curve = commands.add_parser("curve", help="MIB faithfulness curve (CPR, CMD) of a circuit file's scores",
@@ -477,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(curve, default=None)
     _add_task_options(curve)
     curve.add_argument("--no-write", action="store_true", help="do not store the curve in the circuit file")
+    _add_quiet_option(curve)
     curve.set_defaults(run=_curve)
     explain = commands.add_parser(
         "explain", help="each head and MLP of the circuit: how much the circuit needs it, what it does, its role",
@@ -495,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="one JSON line: {\"nodes\": [{\"name\", \"role\", "
                          "\"importance\", \"evidence\"}, ...]}")
     explain.add_argument("--no-write", action="store_true", help="do not store the table in the circuit file")
+    _add_quiet_option(explain)
     explain.set_defaults(run=_explain)
     ensemble = commands.add_parser(
         "ensemble", help="combine the edge scores of finished runs and evaluate the circuit they choose",
@@ -510,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--dtype", default=None)
     ensemble.add_argument("--force", action="store_true", help="overwrite a circuit in --out")
     ensemble.add_argument("--no-report", action="store_true", help="skip report.html")
+    _add_quiet_option(ensemble)
     ensemble.set_defaults(run=_ensemble)
     register_report_commands(commands)
     return parser
@@ -526,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
-        return args.run(args)
+        with progress.quiet(getattr(args, "quiet", False)):  # --quiet: no progress, the results still print
+            return args.run(args)
     except HapError as error:
         print(f"hap: error: {error}", file=sys.stderr)
         return 2

@@ -25,7 +25,6 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .ablation import AblationKind, ComputePlan, answer_logits, run_masked
 from .batches import Batch, ReferenceCache, TaskBatches, batches, divergence, kl_divergence  # noqa: F401 (kl_divergence re-exported)
@@ -33,6 +32,7 @@ from .circuit import Circuit, Scores
 from .errors import HapError, WeakModelError
 from .graph import Graph
 from .models.loading import Model
+from .progress import progress_bar
 from .tasks import Metric, TaskData
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -55,6 +55,12 @@ class Metrics:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the scores beside the full model's and the empty circuit's (``hap.display``)."""
+        from .display import metrics_html
+
+        return metrics_html(self)
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,7 @@ def evaluate_masks(model: Model, graph: Graph, data: Iterable[Batch], kept: list
     full = MetricSums()
     n = 0
     total_examples = None if n_examples is None else n_examples * len(runs)
-    with torch.no_grad(), tqdm(total=total_examples, desc=label, unit="ex", disable=not progress) as bar:
+    with torch.no_grad(), progress_bar(total=total_examples, desc=label, unit="ex", disable=not progress) as bar:
         for batch in data:
             n += len(batch.clean)
             full.add(batch, batch.clean_logits)

@@ -72,6 +72,12 @@ class Explanation:
         return {"nodes": rows, "evidence": header,
                 "rules": [{"role": rule.role, "rule": rule.rule} for rule in IOI_RULES] if self.roles else []}
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the roles table, 20 rows (``hap.display``)."""
+        from .display import explanation_html
+
+        return explanation_html(self)
+
     def format(self, top: int | None = 20) -> str:
         """The roles table as text: rank, node, role, importance, then the evidence numbers."""
         table, evidence = self.importance, self.evidence

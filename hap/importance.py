@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .ablation import AblationKind, ComputePlan, known_until, record_outputs, run_masked
 from .batches import ReferenceCache, TaskBatches
@@ -25,6 +24,7 @@ from .errors import HapError
 from .evaluation import MetricSums, faithfulness
 from .graph import Graph, node_kind_and_layer
 from .models.loading import Model
+from .progress import progress_bar
 from .settings import ATTRIBUTION_METHODS
 from .tasks import TaskData
 
@@ -119,8 +119,8 @@ def node_importance(model: Model, circuit: Circuit, task: TaskData, batch_size: 
     for index, block in enumerate(first_block):
         by_block.setdefault(block, []).append(index)
     n = 0
-    with torch.no_grad(), tqdm(total=len(task) * len(sources), desc="node importance", unit="ex",
-                               disable=not progress) as bar:
+    with torch.no_grad(), progress_bar(total=len(task) * len(sources), desc="node importance", unit="ex",
+                                       disable=not progress) as bar:
         for batch in data:
             size = len(batch.clean)
             n += size

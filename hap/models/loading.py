@@ -25,6 +25,7 @@ from ..errors import (
 from .adapter import Layout, ModelAdapter
 from .gpt2 import GPT2_MODEL_TYPES, GPT2Adapter
 from .placement import placed
+from ..progress import follow_terminal
 from .rotary import ROTARY_MODEL_TYPES, RotaryAdapter
 from ..settings import DEFAULT_MODEL, TINY_MODELS, built_in_models, check_model_name, tracr_dir, unknown_model
 from .tiny import build_tiny_model
@@ -217,6 +218,7 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Pr
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra), tokenizer
 
 
+@follow_terminal  # transformers' own bars (Loading weights) only where hap shows bars: none in a log
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     device: str | torch.device | None = None,

@@ -19,6 +19,7 @@ from . import progress, settings
 from .errors import HapError
 from .report.commands import register as register_report_commands
 from .settings import DEFAULT_MODEL
+from .threads import prepare_threads
 
 # Heavy modules (torch, transformers) are imported inside the handlers, so help and argument errors
 # are answered at once.
@@ -45,6 +46,9 @@ def _add_model_options(parser: argparse.ArgumentParser, default: str | None = DE
     parser.add_argument("--device-map", default=None, metavar="auto|balanced|FILE.json",
                         help="spread a model larger than one device over several: its layers run where their "
                         "weights are (accelerate's device map; instead of --device)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads (default: $HAP_THREADS, else the CPUs this process may use: its "
+                        "affinity and cgroup quota, not every core of the host)")
 
 
 def _add_task_options(parser: argparse.ArgumentParser) -> None:
@@ -538,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
+        prepare_threads(getattr(args, "threads", None))  # before torch starts its thread pool
         with progress.quiet(getattr(args, "quiet", False)):  # --quiet: no progress, the results still print
             return args.run(args)
     except HapError as error:

@@ -44,13 +44,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .ablation import AblationKind, ComputePlan, run_masked
 from .batches import Batch, ReferenceCache, TaskBatches, divergence
@@ -60,6 +59,7 @@ from .errors import HapError
 from .evaluation import HeldOutMonitor
 from .graph import Graph
 from .models.loading import Model
+from .progress import progress_bar
 from .tasks import TaskData
 
 STRETCH_LOW, STRETCH_HIGH = -0.1, 1.1
@@ -243,6 +243,9 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any], config: PruningConf
             f"{path} is damaged ({type(error).__name__}); a run killed mid-write leaves the previous checkpoint "
             "intact, so this file was changed by something else: delete it and start the run again with --force"
         ) from None
+    # A setting added after the checkpoint was written is absent from it: the run used that setting's default.
+    defaults = {f.name: f.default for f in fields(PruningConfig)}
+    saved = {**{key: defaults[key] for key in fingerprint if key not in saved and key in defaults}, **saved}
     if saved != fingerprint:
         differences = sorted(key for key in set(saved) | set(fingerprint) if saved.get(key) != fingerprint.get(key))
         raise HapError(
@@ -442,8 +445,8 @@ def prune(
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
     index = (sources.to(device), readers.to(device))
     last_save = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=min(state.step, config.steps), desc="pruning", unit="step",
-               disable=not (progress and ranks.is_main))
+    bar = progress_bar(total=config.steps, initial=min(state.step, config.steps), desc="pruning", unit="step",
+                       disable=not (progress and ranks.is_main))
     last_test_kl = None
     try:
         while not _done(state, config, graph.n_edges):

@@ -205,6 +205,27 @@ def test_resume_refuses_other_settings(tiny_gpt2, tmp_path):
               resume=True)
 
 
+
+def test_resume_accepts_a_checkpoint_older_than_a_setting_left_at_its_default(tiny_gpt2, tmp_path):
+    """A checkpoint written before a setting existed lacks it: the run used what is now its default, so a
+    resumption at the default goes on; at another value it is refused, naming the setting."""
+    from dataclasses import replace
+
+    task = load_task("ioi", tiny_gpt2.tokenizer, 8, seed=0)
+    config = PruningConfig(target_sparsity=0.8, steps=6, batch_size=4, max_extra_steps=0)
+    with pytest.raises(KeyboardInterrupt):
+        prune(tiny_gpt2, task, config, run_dir=tmp_path, checkpoint_every=1,
+              on_step=lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None)
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    fingerprint = json.loads(payload["fingerprint"])
+    del fingerprint["converge_tolerance"]  # as if written before the setting was added
+    payload["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    with pytest.raises(hap.HapError, match="converge_tolerance"):
+        prune(tiny_gpt2, task, replace(config, converge_tolerance=0.01), run_dir=tmp_path, resume=True)
+    resumed = prune(tiny_gpt2, task, config, run_dir=tmp_path, resume=True)
+    assert resumed.steps == 6
+
 def _snapshot(directory):
     return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
 

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 
-.PHONY: setup browser demo test test-slow test-all clean
+.PHONY: setup browser demo test test-slow test-all docs clean
 
 setup: $(STAMP)
 
@@ -40,5 +40,15 @@ test-slow: setup browser
 
 test-all: test test-slow
 
+# The documentation site (docs/, mkdocs.yml) into site/: the docs extra goes into .venv (no torch: the pin
+# above stays), then a strict build, which fails on a broken link or reference. Open site/index.html.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache

@@ -441,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--node-masks", action="store_true", default=None, help="also learn a mask per source")
     pruning.add_argument("--node-sparsity", type=float, default=None, help="target for node masks (default 0)")
     pruning.add_argument("--candidates", type=float, default=None,
-                         help="hap: fraction of edges kept as candidates (default 1.5 x 1 - sparsity)")
+                         help="hap: fraction of edges kept as candidates (default: 1 - sparsity, times 1.5 up to "
+                         "120 --steps, growing to 3 at 1,000 steps and more)")
     pruning.add_argument("--attribution", default=None, choices=ATTRIBUTION_METHODS,
                          help="hap: stage-1 method (default eap-ig-inputs)")
     pruning.add_argument("--attribution-examples", type=int, default=None,

@@ -114,7 +114,7 @@ class DiscoverConfig:
     max_extra_steps: int | None = None
     node_masks: bool = False
     node_sparsity: float = 0.0
-    candidates: float | None = None  # default: 1.5 x the circuit's share of the edges
+    candidates: float | None = None  # default: hybrid.candidate_margin(steps) x the circuit's share of the edges
     attribution: str = "eap-ig-inputs"
     attribution_examples: int = DEFAULT_ATTRIBUTION_EXAMPLES
     warm_start: bool = True

@@ -94,10 +94,11 @@ def roc_curve(scores: Tensor, truth: Tensor) -> tuple[list[float], list[float], 
     cum_true, cum_false = hits.cumsum(0), (1 - hits).cumsum(0)
     last_of_tie = torch.ones_like(ranked, dtype=torch.bool)
     last_of_tie[:-1] = ranked[1:] != ranked[:-1]
-    tpr = torch.cat([torch.zeros(1, dtype=torch.float64), cum_true[last_of_tie] / n_true])
-    fpr = torch.cat([torch.zeros(1, dtype=torch.float64), cum_false[last_of_tie] / n_false])
-    auc = float(((fpr[1:] - fpr[:-1]) * (tpr[1:] + tpr[:-1]) / 2).sum())  # trapezoids: ties count half
-    return fpr.tolist(), tpr.tolist(), auc
+    trues = torch.cat([torch.zeros(1, dtype=torch.float64), cum_true[last_of_tie]])
+    falses = torch.cat([torch.zeros(1, dtype=torch.float64), cum_false[last_of_tie]])
+    # trapezoids (ties count half), summed in whole counts so a perfect ranking gives exactly 1.0
+    area = float(((falses[1:] - falses[:-1]) * (trues[1:] + trues[:-1])).sum())
+    return (falses / n_false).tolist(), (trues / n_true).tolist(), area / (2 * n_true * n_false)
 
 
 def recovery(graph: Graph, chosen: Tensor, scores: Tensor, truth: Tensor) -> Recovery:

@@ -371,3 +371,20 @@ def test_hap_never_ends_below_its_stage_one_circuit(steps, warm_start):
         assert circuit.config["returned"] == "stage one"
         assert torch.equal(circuit.in_graph, stage_one.in_graph)
         assert torch.allclose(circuit.scores, stage_one.scores, rtol=1e-4, atol=1e-12)
+
+
+def test_hap_candidates_grow_with_the_steps():
+    """1.5x the circuit up to 120 steps (a short budget cannot prune a wide set), 3x from 1,000 steps, rising
+    in between; an explicit --candidates is kept whatever the steps."""
+    from hap.hybrid import candidate_margin
+
+    def default(steps: int) -> float:
+        return HybridConfig(pruning=PruningConfig(target_sparsity=0.95, steps=steps)).candidates
+
+    assert default(50) == pytest.approx(0.075) and default(120) == pytest.approx(0.075)
+    assert default(1000) == pytest.approx(0.15) and default(3000) == pytest.approx(0.15)
+    between = [default(steps) for steps in (121, 200, 500, 999)]
+    assert all(0.075 < a < b < 0.15 for a, b in zip(between, between[1:]))
+    assert candidate_margin(1000) == 3.0
+    assert HybridConfig(pruning=PruningConfig(target_sparsity=0.95, steps=1000), candidates=0.06).candidates == 0.06
+    assert HybridConfig(pruning=PruningConfig(target_sparsity=0.5, steps=1000)).candidates == 1.0  # at most every edge

@@ -177,6 +177,16 @@ def test_auc_equals_pairwise_counting_with_ties(seed):
     assert all(a <= b for a, b in zip(fpr, fpr[1:])) and all(a <= b for a, b in zip(tpr, tpr[1:]))
 
 
+@pytest.mark.parametrize("n_true, n_false", [(1, 21), (5, 18), (7, 39)])
+def test_a_perfect_ranking_has_an_auc_of_exactly_one(n_true, n_false):
+    """Summed as fractions, the trapezoids of a perfect ranking can miss 1.0 by a rounding (1 - 1e-16 for one
+    true edge among 21 false ones); in whole counts they do not, so "AUC 1.0" can be tested for equality."""
+    scores = torch.cat([100 + torch.arange(n_true, dtype=torch.float64), torch.arange(n_false, dtype=torch.float64)])
+    truth = torch.arange(n_true + n_false) < n_true
+    assert roc_curve(scores, truth)[2] == 1.0
+    assert roc_curve(-scores, truth)[2] == 0.0
+
+
 def test_recovery_of_the_true_circuit_and_of_a_wrong_one():
     model = hap.load_model("tracr-reverse", device="cpu")
     graph = hap.Graph.from_model(model)

@@ -185,6 +185,7 @@ def _discover(args: argparse.Namespace) -> int:
         "threshold_runs": args.threshold_runs, "threshold_tolerance": args.threshold_tolerance,
         "threshold_start": args.threshold_start,
         "mixed_precision": args.mixed_precision, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
+        "init_mean": args.mask_init,
         "lr_warmup": args.lr_warmup, "sparsity_warmup": args.sparsity_warmup, "node_masks": args.node_masks,
         "max_extra_steps": args.max_extra_steps, "node_sparsity": args.node_sparsity, "candidates": args.candidates,
         "attribution": args.attribution, "attribution_examples": args.attribution_examples,
@@ -431,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--steps", type=int, default=None, help=f"training steps (default {settings.DEFAULT_STEPS}; tracr models 1000)")
     pruning.add_argument("--lr", type=float, default=None, help="mask learning rate (default 0.8; tracr models 0.1)")
     pruning.add_argument("--lambda-lr", type=float, default=None, help="Lagrangian learning rate (default 0.8; tracr models 0.1)")
+    pruning.add_argument("--mask-init", type=float, default=None, metavar="LOG_ALPHA",
+                         help="log alpha at which masks start when not warm-started (ep; hap --no-warm-start): "
+                         "N(LOG_ALPHA, 0.01) (default 10, Edge Pruning's; tracr models 3)")
     pruning.add_argument("--lr-warmup", type=int, default=None, help="default steps/15")
     pruning.add_argument("--sparsity-warmup", type=int, default=None,
                          help="steps over which the target sparsity warms up (default: 5/6 of the steps for ep, "

@@ -238,3 +238,18 @@ def test_a_chain_that_pruning_drops_is_kept_by_hap(tmp_path):
     check = hybrid.config["stage_one_check"]
     assert check["training_loss_pruned"] > check["training_loss_stage_one"] and hybrid.config["returned"] == "stage one"
     assert hybrid.metrics["ground_truth"]["exact"] and hybrid.metrics["ground_truth"]["n_true"] == 6
+
+
+def test_masks_that_start_where_gates_have_gradients_keep_the_chain(tmp_path):
+    """tracr-hist under interchange ablation, Edge Pruning: masks started at Edge Pruning's published log
+    alpha 10 get no gradient until the penalty has pushed every gate down together, and the run loses an
+    edge of the histogram's chain; started at log alpha 3 (the tracr default), where a fifth of the samples
+    already fall below 1, it keeps the true circuit exactly."""
+    settings = dict(model="tracr-hist", method="ep", ablation="interchange", edges=4, force=True, report=False,
+                    explain_examples=0)
+    assert DiscoverConfig(out=str(tmp_path), **settings).init_mean == 3.0
+    assert DiscoverConfig(out=str(tmp_path), model="tiny-llama", method="ep").init_mean == 10.0
+    published = discover(DiscoverConfig(out=str(tmp_path / "published"), init_mean=10.0, **settings))
+    default = discover(DiscoverConfig(out=str(tmp_path / "default"), **settings))
+    assert not published.metrics["ground_truth"]["exact"]
+    assert default.metrics["ground_truth"]["exact"] and default.config["init_mean"] == 3.0

@@ -66,6 +66,8 @@ def run_one(program: str, ablation: str, method: str, n_edges: int, args: argpar
                    "sparsity_warmup": round(args.steps * args.warmup_fraction)} if method in PRUNING else {}
         if method == "hap-cold":
             pruning["warm_start"] = False
+        if method in PRUNING and args.mask_init is not None:
+            pruning["init_mean"] = args.mask_init
         config = DiscoverConfig(out=str(out), model=program, method=method.removesuffix("-cold"), edges=n_edges,
                                 ablation=ablation,
                                 n_test=args.n_test, seed=args.seed, force=True, report=False,
@@ -113,9 +115,12 @@ def main() -> None:
     parser.add_argument("--warmup-fraction", type=float, default=5 / 6, help="target warm-up, share of the steps")
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mask-init", type=float, default=None,
+                        help="log alpha of masks that start open (ep, hap-cold); default: the tool's (tracr: 3)")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     rows = []
     for program in args.programs:
         for ablation in args.ablations:
@@ -123,8 +128,7 @@ def main() -> None:
             for method in args.methods:
                 rows.append(run_one(program, ablation, method, n_true, args))
                 print(json.dumps(rows[-1]), flush=True)
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    write_atomically(args.out / "results.json", json.dumps({"settings": settings, "rows": rows}, indent=1))
+                write_atomically(args.out / "results.json", json.dumps({"settings": settings, "rows": rows}, indent=1))
     markdown = table(rows)
     write_atomically(args.out / "results.md", markdown + "\n")
     print(markdown)

@@ -50,15 +50,17 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .ablation import AblationKind, ComputePlan, KnownOutputs, MixedPrecision, Reference, record_outputs, run_masked
+from .ablation import AblationKind, ComputePlan, run_masked
 from .batches import Batch, divergence
 from .circuit import Circuit, prune_dangling
 from .errors import HapError
 from .graph import Graph
+from .known_outputs import KnownOutputs, record_outputs
 from .models.loading import Model
 from .precision import PRECISIONS, ReducedTwin, check_twin_below_threshold, reduced_twin
 from .progress import progress_bar, shown
 from .tasks import TaskData
+from .twin import MixedPrecision
 
 METRICS = ("kl", "logit-diff")
 STATE_FILE = "acdc_state.pt"

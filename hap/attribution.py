@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .ablation import AblationKind, MixedPrecision, run_masked, run_with_probes, trace
+from .ablation import AblationKind, run_masked, trace
 from .batches import Batch, Loss, TaskBatches, loss_function
 from .circuit import Scores
 from .distributed import Ranks
@@ -40,8 +40,10 @@ from .errors import HapError
 from .graph import Graph
 from .models.loading import Model
 from .precision import PRECISIONS, ReducedTwin, reduced_twin
+from .probes import run_with_probes
 from .progress import progress_bar
 from .tasks import TaskData
+from .twin import MixedPrecision
 
 
 class Method(str, Enum):

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ablation import (AblationKind, CompactReference, Reference, answer_logits, interchange_reference,
-                       mean_reference, zero_reference)
+from .ablation import mean_reference, zero_reference
 from .errors import HapError
 from .graph import Graph
 from .models.loading import Model
+from .plain_run import answer_logits
+from .reference import AblationKind, CompactReference, Reference, interchange_reference
 from .settings import DEFAULT_REFERENCE_MEMORY_GIB
 from .tasks import TaskData
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .display import circuit_html
 from .errors import HapError
 from .graph import Graph
 from .models.adapter import Layout
@@ -249,8 +250,6 @@ class Circuit:
 
     def _repr_html_(self) -> str:
         """Jupyter's view: model, task, method, edges kept, sparsity, held-out metrics (``hap.display``)."""
-        from .display import circuit_html
-
         return circuit_html(self)
 
     def save(self, path: str | Path) -> Path:

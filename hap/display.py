@@ -11,6 +11,9 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING, Any, Iterable
 
+from .graph import Graph
+from .tasks import TaskSpec
+
 if TYPE_CHECKING:
     from .circuit import Circuit
     from .evaluation import Metrics
@@ -44,9 +47,6 @@ def _facts(rows: Iterable[tuple[str, str]]) -> str:
 def circuit_html(circuit: Circuit) -> str:
     """The circuit in a notebook: what found it, edges kept of the total and sparsity, the splits, held-out
     metrics (with the in-sample ones and the gap, when measured) and its most important nodes."""
-    from .graph import Graph
-    from .tasks import TaskSpec
-
     total = Graph.from_layout(circuit.layout).n_edges
     kept = circuit.n_edges
     dangling = circuit.config.get("n_pruned_dangling")
@@ -99,9 +99,6 @@ def circuit_html(circuit: Circuit) -> str:
 def explanation_html(explanation: Explanation, top: int | None = EXPLANATION_ROWS) -> str:
     """The roles table in a notebook: rank, node, role, importance (faithfulness lost, KL added, the
     attribution estimate when there is one), direct effect and the numbers behind the role; the rules."""
-    from .explain import _evidence_text
-    from .roles import IOI_RULES
-
     table, evidence = explanation.importance, explanation.evidence
     where = {"test": "held-out test", "train": "training (in-sample)"}.get(table.split, table.split)
     intro = (f"Circuit on {table.n_examples} {where} examples: faithfulness {table.faithfulness:.4f}, KL "
@@ -121,7 +118,7 @@ def explanation_html(explanation: Explanation, top: int | None = EXPLANATION_ROW
                  _number(row.kl_increase, signed=True)]
         if table.attribution_method:
             cells.append(_number(row.attribution, signed=True) if row.attribution is not None else "")
-        cells += [_number(node.evidence.direct_effect, 3, signed=True), _evidence_text(node)]
+        cells += [_number(node.evidence.direct_effect, 3, signed=True), node.evidence_text()]
         rows.append(cells)
     parts = [f"<div class=\"hap-explanation\"><p>{escape(intro)}</p>", _table(header, rows)]
     if top is not None and len(nodes) > top:
@@ -129,7 +126,7 @@ def explanation_html(explanation: Explanation, top: int | None = EXPLANATION_ROW
     if explanation.roles is not None:
         counts = explanation.role_counts()
         summary = ", ".join(f"{role} {count}" for role, count in counts.items()) or "none"
-        rules = "".join(f"<li>{escape(rule.role)}: {escape(rule.rule)}</li>" for rule in IOI_RULES)
+        rules = "".join(f"<li>{escape(rule.role)}: {escape(rule.rule)}</li>" for rule in explanation.rules)
         parts.append(f"<p>Roles in the circuit: {escape(summary)}.</p><details><summary>The role rules"
                      f"</summary><ul>{rules}</ul></details>")
     else:

@@ -26,12 +26,14 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .ablation import AblationKind, ComputePlan, answer_logits, run_masked
+from .ablation import AblationKind, ComputePlan, run_masked
 from .batches import Batch, ReferenceCache, TaskBatches, batches, divergence, kl_divergence  # noqa: F401 (kl_divergence re-exported)
 from .circuit import Circuit, Scores
+from .display import metrics_html
 from .errors import HapError, WeakModelError
 from .graph import Graph
 from .models.loading import Model
+from .plain_run import answer_logits
 from .progress import progress_bar
 from .tasks import Metric, TaskData
 
@@ -58,8 +60,6 @@ class Metrics:
 
     def _repr_html_(self) -> str:
         """Jupyter's view: the scores beside the full model's and the empty circuit's (``hap.display``)."""
-        from .display import metrics_html
-
         return metrics_html(self)
 
 

@@ -13,10 +13,11 @@ from typing import Any
 from .ablation import AblationKind
 from .batches import TaskBatches
 from .circuit import Circuit
+from .display import explanation_html
 from .evidence import EvidenceTable, NodeEvidence, node_evidence
 from .importance import ImportanceTable, NodeImportance, node_importance
 from .models.loading import Model
-from .roles import IOI_RULES, Role, head_roles
+from .roles import IOI_RULES, Role, RoleRule, head_roles
 from .tasks import TaskData
 
 SHOWN_PAIRS = 2  # attention pairs shown per head in the text table: the strongest ones
@@ -35,6 +36,23 @@ class NodeExplanation:
     def name(self) -> str:
         return self.importance.name
 
+    def evidence_text(self) -> str:
+        """The numbers behind a row: the role's own, else the strongest attention pairs; then the readers."""
+        parts = []
+        if self.role is not None and self.role.role != "unlabelled":
+            parts.append(", ".join(f"{key} {value:+.2f}" if "direct" in key or "drop" in key else f"{key} {value:.2f}"
+                                   for key, value in self.role.evidence.items() if not key.endswith("_share")))
+            if self.role.also:
+                parts.append("also " + ", ".join(self.role.also))
+        elif self.evidence.attention:
+            pairs = sorted(((weight, f"{source}->{target}") for source, row in self.evidence.attention.items()
+                            for target, weight in row.items() if source != target), reverse=True)[:SHOWN_PAIRS]
+            parts.append(", ".join(f"{pair} {weight:.2f}" for weight, pair in pairs))
+        readers = self.evidence.readers
+        if readers:
+            parts.append("read by " + " ".join(f"{kind}:{len(names)}" for kind, names in readers.items()))
+        return "; ".join(parts)
+
 
 @dataclass(frozen=True)
 class Explanation:
@@ -48,6 +66,11 @@ class Explanation:
         """The circuit's nodes, most important first."""
         return [NodeExplanation(row, self.evidence.node(row.name), (self.roles or {}).get(row.name))
                 for row in self.importance.nodes]
+
+    @property
+    def rules(self) -> tuple[RoleRule, ...]:
+        """The rules the roles were read by (none when no rules read this task)."""
+        return IOI_RULES if self.roles is not None else ()
 
     def role_counts(self) -> dict[str, int]:
         """How many of the circuit's heads hold each role."""
@@ -74,8 +97,6 @@ class Explanation:
 
     def _repr_html_(self) -> str:
         """Jupyter's view: the roles table, 20 rows (``hap.display``)."""
-        from .display import explanation_html
-
         return explanation_html(self)
 
     def format(self, top: int | None = 20) -> str:
@@ -97,7 +118,7 @@ class Explanation:
                 attribution = f"{row.attribution:>+12.4f}" if row.attribution is not None else f"{'':>12}"
             lines.append(f"{row.rank:>4}  {row.name:<9}{role:<21}{row.faithfulness_drop:>+18.4f}"
                          f"{row.kl_increase:>+10.4f}{attribution}{node.evidence.direct_effect:>+9.3f}  "
-                         f"{_evidence_text(node)}")
+                         f"{node.evidence_text()}")
         if top is not None and len(table.nodes) > top:
             lines.append(f"  ... {len(table.nodes) - top} more nodes (--top N, or --json for all)")
         if table.attribution_method:
@@ -111,24 +132,6 @@ class Explanation:
         else:
             lines.append("no role rules for this task (they read IOI's named positions): evidence only")
         return "\n".join(lines)
-
-
-def _evidence_text(node: NodeExplanation) -> str:
-    """The numbers behind a row: the role's own, else the strongest attention pairs; then the readers."""
-    parts = []
-    if node.role is not None and node.role.role != "unlabelled":
-        parts.append(", ".join(f"{key} {value:+.2f}" if "direct" in key or "drop" in key else f"{key} {value:.2f}"
-                               for key, value in node.role.evidence.items() if not key.endswith("_share")))
-        if node.role.also:
-            parts.append("also " + ", ".join(node.role.also))
-    elif node.evidence.attention:
-        pairs = sorted(((weight, f"{source}->{target}") for source, row in node.evidence.attention.items()
-                        for target, weight in row.items() if source != target), reverse=True)[:SHOWN_PAIRS]
-        parts.append(", ".join(f"{pair} {weight:.2f}" for weight, pair in pairs))
-    readers = node.evidence.readers
-    if readers:
-        parts.append("read by " + " ".join(f"{kind}:{len(names)}" for kind, names in readers.items()))
-    return "; ".join(parts)
 
 
 def explain_circuit(model: Model, circuit: Circuit, task: TaskData, batch_size: int = 16,

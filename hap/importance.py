@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .ablation import AblationKind, ComputePlan, known_until, record_outputs, run_masked
+from .ablation import AblationKind, ComputePlan, run_masked
 from .batches import ReferenceCache, TaskBatches
 from .circuit import Circuit
 from .errors import HapError
 from .evaluation import MetricSums, faithfulness
 from .graph import Graph, node_kind_and_layer
+from .known_outputs import known_until, record_outputs
 from .models.loading import Model
 from .progress import progress_bar
 from .settings import ATTRIBUTION_METHODS

@@ -3,8 +3,9 @@
 An exact test (ACDC, exact patching) removes edges into one reader and measures the change; PAHQ computes
 the investigated component in full precision and the rest of the network in reduced precision. Here the
 investigated component is the tested reader's block (its layer's attention, its MLP, or the logits),
-a superset of PAHQ's single head. ``ReducedTwin`` is a second adapter over a reduced copy of the model;
-the masked run computes every other block's sources with it (inputs cast down, outputs cast back up).
+a superset of PAHQ's single head. ``ReducedTwin`` (``hap.twin``) is a second adapter over a reduced copy
+of the model; the masked run computes every other block's sources with it (inputs cast down, outputs cast
+back up).
 
 What "reduced" means depends on the device and is chosen only where it is faster:
 
@@ -29,30 +30,19 @@ import dataclasses
 import math
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 
-from .ablation import answer_logits
 from .batches import Batch, kl_divergence
 from .errors import HapError
 from .models.adapter import ModelAdapter
 from .models.loading import Model, adapter_for
 from .models.placement import placed
+from .plain_run import answer_logits
 from .settings import PRECISIONS
+from .twin import ReducedTwin
 
 MAX_TWIN_KL = 0.01  # nats: how far the reduced full model may move the answer distribution
-
-
-@dataclass(frozen=True)
-class ReducedTwin:
-    """A reduced-precision adapter next to the model's own: ``kind`` (int8, bfloat16, float16) and the
-    dtype its blocks compute in (float32 for int8: only the weights of its linear layers are quantised)."""
-
-    kind: str
-    adapter: ModelAdapter
-    dtype: torch.dtype
-    divergence: float | None = None  # KL(model || twin) on the task's first examples, where measured
 
 
 def _quantised_mlps(model: Model) -> torch.nn.Module:

@@ -5,9 +5,10 @@ import torch
 from naive import naive_masked_logits
 
 import hap
-from hap.ablation import (AblationKind, ComputePlan, interchange_reference, mean_reference, record_outputs, run_masked,
-                          trace, zero_reference)
+from hap.ablation import (AblationKind, ComputePlan, interchange_reference, mean_reference, run_masked, trace,
+                          zero_reference)
 from hap.errors import InvalidMaskError
+from hap.known_outputs import record_outputs
 from hap.models.tiny_vocab import SPECIAL_TOKENS
 
 
@@ -321,7 +322,7 @@ def test_edges_off_the_live_set_are_ablated_whatever_the_mask_says(tiny_gpt2):
 @pytest.mark.parametrize("scaled", [False, True])
 def test_plain_probe_path_matches_the_masked_one(tiny_model, scaled):
     """Attribution's fast path (no masked sums) gives the masked path's logits and reader gradients."""
-    from hap.ablation import run_with_probes
+    from hap.probes import run_with_probes
 
     graph = hap.Graph.from_model(tiny_model)
     clean, corrupted = _batch(tiny_model, 16)

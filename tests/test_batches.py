@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import hap
-from hap.ablation import AblationKind, CompactReference, interchange_reference
 from hap.batches import ReferenceCache, TaskBatches, batches
 from hap.pruning import PruningConfig, prune
+from hap.reference import AblationKind, CompactReference, interchange_reference
 
 
 def _same(a, b) -> bool:

@@ -19,7 +19,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GemmaConfig, GemmaForCausalLM, PreTrainedTokenizerFast
 
 import hap
-from hap.ablation import answer_logits
 from hap.circuit import Circuit
 from hap.cli import main
 from hap.discovery import DiscoverConfig
@@ -27,6 +26,7 @@ from hap.errors import DataError, WeakModelError
 from hap.evaluation import FullModelCheck, evaluate, require_capable_model
 from hap.models.tiny import tiny_tokenizer
 from hap.models.tiny_vocab import tiny_vocabulary
+from hap.plain_run import answer_logits
 from hap.report import load_mib, write_mib
 from hap.tasks import (TaskSpec, custom_task, default_prefix, greater_than_task, ioi_task, load_split, load_task,
                        prompt_prefix, task_splits)

@@ -12,6 +12,7 @@ import hap
 from hap.errors import DataError
 from hap.evidence import node_evidence, node_readers
 from hap.models.tiny import build_tiny_model
+from hap.plain_run import answer_logits
 from hap.tasks import custom_task, load_task
 
 
@@ -108,7 +109,7 @@ def test_direct_effects_of_all_sources_sum_to_the_metric():
     task = load_task("ioi", model.tokenizer, 8, seed=1)
     evidence = node_evidence(model, task, batch_size=3)
     total = evidence.input_direct_effect + sum(node.direct_effect for node in evidence.nodes)
-    logits = hap.ablation.answer_logits(model, task.clean_ids, task.answer_positions)
+    logits = answer_logits(model, task.clean_ids, task.answer_positions)
     assert total == pytest.approx(float(task.logit_diff(logits).mean()), abs=1e-7)
     assert evidence.full_metric == pytest.approx(float(task.logit_diff(logits).mean()), abs=1e-9)
     assert evidence.positions == ["IO", "S1", "S1+1", "S2", "END"]

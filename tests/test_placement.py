@@ -15,10 +15,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
 import hap
-from hap.ablation import ComputePlan, interchange_reference, run_masked, run_with_probes
+from hap.ablation import ComputePlan, interchange_reference, run_masked
 from hap.errors import DeviceNotAvailableError
 from hap.models.loading import Model, adapter_for
 from hap.models.placement import PlacedAdapter, placed
+from hap.probes import run_with_probes
 from hap.tasks import load_task
 
 

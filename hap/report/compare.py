@@ -19,9 +19,9 @@ from typing import Sequence
 from ..circuit import Circuit, write_atomically
 from ..errors import HapError
 from ..graph import Graph
+from .blocks import Cell, duration, number, page, png_image, table
 from .curves import CurveSeries, faithfulness_figure, render
-from .html import (METRIC_COLUMNS, Cell, circuit_path, duration, faithfulness_point, number, page, png_image,
-                   table)
+from .html import METRIC_COLUMNS, circuit_path, faithfulness_point
 from .svg import draw_circuit
 
 

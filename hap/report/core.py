@@ -20,6 +20,7 @@ from typing import Any
 from ..circuit import Circuit
 from ..explain import Explanation, load_explanation
 from ..graph import node_kind_and_layer
+from .blocks import Cell, number, table
 
 DAGRE = Path(__file__).with_name("assets") / "dagre.min.js"
 CORE_NODES = 30  # nodes shown at first: the most important ones
@@ -286,8 +287,6 @@ def _script_json(data: dict[str, Any]) -> str:
 
 
 def _top_table(data: dict[str, Any], limit: int = 12) -> str:
-    from .html import Cell, number, table
-
     rows = []
     for node in data["nodes"][:limit]:
         numbers = ", ".join(f"{key} {value:.2f}" for key, value in node["numbers"].items()

@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 import hap
-from hap.ablation import AblationKind, run_masked
-from hap.batches import ReferenceCache, TaskBatches
+from hap.ablation import AblationKind, ComputePlan, run_masked
+from hap.batches import Batch, ReferenceCache, TaskBatches
+from hap.circuit import edges_for_sparsity
 from hap.evaluation import kl_divergence
+from hap.graph import Graph
 from hap.hybrid import select_candidates, warm_start_log_alpha
+from hap.models.loading import Model
 from hap.pruning import gate_stretched, step_plan_of
 
 
@@ -34,6 +39,59 @@ def timed(function, repeats: int) -> float:
     for _ in range(repeats):
         function()
     return (time.perf_counter() - started) / repeats
+
+
+def plain_step(model: Model, batch: Batch) -> Callable[[], None]:
+    """A plain forward+backward of the Hugging Face model on ``batch.clean`` (KL to the full model's logits
+    at the answer positions, the gradient taken with respect to the input embeddings: no weight gradients)."""
+    rows = torch.arange(len(batch.clean))
+
+    def step() -> None:
+        embedded = model.hf_model.get_input_embeddings()(batch.clean).detach().requires_grad_(True)
+        logits = model.hf_model(inputs_embeds=embedded).logits[rows, batch.positions]
+        kl_divergence(batch.clean_logits, logits).mean().backward()
+
+    return step
+
+
+def pruning_step(model: Model, graph: Graph, batch: Batch, live: Tensor, log_alpha: Tensor,
+                 kind: AblationKind = AblationKind.INTERCHANGE) -> Callable[[], ComputePlan]:
+    """One training step exactly as ``hap.pruning.prune`` runs it, without the optimiser: gates sampled from
+    ``log_alpha`` [E] (the ``live`` [S, R] edges, in their order), the step's plan built from the gates
+    that are not exactly 0, the masked run, KL and backward. The step returns its compute plan."""
+    sources, readers = live.nonzero(as_tuple=True)
+    index = (sources.to(model.device), readers.to(model.device))
+    log_alpha = log_alpha.to(model.device).clone().requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> ComputePlan:
+        stretched = gate_stretched(log_alpha, 2 / 3, generator)
+        mask = torch.zeros(graph.real.shape, device=model.device, dtype=model.dtype).index_put(
+            index, stretched.clamp(0, 1).to(model.dtype))
+        plan, entries = step_plan_of(graph, live, stretched, None, kind)
+        logits = run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions,
+                            grad_entries=entries)
+        kl = kl_divergence(batch.clean_logits, logits).mean()
+        if kl.requires_grad:  # not when every sampled gate is clamped at 0 or 1 (as prune)
+            kl.backward()
+        return plan
+
+    return step
+
+
+def ep_middle_log_alpha(graph: Graph, scores: Tensor) -> Tensor:
+    """Edge Pruning's masks around the middle of a run, [E] over every real edge: half of them open
+    (log alpha +5 on the top half by |score|), the rest nearly closed (-5)."""
+    return torch.where(select_candidates(graph, scores, 0.5), 5.0, -5.0)[graph.real]
+
+
+def hap_start(graph: Graph, scores: Tensor, fraction: float, target: float = 0.05) -> tuple[Tensor, Tensor]:
+    """HAP's candidates (the top ``fraction`` of the edges by |score|, [S, R] bool; at least the circuit,
+    ``target`` of the edges) and their warm-started log alphas [E], which keep twice the circuit open at the
+    start: as ``hap.hybrid.hybrid`` with ``warm_start``."""
+    candidates = select_candidates(graph, scores, fraction, at_least=edges_for_sparsity(graph, 1 - target))
+    keep = min(0.95, 2 * target * graph.n_edges / max(1, int(candidates.sum())))
+    return candidates, warm_start_log_alpha(graph, scores, candidates, keep, 2 / 3)[candidates]
 
 
 def main() -> None:
@@ -48,40 +106,16 @@ def main() -> None:
     graph = hap.Graph.from_model(model)
     task = hap.load_task("ioi", model.tokenizer, args.batch_size, seed=0)
     batch = TaskBatches(model, graph, task, args.batch_size, cache=ReferenceCache(10**11))[0]
-    kind = AblationKind.INTERCHANGE
-    rows = torch.arange(len(batch.clean))
-
-    def plain() -> None:
-        embedded = model.hf_model.get_input_embeddings()(batch.clean).detach().requires_grad_(True)
-        logits = model.hf_model(inputs_embeds=embedded).logits[rows, batch.positions]
-        kl_divergence(batch.clean_logits, logits).mean().backward()
-
-    def step_with(live: torch.Tensor, log_alpha: torch.Tensor):
-        sources, readers = live.nonzero(as_tuple=True)
-        log_alpha = log_alpha.clone().requires_grad_(True)
-        generator = torch.Generator().manual_seed(0)
-
-        def step() -> None:
-            stretched = gate_stretched(log_alpha, 2 / 3, generator)
-            mask = torch.zeros(graph.real.shape).index_put((sources, readers), stretched.clamp(0, 1))
-            plan, entries = step_plan_of(graph, live, stretched, None, kind)
-            logits = run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions,
-                                grad_entries=entries)
-            kl_divergence(batch.clean_logits, logits).mean().backward()
-
-        return step
-
+    plain = plain_step(model, batch)
     n_real = int(graph.real.sum())
     generator = torch.Generator().manual_seed(1)
-    ep_start = step_with(graph.real, 10 + 0.01 * torch.randn(n_real, generator=generator))
+    ep_start = pruning_step(model, graph, batch, graph.real, 10 + 0.01 * torch.randn(n_real, generator=generator))
     scores = hap.attribute(model, task, "eap").values
-    half = select_candidates(graph, scores, 0.5)
-    ep_middle = step_with(graph.real, torch.where(half, 5.0, -5.0)[graph.real])
+    ep_middle = pruning_step(model, graph, batch, graph.real, ep_middle_log_alpha(graph, scores))
     circuit = select_candidates(graph, scores, 0.05)
-    ep_end = step_with(graph.real, torch.where(circuit, 5.0, -10.0)[graph.real])
-    candidates = select_candidates(graph, scores, 0.075)
-    warm = warm_start_log_alpha(graph, scores, candidates, min(0.95, 0.1 * n_real / int(candidates.sum())), 2 / 3)
-    hap_step = step_with(candidates, warm[candidates])
+    ep_end = pruning_step(model, graph, batch, graph.real, torch.where(circuit, 5.0, -10.0)[graph.real])
+    candidates, warm = hap_start(graph, scores, 0.075)
+    hap_step = pruning_step(model, graph, batch, candidates, warm)
 
     results = {}
     for name, function in (("plain", plain), ("ep_start", ep_start), ("ep_middle", ep_middle), ("ep_end", ep_end),

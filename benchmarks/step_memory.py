@@ -22,6 +22,13 @@ import json
 import resource
 import subprocess
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the parent process stays light: its peak memory is where each child's starts
+    import torch
+    from transformers import PretrainedConfig
+
+    from hap.models.loading import Model
 
 # Bytes an activation takes per (reader or source) x B x T x D, counted from the masked run:
 K_READ = 4.0  # a formed reader's input, its normed copy and the float32 norm's intermediates
@@ -37,15 +44,33 @@ def predict_gib(counts: dict, k_read: float = K_READ, k_mlp: float = K_MLP) -> f
     return counts["bytes"] * (activations + mlp) / 2**30
 
 
+def random_model(config: PretrainedConfig, name: str, device: str = "cpu", dtype: torch.dtype | None = None,
+                 seed: int = 0) -> Model:
+    """A hap ``Model`` of random weights built from a transformers ``config`` (seeded, built on ``device`` in
+    ``dtype``, default float32), with the tiny word-level tokenizer: its ids are small, so valid in any vocab."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hap.models.loading import Model, adapter_for
+    from hap.models.placement import placed
+    from hap.models.tiny import tiny_tokenizer
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    hf_model = hf_model.eval().requires_grad_(False)
+    return Model(name, hf_model, tiny_tokenizer(), placed(adapter_for(hf_model, name), torch.device(device)),
+                 "built-in")
+
+
 def child(size: str, batch: int, candidates: float, steps: int) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     import hap
     from hap.ablation import ComputePlan
     from hap.batches import TaskBatches
     from hap.circuit import top_edges
-    from hap.models.loading import Model, adapter_for
     from hap.models.tiny import tiny_tokenizer
     from hap.pruning import PruningConfig, prune
     from hap.tasks import load_task
@@ -56,9 +81,7 @@ def child(size: str, batch: int, candidates: float, steps: int) -> dict:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                          tie_word_embeddings=False)
-    torch.manual_seed(0)
-    hf_model = LlamaForCausalLM(config).eval().requires_grad_(False)
-    model = Model(f"llama-{size}", hf_model, tokenizer, adapter_for(hf_model, size), "built-in")
+    model = random_model(config, f"llama-{size}")
     graph = hap.Graph.from_model(model)
     task = load_task("ioi", tokenizer, batch, seed=0)
     data = TaskBatches(model, graph, task, batch, "interchange")

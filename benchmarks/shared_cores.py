@@ -48,31 +48,15 @@ def child(model_name: str, batch_size: int, repeats: int) -> None:
     import torch
 
     import hap
-    from hap.ablation import AblationKind, run_masked
     from hap.batches import ReferenceCache, TaskBatches
-    from hap.evaluation import kl_divergence
-    from hap.hybrid import select_candidates
-    from hap.pruning import gate_stretched, step_plan_of
+    from step_cost import ep_middle_log_alpha, pruning_step  # the benchmark beside this one
 
     model = hap.load_model(model_name)
     graph = hap.Graph.from_model(model)
     task = hap.load_task("ioi", model.tokenizer, batch_size, seed=0)
     batch = TaskBatches(model, graph, task, batch_size, cache=ReferenceCache(10**11))[0]
     scores = hap.attribute(model, task, "eap").values
-    half = select_candidates(graph, scores, 0.5)
-    live = graph.real
-    sources, readers = live.nonzero(as_tuple=True)
-    log_alpha = torch.where(half, 5.0, -5.0)[live].clone().requires_grad_(True)
-    generator = torch.Generator().manual_seed(0)
-
-    def step() -> None:
-        stretched = gate_stretched(log_alpha, 2 / 3, generator)
-        mask = torch.zeros(graph.real.shape).index_put((sources, readers), stretched.clamp(0, 1))
-        plan, entries = step_plan_of(graph, live, stretched, None, AblationKind.INTERCHANGE)
-        logits = run_masked(model, graph, batch.clean, batch.reference, mask, plan, batch.positions,
-                            grad_entries=entries)
-        kl_divergence(batch.clean_logits, logits).mean().backward()
-
+    step = pruning_step(model, graph, batch, graph.real, ep_middle_log_alpha(graph, scores))
     step()
     started = time.perf_counter()
     for _ in range(repeats):

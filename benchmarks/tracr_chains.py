@@ -9,6 +9,7 @@ expected and target sparsity, the first Lagrange multiplier). It ends with the c
 recovery. Written to ``benchmarks/tracr/chains-<program>-<ablation>.md``.
 
     .venv/bin/python benchmarks/tracr_chains.py --program tracr-sort_freq --ablation zero   # about 20 s
+    .venv/bin/python benchmarks/tracr_chains.py --program tracr-sort_freq --ablation zero --mask-init 10  # -init10.md
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> int:
     parser.add_argument("--ablation", default="zero", choices=("zero", "interchange"))
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--mask-init", type=float, default=None, help="log alpha the masks start at (default: the tool's)")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -62,16 +64,18 @@ def main() -> int:
         circuit = discover(DiscoverConfig(
             out=str(run), model=args.program, method="ep", edges=n_true, ablation=args.ablation, n_test=200,
             steps=args.steps, lr=0.1, lambda_lr=0.1, sparsity_warmup=round(args.steps * 5 / 6),
-            snapshot_every=args.every, force=True, report=False, explain_examples=0))
+            snapshot_every=args.every, force=True, report=False, explain_examples=0, init_mean=args.mask_init))
         graph = Graph.from_model(load_model(args.program, device="cpu"))
         truth = circuit.metrics["ground_truth"]
         steps, values, top_false = trajectories(run, graph, truth["true_edges"])
         log = {line["step"]: line for line in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())}
     kept = {f"{graph.source_names[s]}->{graph.reader_names[r]}" for s, r in circuit.in_graph.nonzero().tolist()}
     head = "| edge | " + " | ".join(str(step) for step in steps) + " | kept |"
+    flag = "" if args.mask_init is None else f" --mask-init {args.mask_init:g}"
     lines = [f"# Edge Pruning on {args.program}, {args.ablation} ablation: the true edges' log alpha", "",
-             f"`python benchmarks/tracr_chains.py --program {args.program} --ablation {args.ablation}` "
-             f"({args.steps} steps, lr 0.1, {n_true} edges kept)", "", head, "|---|" + "---|" * (len(steps) + 1)]
+             f"`python benchmarks/tracr_chains.py --program {args.program} --ablation {args.ablation}{flag}` "
+             f"({args.steps} steps, lr 0.1, masks from log alpha {circuit.config['init_mean']:g}, {n_true} edges "
+             "kept)", "", head, "|---|" + "---|" * (len(steps) + 1)]
     for edge, series in values.items():
         mark = "yes" if edge in kept else "no"
         lines.append(f"| {edge} | " + " | ".join(f"{v:.1f}" for v in series) + f" | {mark} |")
@@ -86,7 +90,8 @@ def main() -> int:
               f"held-out KL {circuit.metrics['test']['kl']:.4f}."]
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.out / f"chains-{args.program.removeprefix('tracr-')}-{args.ablation}.md", text)
+    suffix = "" if args.mask_init is None else f"-init{args.mask_init:g}"
+    write_atomically(args.out / f"chains-{args.program.removeprefix('tracr-')}-{args.ablation}{suffix}.md", text)
     print(text)
     return 0
 

@@ -51,7 +51,9 @@ _EXPORTS = {
     "NodeImportance": ".importance",
     "node_importance": ".importance",
     "HybridConfig": ".hybrid",
-    "hybrid": ".hybrid",
+    # HAP's entry point is hap.hybrid.hybrid; a package attribute named like its submodule would be replaced
+    # by the submodule whenever that is imported first, so the package exports it as run_hap.
+    "run_hap": ".hybrid",
     "DEFAULT_MODEL": ".models",
     "Model": ".models",
     "load_model": ".models",
@@ -82,7 +84,7 @@ __all__ = [
     "check_full_model",
     "evaluate",
     "faithfulness_curve",
-    "hybrid",
+    "run_hap",
     "node_importance",
     "EvidenceTable",
     "NodeEvidence",

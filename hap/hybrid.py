@@ -239,6 +239,9 @@ def hybrid(
     return circuit
 
 
+run_hap = hybrid  # the package's name for it (hap.run_hap): hap.hybrid is this module
+
+
 def better_than_stage_one(model: Model, graph: Graph, data: TaskBatches, pruned: Circuit, scores: Scores,
                           config: HybridConfig, say: bool = False) -> Circuit:
     """The pruned circuit, or stage 1's own circuit of the same size where that one fits the training

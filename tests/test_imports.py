@@ -206,3 +206,16 @@ def test_a_cycle_hidden_in_a_function_is_found_and_named(tmp_path):
     assert str(a_cycle[1]) == "pkg.sub.b -> pkg.a (b.py:2, in a function)"
     left = cycles(graph, {("pkg.c", "pkg.d")})  # the type-only import exempted: that cycle is gone
     assert [[edge.importer for edge in cycle] for cycle in left] == [["pkg.a", "pkg.sub.b"]]
+
+
+def test_hap_entry_point_survives_its_submodule_being_imported_first():
+    """A package attribute named like a submodule is replaced by that submodule when it is imported first
+    (``import hap.discovery`` imports ``hap.hybrid``): HAP's entry point is exported as ``hap.run_hap``."""
+    import subprocess
+    import sys
+
+    code = ("import hap.discovery, hap; from hap.hybrid import hybrid; "
+            "assert hap.run_hap is hybrid and callable(hap.run_hap); "
+            "assert hap.hybrid.__name__ == 'hap.hybrid'; "
+            "assert all(not isinstance(getattr(hap, n), type(hap)) for n in hap.__all__), 'an export is a module'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,15 +8,16 @@ loop). Settings:
 
 * ``torch default``: what torch does with no environment (one thread per host core, libgomp's
   default spin-wait);
-* ``hap``: what the ``hap`` command sets (``hap.threads.prepare_threads``: the usable CPUs, a short
-  spin before a waiting thread sleeps);
-* ``passive``: as hap, but threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``);
+* ``hap``: what the ``hap`` command sets (``hap.threads.prepare_threads``: the usable CPUs, threads that
+  sleep at once while they wait, ``OMP_WAIT_POLICY=PASSIVE``);
+* ``spin N``: as hap, but threads spin N iterations before they sleep (``GOMP_SPINCOUNT``; libgomp's
+  default is 300,000);
 * ``1 thread``.
 
 Prints, per setting, the seconds per step alone and shared, the slowdown (shared / alone) and the
 cost alone against torch's default; all measured in this one run. Run it with nothing else busy.
 
-    .venv/bin/python benchmarks/shared_cores.py [--model smollm2-135m] [--batch-size 4] [--repeats 3]
+    .venv/bin/python benchmarks/shared_cores.py [--model smollm2-135m] [--batch-size 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pathlib import Path
 SETTINGS = {
     "torch default": {},
     "hap": {"HAP_PREPARE": "1"},
-    "passive": {"HAP_PREPARE": "1", "OMP_WAIT_POLICY": "PASSIVE"},
+    "spin 1,000": {"HAP_PREPARE": "1", "GOMP_SPINCOUNT": "1000"},
+    "spin 10,000": {"HAP_PREPARE": "1", "GOMP_SPINCOUNT": "10000"},
     "1 thread": {"HAP_PREPARE": "1", "HAP_THREADS": "1"},
 }
 CLEARED = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "HAP_THREADS", "MKL_NUM_THREADS")
@@ -77,7 +79,7 @@ def measure(setting: dict[str, str], args: argparse.Namespace) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

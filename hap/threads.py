@@ -5,8 +5,8 @@ cores are shared with another busy process, or in a container with a CPU quota b
 cores, its OpenMP threads spin-wait at every barrier for a thread that is not scheduled, and a step
 runs many times slower. So hap takes the CPUs the process may actually use (its CPU affinity, and
 the cgroup CPU quota where one is set), lets ``--threads N`` or ``HAP_THREADS`` say otherwise, and
-sets OpenMP's wait policy (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``) before torch starts its thread
-pool, unless the user set them. ``benchmarks/shared_cores.py`` measures the choice alone and beside
+makes OpenMP's threads sleep rather than spin while they wait (``OMP_WAIT_POLICY=PASSIVE``) before
+torch starts its thread pool, unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``. ``benchmarks/shared_cores.py`` measures the choice alone and beside
 a competing process.
 
 Environment variables only take effect before torch is imported; the command line calls
@@ -22,9 +22,12 @@ from pathlib import Path
 
 from .errors import HapError
 
-# libgomp spins this many iterations at a barrier before it sleeps (its default is 300,000, about a
-# millisecond: long enough that a thread waiting for a descheduled one burns its whole time slice).
-SPIN_COUNT = "10000"
+# How OpenMP threads wait at a barrier. libgomp's default spins 300,000 iterations (about a millisecond)
+# before it sleeps: beside a competing process, a thread waiting for a descheduled one burns its time
+# slice. Measured on 2 cores, an Edge Pruning step on SmolLM2 IOI (batch 16) beside one busy process:
+# 3.5x slower than alone with the default, 1.9x with PASSIVE (threads sleep at once), which costs 4%
+# alone (benchmarks/shared_cores.py, benchmarks/README.md).
+WAIT_POLICY = "PASSIVE"
 
 
 def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -79,14 +82,14 @@ def thread_count(requested: int | None = None) -> int:
 
 
 def prepare_threads(requested: int | None = None) -> int:
-    """Before torch is imported: choose the thread count and set OpenMP's environment for it (the
-    user's own ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT`` are kept unless
-    ``requested`` overrides the count). Returns the thread count."""
+    """Before torch is imported: choose the thread count and set OpenMP's environment for it: the count,
+    and threads that sleep while they wait (the user's own ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY`` and
+    ``GOMP_SPINCOUNT`` are kept, unless ``requested`` overrides the count). Returns the thread count."""
     count = thread_count(requested)
     if requested is not None or "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(count)
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
     use_threads(count)
     return count
 

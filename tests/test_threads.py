@@ -57,7 +57,7 @@ def test_thread_count_takes_the_flag_then_the_environment(monkeypatch):
 def _threads_in_child(env: dict[str, str], requested: str = "None") -> dict:
     code = ("import json, os; from hap.threads import prepare_threads; n = prepare_threads(" + requested + "); "
             "import torch; print(json.dumps({'n': n, 'torch': torch.get_num_threads(), "
-            "'spin': os.environ.get('GOMP_SPINCOUNT'), 'omp': os.environ.get('OMP_NUM_THREADS')}))")
+            "'policy': os.environ.get('OMP_WAIT_POLICY'), 'omp': os.environ.get('OMP_NUM_THREADS')}))")
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "HAP_THREADS", "GOMP_SPINCOUNT",
                                                               "OMP_WAIT_POLICY")}
     done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
@@ -65,13 +65,13 @@ def _threads_in_child(env: dict[str, str], requested: str = "None") -> dict:
     return json.loads(done.stdout)
 
 
-def test_torch_starts_with_the_chosen_threads_and_a_short_spin():
+def test_torch_starts_with_the_chosen_threads_that_sleep_while_they_wait():
     chosen = _threads_in_child({"HAP_THREADS": "1"})
-    assert chosen == {"n": 1, "torch": 1, "spin": "10000", "omp": "1"}
+    assert chosen == {"n": 1, "torch": 1, "policy": "PASSIVE", "omp": "1"}
     assert _threads_in_child({}, requested="2")["torch"] == 2
     assert _threads_in_child({})["torch"] == usable_cpus()
-    user = _threads_in_child({"OMP_WAIT_POLICY": "ACTIVE"})  # the user's own policy is kept, no spin count added
-    assert user["spin"] is None
+    assert _threads_in_child({"OMP_WAIT_POLICY": "ACTIVE"})["policy"] == "ACTIVE"  # the user's own policy is kept
+    assert _threads_in_child({"GOMP_SPINCOUNT": "1000"})["policy"] is None  # or their spin count
 
 
 def test_bad_thread_counts_are_one_line(capsys):

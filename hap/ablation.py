@@ -113,6 +113,11 @@ class ComputePlan:
 # Layers whose reader inputs share one product over the rows written before them: fewer
 # passes over the delta buffer at the cost of [16 * CHUNK_LAYERS, B, T, D] sums.
 CHUNK_LAYERS = 4
+# Gathering the used rows of the delta buffer copies them (forward and backward); multiplying over every row
+# (the unused ones with mask 0) costs one multiply-add per extra row, reader and element. A copied element
+# costs about as much as this many multiply-adds on a CPU (memory traffic against the FLOP rate), so the
+# rows are gathered only when the rows left out times the readers exceed it times the rows kept.
+GATHER_COST = 32
 
 
 class _BufferedSum(torch.autograd.Function):
@@ -174,6 +179,10 @@ def _mask_gradient(data: Tensor, grad: Tensor, wanted: Tensor | None) -> Tensor:
     if len(rows) == 0:
         return result
     device = data.device
+    if (data.shape[0] - len(rows)) * len(columns) <= GATHER_COST * len(rows):  # cheaper over every row
+        rows = torch.arange(data.shape[0])
+    if (grad.shape[0] - len(columns)) * len(rows) <= GATHER_COST * len(columns):
+        columns = torch.arange(grad.shape[0])
     part_rows = data if len(rows) == data.shape[0] else data.index_select(0, rows.to(device))
     part_columns = grad if len(columns) == grad.shape[0] else grad.index_select(0, columns.to(device))
     block = part_rows @ part_columns.transpose(0, 1)
@@ -339,12 +348,13 @@ class MaskedRun:
             return readers_used, total.expand(len(used_readers), -1, -1, -1)
         sub = self.mask_rows[..., first : self.n_rows, :].index_select(-1, readers[readers_used])
         rows = None
-        if len(used_rows) < self.n_rows - first:
+        n_left_out = self.n_rows - first - len(used_rows)
+        if n_left_out * len(used_readers) > GATHER_COST * len(used_rows):
             rows = used_rows.to(device)
             sub = sub.index_select(-2, rows)
         if sub.dim() == 3 and self.measuring and bool((sub == sub[:1]).all()):
             sub = sub[0]  # every example alike here (ACDC's copies differ only at the tested reader): one product
-        wanted = None if self.grad_rows is None else wanted_entries[used_rows]  # [u, n'] bool
+        wanted = None if self.grad_rows is None else wanted_entries if rows is None else wanted_entries[used_rows]
         weights = 1 - sub if complement else sub
         summed = _BufferedSum.apply(weights, self.buffer[first : self.n_rows], rows, wanted,
                                     *self.pieces[first_piece:]).view(shape)

@@ -54,6 +54,14 @@ def chunk_layers(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=[0, 10**9], ids=["gather", "every-row"])
+def gather_cost(request, monkeypatch):
+    """Run a test with the masked sums over the gathered used rows of the delta buffer only (0), and over
+    every row with the unused ones at mask 0 (a cost no gather beats)."""
+    monkeypatch.setattr("hap.ablation.GATHER_COST", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", list(AblationKind))
 def test_fractional_mask_matches_the_slow_twin(tiny_model, kind, chunk_layers):
     graph = hap.Graph.from_model(tiny_model)
@@ -101,7 +109,7 @@ def test_masks_mostly_at_one_match_the_slow_twin(tiny_model, chunk_layers, share
             assert torch.allclose(fast, slow, atol=1e-5)
 
 
-def test_sparse_plans_with_per_example_masks_match_the_slow_twin(tiny_model, chunk_layers):
+def test_sparse_plans_with_per_example_masks_match_the_slow_twin(tiny_model, chunk_layers, gather_cost):
     # A sparse live set: the sums run over a subset of buffer rows and readers, per example.
     graph = hap.Graph.from_model(tiny_model)
     clean, corrupted = _batch(tiny_model, 21)
@@ -213,7 +221,7 @@ def test_answer_positions_give_the_same_logits(tiny_model):
 
 
 @pytest.mark.parametrize("share_of_ones", [0.0, 0.9])
-def test_mask_gradient_matches_finite_differences(tiny_gpt2_64, chunk_layers, share_of_ones):
+def test_mask_gradient_matches_finite_differences(tiny_gpt2_64, chunk_layers, share_of_ones, gather_cost):
     # GPT-2's LayerNorm is truly float64 (HF's Llama RMSNorm computes in float32), so a
     # central difference is exact to ~1e-9 here; the masking code is the same for every family.
     # Masks mostly at exactly 1 take the complement form of the sums (all deltas minus the (1 - m) share).
@@ -248,7 +256,7 @@ def test_mask_gradient_matches_finite_differences(tiny_gpt2_64, chunk_layers, sh
 
 
 @pytest.mark.parametrize("kind", [AblationKind.INTERCHANGE, AblationKind.MEAN])
-def test_skipping_gives_the_same_logits_and_gradients(tiny_model, kind, chunk_layers):
+def test_skipping_gives_the_same_logits_and_gradients(tiny_model, kind, chunk_layers, gather_cost):
     graph = hap.Graph.from_model(tiny_model)
     clean, corrupted = _batch(tiny_model, 11)
     if kind is AblationKind.INTERCHANGE:

@@ -252,7 +252,7 @@ def attribute(
                 _exact_scores(model, graph, batch, config, scores, weight, edges, twin)
             else:
                 _gradient_scores(model, graph, batch, config, scores, weight, kv_per_head)
-            bar.update(len(batch.clean) * ranks.world_size)
+            bar.update(min(len(batch.clean) * ranks.world_size, n_total - bar.n))  # all ranks' batches, as one
     scores = ranks.sum(scores) * graph.real
     if kv_per_head is not None:
         kv_per_head = ranks.sum(kv_per_head)

@@ -203,9 +203,9 @@ def _discover(args: argparse.Namespace) -> int:
     else:
         config = DiscoverConfig(**given)
     circuit = discover(config)
-    from .distributed import ranks_from_env
+    from .distributed import is_main_process
 
-    if ranks_from_env().is_main:  # in a data-parallel run the main process reports
+    if is_main_process():  # in a data-parallel run the main process reports
         print(format_summary(circuit))
         print(f"wrote {Path(config.out) / 'circuit.json'}" + ("" if args.no_report else " and report.html"))
     return 0

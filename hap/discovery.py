@@ -454,7 +454,6 @@ def measure(model: Model, circuit: Circuit, train: TaskBatches, test: TaskBatche
 def discover(config: DiscoverConfig) -> Circuit:
     """The whole ``hap discover`` pipeline; writes the run directory and returns the circuit."""
     config.check()
-    out = Path(config.out)
     runtime: dict[str, float] = {}
     started = time.perf_counter()
     model = load_model(config.model, device=config.device, dtype=config.dtype,
@@ -462,6 +461,15 @@ def discover(config: DiscoverConfig) -> Circuit:
     runtime["load"] = time.perf_counter() - started
     config = resolved_bos(config, model)
     ranks = ranks_from_env(model.device)
+    try:
+        return _discover_on(model, config, ranks, runtime)
+    finally:
+        ranks.leave()  # every process leaves the group before it exits (the others may still be working)
+
+
+def _discover_on(model: Model, config: DiscoverConfig, ranks: Ranks, runtime: dict[str, float]) -> Circuit:
+    """``discover`` from the loaded model on: this process's part of the run."""
+    out = Path(config.out)
     if ranks.world_size > 1 and config.device_map is not None:
         raise HapError("--device-map spreads one process's model over the devices; under torchrun each process "
                        "loads its own model on its own GPU: drop --device-map (or run one process)")

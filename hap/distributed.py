@@ -46,6 +46,18 @@ class Ranks:
         if self.world_size > 1:
             dist.barrier()
 
+    def leave(self) -> None:
+        """Leave the process group (a no-op alone): a process that exits still in it can abort in gloo's
+        threads at interpreter exit, and torchrun then stops the others."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that prints and writes: rank 0 of a ``torchrun`` launch, or the only one.
+    Read from the environment, so it joins no process group."""
+    return int(os.environ.get("RANK", "0")) == 0
+
 
 def ranks_from_env(device: torch.device | None = None) -> Ranks:
     """Join the process group ``torchrun`` describes in the environment (NCCL for a CUDA ``device``, gloo

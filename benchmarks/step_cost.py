@@ -8,7 +8,13 @@ the gates that are not exactly 0, masked run, KL, backward) at three points of a
   the rest), as around the middle of the published schedule;
 * EP, end: every edge live, expected sparsity 0.95: log alpha high on a circuit of 5% of the edges
   (the top |EAP score|, so concentrated as a trained circuit is) and -10 on the rest;
-* HAP: the candidates (1.5x the circuit, top |EAP score|) live, warm-started masks.
+* HAP: the candidates (top |EAP score|) live, warm-started masks: at the default margin of a run of 120
+  steps (1.5x the circuit) and of 500 steps (2.39x);
+* circuit only: just the edges of a 0.95 circuit live, gates open: the least any pruning step over a
+  circuit of this size computes, and so the floor of a HAP step whatever its candidates.
+
+Each row also prints how many sources its step plan recomputes and how many readers it forms: the
+model's own work (matrix products, norms, attention) follows those, not the number of live edges.
 
 Usage: .venv/bin/python benchmarks/step_cost.py [--model smollm2-135m] [--batch-size 16] [--repeats 3]
 """
@@ -28,7 +34,7 @@ from hap.batches import Batch, ReferenceCache, TaskBatches
 from hap.circuit import edges_for_sparsity
 from hap.evaluation import kl_divergence
 from hap.graph import Graph
-from hap.hybrid import select_candidates, warm_start_log_alpha
+from hap.hybrid import candidate_margin, select_candidates, warm_start_log_alpha
 from hap.models.loading import Model
 from hap.pruning import gate_stretched, step_plan_of
 
@@ -114,18 +120,31 @@ def main() -> None:
     ep_middle = pruning_step(model, graph, batch, graph.real, ep_middle_log_alpha(graph, scores))
     circuit = select_candidates(graph, scores, 0.05)
     ep_end = pruning_step(model, graph, batch, graph.real, torch.where(circuit, 5.0, -10.0)[graph.real])
-    candidates, warm = hap_start(graph, scores, 0.075)
+    candidates, warm = hap_start(graph, scores, candidate_margin(120) * 0.05)
     hap_step = pruning_step(model, graph, batch, candidates, warm)
+    long_candidates, long_warm = hap_start(graph, scores, candidate_margin(500) * 0.05)
+    hap_500 = pruning_step(model, graph, batch, long_candidates, long_warm)
+    # The least a pruning step over a circuit of this size can compute: only the circuit's own edges live.
+    circuit_only = pruning_step(model, graph, batch, circuit, torch.full((int(circuit.sum()),), 5.0))
 
-    results = {}
+    results, plans = {}, {}
     for name, function in (("plain", plain), ("ep_start", ep_start), ("ep_middle", ep_middle), ("ep_end", ep_end),
-                           ("hap", hap_step), ("plain_again", plain)):
+                           ("hap", hap_step), ("hap_500", hap_500), ("circuit_only", circuit_only),
+                           ("plain_again", plain)):
         results[name] = timed(function, args.repeats)
+        plans[name] = function()
         print(f"{name:12s} {results[name]:.3f} s", flush=True)
     base = (results["plain"] + results["plain_again"]) / 2
-    print(f"\nbatch {tuple(batch.clean.shape)}, {n_real} edges, {int(candidates.sum())} HAP candidates")
-    for name in ("ep_start", "ep_middle", "ep_end", "hap"):
-        print(f"{name:12s} / plain fwd+bwd: {results[name] / base:.2f}")
+    print(f"\nbatch {tuple(batch.clean.shape)}, {n_real} edges; HAP candidates {int(candidates.sum())} "
+          f"(margin {candidate_margin(120):.2f}, the default up to 120 steps), hap_500 "
+          f"{int(long_candidates.sum())} (margin {candidate_margin(500):.2f}, the default at 500 steps); "
+          f"circuit_only: the {int(circuit.sum())} edges of a 0.95 circuit alone")
+    print(f"{'':12s}   / plain fwd+bwd   / EP middle   sources recomputed (of {graph.n_sources})   "
+          f"readers formed (of {graph.n_readers})")
+    for name in ("ep_start", "ep_middle", "ep_end", "hap", "hap_500", "circuit_only"):
+        plan = plans[name]
+        print(f"{name:12s}   {results[name] / base:15.2f}   {results[name] / results['ep_middle']:11.2f}   "
+              f"{int(plan.active.sum()):31d}   {int(plan.formed.sum()):22d}")
 
 
 if __name__ == "__main__":

@@ -203,3 +203,18 @@ def test_two_processes_prune_like_one_and_resume_after_a_kill(tmp_path, method):
     cut = float(kept.min()) if len(kept) else 0.0
     swapped = alone.in_graph ^ together.in_graph
     assert bool(((alone.scores[swapped] - cut).abs() <= 2e-4).all())
+
+
+def test_only_rank_zero_is_the_main_process_and_asking_joins_no_group(monkeypatch):
+    import torch.distributed as dist
+
+    from hap.distributed import is_main_process
+
+    for rank, main_one in (("0", True), ("1", False), (None, True)):
+        if rank is None:
+            monkeypatch.delenv("RANK", raising=False)
+        else:
+            monkeypatch.setenv("RANK", rank)
+        assert is_main_process() is main_one
+    assert not dist.is_initialized()
+    Ranks().leave()  # alone: nothing to leave, and no error

@@ -28,12 +28,16 @@ NUMBERS = (("test KL", lambda m: m["test"]["kl"]), ("test faithfulness", lambda 
 
 
 def read_seed(folder: Path) -> tuple[dict, dict]:
-    """(settings, summary) of one seed's folder."""
+    """(settings, summary) of one seed's folder. A folder whose Edge Pruning run has not finished (no
+    ``ep/circuit.json``) gives HAP's held-out numbers alone, without seconds (they are measured against EP)."""
     settings = json.loads((folder / "settings.json").read_text())
     summary_path = folder / "summary.json"
-    if not summary_path.is_file():
-        raise SystemExit(f"{folder}: no summary.json; run `converged.py time` and `converged.py report` there first")
-    return settings, json.loads(summary_path.read_text())
+    if summary_path.is_file():
+        return settings, json.loads(summary_path.read_text())
+    if not (folder / "ep" / "circuit.json").is_file() and (folder / "hap" / "circuit.json").is_file():
+        held_out = json.loads((folder / "hap" / "circuit.json").read_text())["metrics"]
+        return settings, {"methods": {"hap": {"test": held_out["test"]}}}
+    raise SystemExit(f"{folder}: no summary.json; run `converged.py time` and `converged.py report` there first")
 
 
 def spread(values: list[float | None]) -> str:
@@ -60,18 +64,23 @@ def main() -> int:
             raise SystemExit(f"{folder} was run with other settings than {args.folders[0]}; compare like with like")
     rows = []
     for folder, (settings, summary) in zip(args.folders, seeds):
-        ep_stay = summary["methods"]["ep"].get("seconds_to_stay")
+        ep_stay = summary["methods"].get("ep", {}).get("seconds_to_stay")
         for method in METHODS:
-            values = summary["methods"][method]
+            values = summary["methods"].get(method)
+            if values is None:  # Edge Pruning not finished for this seed
+                continue
             row = {"seed": settings["seed"], "method": method, "folder": str(folder)}
             row.update({name: get(values) for name, get in NUMBERS})
             stay = values.get("seconds_to_stay")
             row["speed-up to stay"] = ep_stay / stay if stay and ep_stay else None
             rows.append(row)
     columns = [name for name, _ in NUMBERS] + ["speed-up to stay"]
+    unfinished = [str(s["seed"]) for s, summary in seeds if "ep" not in summary["methods"]]
     lines = [f"{first['model']} {first['task']}, sparsity {first['sparsity']}: Edge Pruning {first['ep_steps']} steps, "
              f"HAP {first['hap_steps']} steps, {first['n_examples']} training examples; seeds "
-             f"{', '.join(str(s['seed']) for s, _ in seeds)}; held-out test split of each seed", "",
+             f"{', '.join(str(s['seed']) for s, _ in seeds)}; held-out test split of each seed"
+             + (f"; Edge Pruning not finished for seed {', '.join(unfinished)} (HAP's numbers only, no seconds)"
+                if unfinished else ""), "",
              "| seed | method | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for row in rows:
         cells = ["n/a" if row[c] is None else (f"{row[c]:.3f}" if abs(row[c]) < 100 else f"{row[c]:.0f}")

@@ -467,7 +467,9 @@ class MaskedRun:
         if x.shape[0] == 1:  # every wanted reader reads the same base
             xq = xk = xv = x
         else:
-            xq, xk, xv = x[:n_heads], x[n_heads : n_heads + n_groups], x[n_heads + n_groups :]
+            # split, not three slices: its backward is one concatenation, where each slice's gradient would
+            # be a zero-filled tensor of all the readers, added up
+            xq, xk, xv = x.split([n_heads, n_groups, n_groups])
         row_of_group = torch.searchsorted(groups, self.group_of_head[heads])  # each head's group among those computed
         adapter, ctx, dtype = self.precision.computing(block)
         xq, xk, xv = xq.to(dtype), xk.to(dtype), xv.to(dtype)

@@ -27,6 +27,9 @@ NUMBERS = (("test KL", lambda m: m["test"]["kl"]), ("test faithfulness", lambda 
            ("total seconds", lambda m: m.get("total_seconds")))
 
 
+TIMED = ("seconds to stay within 10% of EP's final KL", "total seconds", "speed-up to stay")
+
+
 def read_seed(folder: Path) -> tuple[dict, dict]:
     """(settings, summary) of one seed's folder. A folder whose Edge Pruning run has not finished (no
     ``ep/circuit.json``) gives HAP's held-out numbers alone, without seconds (they are measured against EP)."""
@@ -69,7 +72,7 @@ def main() -> int:
             values = summary["methods"].get(method)
             if values is None:  # Edge Pruning not finished for this seed
                 continue
-            row = {"seed": settings["seed"], "method": method, "folder": str(folder)}
+            row = {"seed": settings["seed"], "method": method, "folder": str(folder), "ep_finished": "ep" in summary["methods"]}
             row.update({name: get(values) for name, get in NUMBERS})
             stay = values.get("seconds_to_stay")
             row["speed-up to stay"] = ep_stay / stay if stay and ep_stay else None
@@ -88,7 +91,9 @@ def main() -> int:
         lines.append(f"| {row['seed']} | {row['method']} | " + " | ".join(cells) + " |")
     for method in METHODS:
         mine = [row for row in rows if row["method"] == method]
-        lines.append(f"| mean ± std | {method} | " + " | ".join(spread([r[c] for r in mine]) for c in columns) + " |")
+        # seconds are measured against the seed's own Edge Pruning: only seeds where it finished count there
+        cells = [spread([r[c] for r in mine if r["ep_finished"] or c not in TIMED]) for c in columns]
+        lines.append(f"| mean ± std | {method} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     write_atomically(args.out.with_suffix(".md"), text)
     write_atomically(args.out.with_suffix(".json"), json.dumps({"settings": first, "rows": rows}, indent=1))

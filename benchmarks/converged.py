@@ -150,6 +150,7 @@ def retime(args: argparse.Namespace) -> None:
                       hap.AttributionConfig(batch_size=settings["batch_size"]),
                       data=batches.head(n))
         timing["hap"]["attribution_seconds"] = time.perf_counter() - started
+    if "hap" in runs and not (args.keep_eap_ig and "eap-ig" in timing):
         started = time.perf_counter()
         hap.attribute(model, train, "eap-ig-inputs", hap.AttributionConfig(batch_size=settings["batch_size"]),
                       data=batches)
@@ -311,6 +312,8 @@ def main() -> None:
     again.add_argument("--out", required=True)
     again.add_argument("--points", type=int, default=10, help="snapshots re-timed per method")
     again.add_argument("--repeats", type=int, default=3)
+    again.add_argument("--keep-eap-ig", action="store_true",
+                       help="keep the EAP-IG run's seconds already in the timing file (only a HAP run is new)")
     again.add_argument("--runs", default="hap,ep",
                        help="pruning run folders under --out to re-time (a HAP variant, say hap-margin3, run with "
                             "`hap discover` and the settings of settings.json); merged into --timing. With hap, "

@@ -59,8 +59,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--out", required=True, type=Path, help="OUT.md and OUT.json are written")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="runs of each folder to tabulate (a variant re-timed with converged.py time --runs)")
     args = parser.parse_args()
     seeds = [read_seed(folder) for folder in args.folders]
+    methods = args.methods.split(",")
     first = {k: v for k, v in seeds[0][0].items() if k != "seed"}
     for folder, (settings, _) in zip(args.folders, seeds):
         if {k: v for k, v in settings.items() if k != "seed"} != first:
@@ -68,7 +71,7 @@ def main() -> int:
     rows = []
     for folder, (settings, summary) in zip(args.folders, seeds):
         ep_stay = summary["methods"].get("ep", {}).get("seconds_to_stay")
-        for method in METHODS:
+        for method in methods:
             values = summary["methods"].get(method)
             if values is None:  # Edge Pruning not finished for this seed
                 continue
@@ -89,7 +92,7 @@ def main() -> int:
         cells = ["n/a" if row[c] is None else (f"{row[c]:.3f}" if abs(row[c]) < 100 else f"{row[c]:.0f}")
                  for c in columns]
         lines.append(f"| {row['seed']} | {row['method']} | " + " | ".join(cells) + " |")
-    for method in METHODS:
+    for method in methods:
         mine = [row for row in rows if row["method"] == method]
         # seconds are measured against the seed's own Edge Pruning: only seeds where it finished count there
         cells = [spread([r[c] for r in mine if r["ep_finished"] or c not in TIMED]) for c in columns]

@@ -186,7 +186,8 @@ def _discover(args: argparse.Namespace) -> int:
         "threshold_start": args.threshold_start,
         "mixed_precision": args.mixed_precision, "steps": args.steps, "lr": args.lr, "lambda_lr": args.lambda_lr,
         "init_mean": args.mask_init,
-        "lr_warmup": args.lr_warmup, "sparsity_warmup": args.sparsity_warmup, "node_masks": args.node_masks,
+        "lr_warmup": args.lr_warmup, "sparsity_warmup": args.sparsity_warmup,
+        "project_warmup": args.project_warmup, "node_masks": args.node_masks,
         "max_extra_steps": args.max_extra_steps, "node_sparsity": args.node_sparsity, "candidates": args.candidates,
         "attribution": args.attribution, "attribution_examples": args.attribution_examples,
         "warm_start": args.warm_start, "eval_every": args.eval_every, "monitor_examples": args.monitor_examples,
@@ -438,7 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--lr-warmup", type=int, default=None, help="default steps/15")
     pruning.add_argument("--sparsity-warmup", type=int, default=None,
                          help="steps over which the target sparsity warms up (default: 5/6 of the steps for ep, "
-                         "1/3 for hap, which starts near the target)")
+                         "1/6 for hap, which starts near the target; 1/3 with --no-warm-start)")
+    pruning.add_argument("--project-warmup", action=argparse.BooleanOptionalAction, default=None,
+                         help="end every warm-up step with the expected sparsity exactly at the warming target "
+                         "(default: on for hap with its warm start, off for ep, whose published schedule leaves "
+                         "the warm-up to the Lagrangian)")
     pruning.add_argument("--max-extra-steps", type=int, default=None,
                          help="steps allowed past --steps, at the target, until the expected sparsity is within "
                          "0.5 pp of it (default steps/2)")

@@ -6,7 +6,11 @@ no kept path from ``input`` or to ``logits``). Stage 2 runs Edge Pruning on the
 candidates only: every other edge is fixed ablated and has no parameter, and
 the compute plan never recomputes a source or forms a reader the candidates
 cannot change. ``warm_start`` initialises the masks from the scores (the MIB
-shared task's "sequential ensemble" recipe) instead of N(10, 0.01).
+shared task's "sequential ensemble" recipe) instead of N(10, 0.01); a
+warm-started run then warms its target up over the first sixth of the steps,
+every step ending with the expected sparsity exactly on the warming target
+(``PruningConfig.project_during_warmup``), so the circuit read off the masks is
+a good one throughout.
 """
 
 from __future__ import annotations
@@ -40,11 +44,14 @@ from .tasks import TaskData
 CANDIDATE_MARGIN = 1.5
 LONG_CANDIDATE_MARGIN = 3.0
 SHORT_BUDGET, LONG_BUDGET = 120, 1000
-# HAP starts near its target (the warm start keeps about twice the circuit's edges, a sparsity of ~0.93 for a
-# 0.95 target), so its target warms up over the first third of the steps and the rest train at the target
-# (held exactly, see hap.pruning). On SmolLM2 IOI at 0.95, 120 steps: warm-up 40 steps gave held-out accuracy
-# 0.86 and faithfulness 0.85; warm-up 125 of 150 gave 0.835 and 0.98 (200 held-out examples, SE ~0.025).
-SPARSITY_WARMUP_FRACTION = 1 / 3
+# HAP starts near its target (the warm start keeps about twice the circuit's edges, a sparsity of ~0.90 for a
+# 0.95 target) and every warm-up step ends with its expected sparsity on the warming target (hap.pruning,
+# project_during_warmup), so its target warms up over the first sixth of the steps and the rest train at the
+# target. On SmolLM2 greater-than at 0.95, 500 steps (seeds 0 and 2): warm-up 167 steps left to the Lagrangian
+# put the held-out monitor within 10% of converged Edge Pruning's final KL from step 200 (seed 0) or never
+# (seed 2); held on the target, from step 140 (seed 2); held, over 83 steps, from steps 80 and 60.
+SPARSITY_WARMUP_FRACTION = 1 / 6
+COLD_SPARSITY_WARMUP_FRACTION = 1 / 3  # without the warm start the masks start open, far from the target
 WARM_START_TEMPERATURE = 0.2
 WARM_START_CLAMP = 10.0
 
@@ -73,7 +80,8 @@ class HybridConfig:
 
     def __post_init__(self) -> None:
         if self.pruning.sparsity_warmup is None:
-            warmup = max(1, round(self.pruning.steps * SPARSITY_WARMUP_FRACTION))
+            fraction = SPARSITY_WARMUP_FRACTION if self.warm_start else COLD_SPARSITY_WARMUP_FRACTION
+            warmup = max(1, round(self.pruning.steps * fraction))
             object.__setattr__(self, "pruning", replace(self.pruning, sparsity_warmup=warmup))
         if self.candidates is None:
             default = min(1.0, candidate_margin(self.pruning.steps) * (1.0 - self.pruning.target_sparsity))

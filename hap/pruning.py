@@ -22,7 +22,12 @@ So once the target has finished warming up, every step ends with a
 projection onto the constraint: all live log alphas are shifted by one common
 amount (found by bisection) so that the expected sparsity equals the target.
 A uniform shift keeps the masks' ranking; the KL keeps training which edges
-are open, now at exactly the target sparsity. A run whose planned steps end
+are open, now at exactly the target sparsity. With ``project_during_warmup``
+(HAP's default) the warm-up steps end projected too, onto the warming target:
+a warm start sits near a circuit already, and left to the Lagrangian its
+masks drift open (expected sparsity 0.90 against a target of 0.93-0.95 on
+SmolLM2 greater-than), so the circuit read off them in mid-run is poor until
+the warm-up ends (benchmarks/README.md, converged.py). A run whose planned steps end
 farther than ``converge_tolerance`` from the target (only possible when the
 warm-up lasts the whole run) goes on at the target, for at most
 ``max_extra_steps`` more; the result says whether it got there.
@@ -89,6 +94,7 @@ class PruningConfig:
     converge_tolerance: float = 0.005  # end within 0.5 percentage points of the target expected sparsity
     max_extra_steps: int | None = None  # default: half the steps, spent at the target only if needed
     eval_every: int | None = None  # held-out monitor period; default: steps / 25
+    project_during_warmup: bool = False  # also hold the warming target exactly (every step ends projected)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_sparsity < 1.0:
@@ -248,9 +254,13 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any], config: PruningConf
     saved = {**{key: defaults[key] for key in fingerprint if key not in saved and key in defaults}, **saved}
     if saved != fingerprint:
         differences = sorted(key for key in set(saved) | set(fingerprint) if saved.get(key) != fingerprint.get(key))
+        hint = ""
+        if differences == ["project_during_warmup"] and not saved["project_during_warmup"]:
+            hint = " (a hap run from before 2026-12-06, when holding the warming target became hap's default: " \
+                   "resume it with --no-project-warmup)"
         raise HapError(
             f"{path.parent} was made with other settings ({', '.join(differences)} differ); resume with the "
-            "same model, task and settings, or start a new run in another --out"
+            f"same model, task and settings, or start a new run in another --out{hint}"
         )
     log_alpha = payload["log_alpha"].to(device).requires_grad_(True)
     node = payload["node_log_alpha"]
@@ -494,6 +504,9 @@ def prune(
                     state.node_log_alpha.clamp_(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
                 if step + 1 >= config.sparsity_warmup_steps:  # the target is reached: hold it exactly
                     state.log_alpha.copy_(project_to_sparsity(state.log_alpha, config.target_sparsity,
+                                                              graph.n_edges, config.beta))
+                elif config.project_during_warmup:
+                    state.log_alpha.copy_(project_to_sparsity(state.log_alpha, _target(state, config, step + 1),
                                                               graph.n_edges, config.beta))
             state.step += 1
             state.seconds += time.perf_counter() - step_started

@@ -291,6 +291,20 @@ def test_a_run_ends_at_the_target_before_binarisation(tiny_gpt2, warmup):
         assert result.steps == 30 and abs(result.sparsity_gap) < 1e-4  # held exactly after the warm-up
 
 
+@pytest.mark.parametrize("project", [False, True])
+def test_projection_during_the_warm_up_holds_the_moving_target(tiny_gpt2, tmp_path, project):
+    task = load_task("ioi", tiny_gpt2.tokenizer, 16, seed=0)
+    config = PruningConfig(target_sparsity=0.9, steps=20, batch_size=8, seed=0, sparsity_warmup=15,
+                           project_during_warmup=project)
+    prune(tiny_gpt2, task, config, run_dir=tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    gaps = [abs(line["expected_sparsity"] - line["target_sparsity"]) for line in log[1:]]  # step 1: the start
+    if project:  # every step starts where the last one's projection put it: on that step's target
+        assert max(gaps) < 1e-4
+    else:  # the Lagrangian alone lags the moving target (the masks start near 0 sparsity)
+        assert max(gaps[:14]) > 0.05
+
+
 def test_the_held_out_monitor_logs_the_final_circuit(tiny_llama, tmp_path):
     train = load_task("ioi", tiny_llama.tokenizer, 16, seed=0)
     test = load_task("ioi", tiny_llama.tokenizer, 12, seed=9)
@@ -388,3 +402,43 @@ def test_hap_candidates_grow_with_the_steps():
     assert candidate_margin(1000) == 3.0
     assert HybridConfig(pruning=PruningConfig(target_sparsity=0.95, steps=1000), candidates=0.06).candidates == 0.06
     assert HybridConfig(pruning=PruningConfig(target_sparsity=0.5, steps=1000)).candidates == 1.0  # at most every edge
+
+
+def test_hap_holds_its_warming_target_by_default_and_ep_keeps_the_published_schedule(tmp_path):
+    """The default follows the method: hap with its warm start projects every warm-up step onto the moving
+    target; ep, hap started cold (like ep) and hap on a tracr program (ep's long schedule) leave the warm-up
+    to the Lagrangian; the flag overrides."""
+    from hap.discovery import DiscoverConfig, discover
+
+    tiny = dict(model="tiny-llama", allow_weak_model=True, n_examples=8, steps=12, sparsity=0.8, batch_size=4,
+                force=True, report=False, explain_examples=0)
+    cases = [("hap", {}, True), ("ep", {}, False), ("hap", {"warm_start": False}, False),
+             ("hap", {"project_warmup": False}, False), ("ep", {"project_warmup": True}, True),
+             ("hap", {"model": "tracr-hist", "sparsity": None, "edges": 4, "steps": 20, "allow_weak_model": False,
+                      "n_examples": None, "batch_size": 16}, False)]
+    for index, (method, extra, expected) in enumerate(cases):
+        out = tmp_path / str(index)
+        circuit = discover(DiscoverConfig(out=str(out), method=method, **{**tiny, **extra}))
+        assert circuit.config["pruning"]["project_during_warmup"] is expected, (method, extra)
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        gaps = [abs(line["expected_sparsity"] - line["target_sparsity"]) for line in log[1:]]
+        if expected:
+            assert max(gaps) < 1e-4
+
+
+def test_a_hap_checkpoint_from_before_the_held_warm_up_names_the_flag_that_resumes_it(tiny_gpt2, tmp_path):
+    from dataclasses import replace
+
+    task = load_task("ioi", tiny_gpt2.tokenizer, 8, seed=0)
+    config = PruningConfig(target_sparsity=0.8, steps=6, batch_size=4, max_extra_steps=0)
+    with pytest.raises(KeyboardInterrupt):
+        prune(tiny_gpt2, task, config, run_dir=tmp_path, checkpoint_every=1,
+              on_step=lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None)
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    fingerprint = json.loads(payload["fingerprint"])
+    del fingerprint["project_during_warmup"]  # written before the setting existed: the run did not project
+    payload["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    with pytest.raises(hap.HapError, match="--no-project-warmup"):
+        prune(tiny_gpt2, task, replace(config, project_during_warmup=True), run_dir=tmp_path, resume=True)
+    assert prune(tiny_gpt2, task, config, run_dir=tmp_path, resume=True).steps == 6

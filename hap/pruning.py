@@ -23,7 +23,8 @@ projection onto the constraint: all live log alphas are shifted by one common
 amount (found by bisection) so that the expected sparsity equals the target.
 A uniform shift keeps the masks' ranking; the KL keeps training which edges
 are open, now at exactly the target sparsity. With ``project_during_warmup``
-(HAP's default) the warm-up steps end projected too, onto the warming target:
+(HAP's default) the warm-up steps end projected too, onto the warming target,
+and the projection alone holds the constraint (the multipliers stay at 0):
 a warm start sits near a circuit already, and left to the Lagrangian its
 masks drift open (expected sparsity 0.90 against a target of 0.93-0.95 on
 SmolLM2 greater-than), so the circuit read off them in mid-run is poor until
@@ -480,7 +481,12 @@ def prune(
             target = _target(state, config, step)
             expected = _expected_sparsity(state, config, graph.n_edges)
             gap = expected - target
-            penalty = state.lambdas[0] * gap + state.lambdas[1] * gap**2
+            if config.project_during_warmup:
+                # Every step starts on its target (the last one ended projected there): the gap is rounding,
+                # whose sign Adam would turn into full steps of the multipliers. The projection holds it.
+                penalty = state.lambdas.sum() * 0.0
+            else:
+                penalty = state.lambdas[0] * gap + state.lambdas[1] * gap**2
             node_expected = None
             if state.node_log_alpha is not None:
                 node_target = config.node_target_sparsity * min(1.0, step / config.sparsity_warmup_steps)

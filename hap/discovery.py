@@ -150,8 +150,8 @@ class DiscoverConfig:
                 object.__setattr__(self, name, value)
         if program and self.sparsity_warmup is None and self.method in PRUNING_METHODS:
             object.__setattr__(self, "sparsity_warmup", max(1, round(self.steps * TRACR_SPARSITY_WARMUP)))
-        if program and self.project_warmup is None:
-            object.__setattr__(self, "project_warmup", False)
+        if self.project_warmup is None:  # hap from its warm start; not ep, cold hap or a tracr program
+            object.__setattr__(self, "project_warmup", self.method == "hap" and self.warm_start and not program)
         if self.n_examples is None:
             kind = "pruning" if self.method in PRUNING_METHODS else "attribution"
             object.__setattr__(self, "n_examples", DEFAULT_N_EXAMPLES[kind])
@@ -329,8 +329,7 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
             batch_size=config.batch_size, node_masks=config.node_masks, node_target_sparsity=config.node_sparsity,
             ablation=config.ablation, seed=config.seed, max_extra_steps=config.max_extra_steps,
             eval_every=config.eval_every,
-            project_during_warmup=(config.method == "hap" and config.warm_start) if config.project_warmup is None
-            else config.project_warmup,
+            project_during_warmup=bool(config.project_warmup),
         )
         checkpoints = {"checkpoint_every": config.checkpoint_every, "run_dir": config.out, "resume": config.resume,
                        "snapshot_every": config.snapshot_every}

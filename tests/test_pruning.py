@@ -206,21 +206,28 @@ def test_resume_refuses_other_settings(tiny_gpt2, tmp_path):
 
 
 
+def _checkpoint_without(model, run_dir, setting):
+    """A 6-step run interrupted after step 3, its checkpoint rewritten as if from before ``setting``
+    existed; (task, config) to resume it with."""
+    task = load_task("ioi", model.tokenizer, 8, seed=0)
+    config = PruningConfig(target_sparsity=0.8, steps=6, batch_size=4, max_extra_steps=0)
+    with pytest.raises(KeyboardInterrupt):
+        prune(model, task, config, run_dir=run_dir, checkpoint_every=1,
+              on_step=lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None)
+    payload = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    fingerprint = json.loads(payload["fingerprint"])
+    del fingerprint[setting]
+    payload["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
+    torch.save(payload, run_dir / "checkpoint.pt")
+    return task, config
+
+
 def test_resume_accepts_a_checkpoint_older_than_a_setting_left_at_its_default(tiny_gpt2, tmp_path):
     """A checkpoint written before a setting existed lacks it: the run used what is now its default, so a
     resumption at the default goes on; at another value it is refused, naming the setting."""
     from dataclasses import replace
 
-    task = load_task("ioi", tiny_gpt2.tokenizer, 8, seed=0)
-    config = PruningConfig(target_sparsity=0.8, steps=6, batch_size=4, max_extra_steps=0)
-    with pytest.raises(KeyboardInterrupt):
-        prune(tiny_gpt2, task, config, run_dir=tmp_path, checkpoint_every=1,
-              on_step=lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None)
-    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    fingerprint = json.loads(payload["fingerprint"])
-    del fingerprint["converge_tolerance"]  # as if written before the setting was added
-    payload["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
-    torch.save(payload, tmp_path / "checkpoint.pt")
+    task, config = _checkpoint_without(tiny_gpt2, tmp_path, "converge_tolerance")
     with pytest.raises(hap.HapError, match="converge_tolerance"):
         prune(tiny_gpt2, task, replace(config, converge_tolerance=0.01), run_dir=tmp_path, resume=True)
     resumed = prune(tiny_gpt2, task, config, run_dir=tmp_path, resume=True)
@@ -431,16 +438,7 @@ def test_hap_holds_its_warming_target_by_default_and_ep_keeps_the_published_sche
 def test_a_hap_checkpoint_from_before_the_held_warm_up_names_the_flag_that_resumes_it(tiny_gpt2, tmp_path):
     from dataclasses import replace
 
-    task = load_task("ioi", tiny_gpt2.tokenizer, 8, seed=0)
-    config = PruningConfig(target_sparsity=0.8, steps=6, batch_size=4, max_extra_steps=0)
-    with pytest.raises(KeyboardInterrupt):
-        prune(tiny_gpt2, task, config, run_dir=tmp_path, checkpoint_every=1,
-              on_step=lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None)
-    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    fingerprint = json.loads(payload["fingerprint"])
-    del fingerprint["project_during_warmup"]  # written before the setting existed: the run did not project
-    payload["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
-    torch.save(payload, tmp_path / "checkpoint.pt")
+    task, config = _checkpoint_without(tiny_gpt2, tmp_path, "project_during_warmup")
     with pytest.raises(hap.HapError, match="--no-project-warmup"):
         prune(tiny_gpt2, task, replace(config, project_during_warmup=True), run_dir=tmp_path, resume=True)
     assert prune(tiny_gpt2, task, config, run_dir=tmp_path, resume=True).steps == 6

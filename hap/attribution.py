@@ -99,25 +99,45 @@ class AttributionConfig:
         return values
 
 
+# Layers whose probes share one score product (see _probe_scores): more layers, fewer passes over the
+# sources' differences, at the cost of products over rows downstream of a probe's block (left out after).
+SCORE_CHUNK_LAYERS = 4
+
+
 def _probe_scores(graph: Graph, differences: Tensor, probes, positions: Tensor, scores: Tensor, weight: float,
                   kv_per_head: Tensor | None = None) -> None:
     """scores[s, r] += weight * sum over b, t, d of (z~_s - z_s) * dL/d(input_r). A per-head k/v probe's
     rows add to their group's reader (the heads' gradients sum to the group's) and to ``kv_per_head``
-    [S, L, H, 2] (k, v) at their head."""
+    [S, L, H, 2] (k, v) at their head.
+
+    The probes of ``SCORE_CHUNK_LAYERS`` consecutive layers share one matrix product over the sources
+    upstream of the last of them (a product per probe would read those rows once per probe, a few
+    readers at a time: memory-bound); each probe then keeps the rows upstream of its own block."""
     rows = torch.arange(differences.shape[1], device=differences.device)
+    groups: list[list] = []
     for probe in probes:
         block = int(graph.reader_block[probe.readers[0]])
-        upstream = graph.sources_of_block(block - 1).stop if block > 0 else 0
-        diff = differences[:upstream]
-        if probe.tensor.shape[2] == 1 and differences.shape[2] != 1:  # logits read at answer positions only
+        at_answer = probe.tensor.shape[2] == 1 and differences.shape[2] != 1  # the logits, read at answers
+        chunk = -1 if at_answer else (block - 1) // (2 * SCORE_CHUNK_LAYERS)
+        if groups and not at_answer and groups[-1][0][2] == chunk:
+            groups[-1].append((probe, block, chunk))
+        else:
+            groups.append([(probe, block, chunk)])
+    for group in groups:
+        upstream = [graph.sources_of_block(block - 1).stop if block > 0 else 0 for _, block, _ in group]
+        diff = differences[: max(upstream)]
+        if group[0][2] == -1:
             diff = diff[:, rows, positions][:, :, None]
-        grad = probe.tensor.grad
-        part = weight * (diff.reshape(len(diff), -1) @ grad.reshape(len(grad), -1).transpose(0, 1)).float().cpu()
-        readers = probe.readers.cpu()
-        scores[:upstream].index_add_(1, readers, part)  # index_add: a group's reader repeats once per head
-        if probe.heads is not None and kv_per_head is not None:
-            layer, port = (int(graph.reader_block[readers[0]]) - 1) // 2, _kv_port(graph, int(readers[0]))
-            kv_per_head[:upstream, layer, probe.heads.cpu(), port] += part
+        grads = [probe.tensor.grad.reshape(len(probe.readers), -1) for probe, _, _ in group]
+        together = grads[0] if len(grads) == 1 else torch.cat(grads)
+        product = weight * (diff.reshape(len(diff), -1) @ together.transpose(0, 1)).float().cpu()
+        for (probe, _, _), part, up in zip(group, product.split([len(g) for g in grads], 1), upstream):
+            part = part[:up]
+            readers = probe.readers.cpu()
+            scores[:up].index_add_(1, readers, part)  # index_add: a group's reader repeats once per head
+            if probe.heads is not None and kv_per_head is not None:
+                layer, port = (int(graph.reader_block[readers[0]]) - 1) // 2, _kv_port(graph, int(readers[0]))
+                kv_per_head[:up, layer, probe.heads.cpu(), port] += part
 
 
 def _kv_port(graph: Graph, reader: int) -> int:

@@ -18,7 +18,9 @@ def linear():
     return linear_model()
 
 
-def test_eap_equals_exact_on_a_linear_model(linear):
+@pytest.mark.parametrize("chunk_layers", [1, 4])  # one score product per layer's probes, or all at once
+def test_eap_equals_exact_on_a_linear_model(linear, chunk_layers, monkeypatch):
+    monkeypatch.setattr("hap.attribution.SCORE_CHUNK_LAYERS", chunk_layers)
     task = load_task("ioi", linear.tokenizer, 6, seed=1)
     graph = hap.Graph.from_model(linear)
     eap = attribute(linear, task, "eap", AttributionConfig(batch_size=4)).values

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UnsupportedArchitectureError
+from .normed import rms_normed_projection, rms_parameters
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class ModelAdapter:
 
     def __init__(self, hf_model: torch.nn.Module) -> None:
         self.hf_model = hf_model
+        self._rms_found: dict[tuple, tuple[Tensor, float] | None] = {}  # _rms_parameters' answers
 
     # -- family-specific blocks -------------------------------------------
     def prepare(self, input_ids: Tensor) -> RunContext:
@@ -192,19 +194,42 @@ class ModelAdapter:
     def queries(self, layer: int, x: Tensor, ctx: RunContext, heads: Tensor | None = None) -> Tensor:
         """Queries [B, n', T, K] of the selected heads from reader inputs x [n|1, B, T, D]."""
         w = self.attention[layer]
-        q = _normed_projection(w.norm(x), w.w_q, w.b_q, heads, w.q_norm, w.qk_norm_spans_heads)
+        q = self._reader_projection(layer, x, w.w_q, w.b_q, heads, w.q_norm)
         return self._rope(q, ctx, layer)
 
     def keys(self, layer: int, x: Tensor, ctx: RunContext, groups: Tensor | None = None) -> Tensor:
         """Keys [B, n', T, K] of the selected key/value groups."""
         w = self.attention[layer]
-        k = _normed_projection(w.norm(x), w.w_k, w.b_k, groups, w.k_norm, w.qk_norm_spans_heads)
+        k = self._reader_projection(layer, x, w.w_k, w.b_k, groups, w.k_norm)
         return self._rope(k, ctx, layer)
 
     def values(self, layer: int, x: Tensor, ctx: RunContext, groups: Tensor | None = None) -> Tensor:
         """Values [B, n', T, K] of the selected key/value groups."""
         w = self.attention[layer]
-        return _project(w.norm(x), w.w_v, w.b_v, groups)
+        return self._reader_projection(layer, x, w.w_v, w.b_v, groups, None)
+
+    def _reader_projection(self, layer: int, x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor | None,
+                           head_norm: Callable[[Tensor], Tensor] | None) -> Tensor:
+        """The layer's norm of reader inputs x [n|1, B, T, D], projected onto the selected heads of ``weight``
+        [D, H, K], then ``head_norm`` (a q/k norm): [B, n', T, K]. An RMS norm runs fused with the
+        projection (``hap.models.normed``); any other norm through its module."""
+        w = self.attention[layer]
+        rms = self._rms_parameters(layer, x)
+        if rms is None or (head_norm is not None and w.qk_norm_spans_heads):
+            return _normed_projection(w.norm(x), weight, bias, index, head_norm, w.qk_norm_spans_heads)
+        if index is not None:
+            weight = weight.index_select(1, index)
+            bias = bias.index_select(0, index) if bias is not None else None
+        out = rms_normed_projection(x, *rms, weight, bias)
+        return head_norm(out) if head_norm is not None else out
+
+    def _rms_parameters(self, layer: int, x: Tensor) -> tuple[Tensor, float] | None:
+        """The gain and eps of the layer's attention norm if it is an RMS norm (see ``rms_parameters``),
+        found once per layer, device and dtype."""
+        key = (layer, x.device, x.dtype)
+        if key not in self._rms_found:
+            self._rms_found[key] = rms_parameters(self.attention[layer].norm, x.shape[-1], x.device, x.dtype)
+        return self._rms_found[key]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, ctx: RunContext) -> Tensor:
         """Attention of each head: q, k, v [B, n, T, K] -> mixed values [B, n, T, K].

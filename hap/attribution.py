@@ -184,11 +184,13 @@ def _gradient_scores(model: Model, graph: Graph, batch: Batch, config: Attributi
         clean_outputs = outputs if outputs is not None else clean_outputs
     if clean_outputs is None:  # no run was at the clean point
         with torch.no_grad():
-            clean_outputs = trace(model, batch.clean).outputs
-    for probe, total in zip(probes, summed):
-        probe.tensor.grad = total / len(points)
+            clean_outputs = trace(model, batch.clean, logits=False).outputs
+    if len(points) > 1:
+        for probe, total in zip(probes, summed):
+            probe.tensor.grad = total / len(points)
     reference = batch.reference.fit(*batch.clean.shape)  # mean/zero: one reference cut to this batch's width
-    differences = reference.outputs.expand(-1, len(batch.clean), -1, -1) - clean_outputs
+    # in place: the run's record is this function's own
+    differences = torch.sub(reference.outputs.expand_as(clean_outputs), clean_outputs, out=clean_outputs)
     _probe_scores(graph, differences, probes, batch.positions, scores, weight, kv_per_head)
 
 

@@ -22,7 +22,7 @@ from .run_parts import Probing
 class Trace:
     """One plain forward pass, cut at the sources.
 
-    ``outputs`` [S, B, T, D]: what every source wrote; ``block_inputs``
+    ``outputs`` [S, B, T, D]: what every source wrote (without gradient); ``block_inputs``
     [n_blocks, B, T, D]: the residual each block's readers read (index 0, the
     embedding, reads nothing and is zero); ``logits`` [B, T, V] (None when not
     asked for); ``mixed`` [L, B, H, T, K]: each layer's attention values before
@@ -103,7 +103,14 @@ def plain_run(
 
     x, _ = scaled(0, adapter.embed(ctx)[None])
     x = x[0]
-    outputs = [x[None]]
+    # what every source writes, written in place as the run goes (no gradient: every caller reads it as data)
+    recorded = x.new_empty(1 + layout.n_layers * (layout.n_heads + 1), *x.shape) if record else None
+
+    def keep(first: int, values: Tensor) -> None:
+        if recorded is not None:
+            recorded[first : first + len(values)] = values.detach()
+
+    keep(0, x[None])
     block_inputs = [torch.zeros_like(x)]
     kept_mixed = []
     for layer in range(layout.n_layers):
@@ -127,7 +134,7 @@ def plain_run(
         beside = x  # what a parallel MLP reads: the residual before this layer's attention
         if record or scaling:
             heads, interpolated = scaled(first_head, adapter.head_outputs(layer, mixed))
-            outputs.append(heads)
+            keep(first_head, heads)
             x = x + (heads.sum(0) if interpolated else adapter.layer_output(layer, mixed))
         else:
             x = x + adapter.layer_output(layer, mixed)
@@ -135,7 +142,7 @@ def plain_run(
         block_inputs.append(mlp_input)
         mlp, _ = scaled(first_head + layout.n_heads,
                         adapter.mlp(layer, read(mlp_input, first_reader + per_layer - 1, 1)[0])[None])
-        outputs.append(mlp)
+        keep(first_head + layout.n_heads, mlp)
         x = x + mlp[0]
     block_inputs.append(x)
     logits = None
@@ -148,4 +155,4 @@ def plain_run(
             logits = logits[:, 0]
     if not record:
         return Trace(x.new_zeros(0), x.new_zeros(0), logits)
-    return Trace(torch.cat(outputs), torch.stack(block_inputs), logits, torch.stack(kept_mixed) if keep_mixed else None)
+    return Trace(recorded, torch.stack(block_inputs), logits, torch.stack(kept_mixed) if keep_mixed else None)

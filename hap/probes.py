@@ -49,6 +49,20 @@ def interpolate(reference: Tensor, computed: Tensor, scale: Tensor) -> Tensor:
     return computed + (mixed - computed).detach()
 
 
+class _SharedRead(torch.autograd.Function):
+    """One input x [1, B, T, D] read by n readers, each with its probe [n, B, T, D] of zeros: x + probe in
+    value, returned as a stride-0 expansion of x (no copy; ``hap.models.normed`` then norms and projects it
+    once). Backward: each probe gets its reader's gradient, x their sum."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, probe: Tensor) -> Tensor:
+        return x.expand(probe.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.sum(0, keepdim=True), grad
+
+
 class ReaderProbes(Probing):
     """The probes of one run (``probes``, in the order the readers were read) and its interpolated sources.
 
@@ -64,8 +78,12 @@ class ReaderProbes(Probing):
 
     def read(self, x: Tensor, readers: Tensor, heads: Tensor | None = None) -> Tensor:
         """The inputs x [1|n, B, T, D] of ``readers`` [n] plus a new probe [n, B, T, D]."""
-        probe = torch.zeros((len(readers), *x.shape[1:]), device=self.device, dtype=x.dtype, requires_grad=True)
+        # zeros without a buffer (a stride-0 expansion of one zero); its gradient is a full tensor
+        shape = (len(readers), *x.shape[1:])
+        probe = torch.zeros((), device=self.device, dtype=x.dtype).expand(shape).requires_grad_(True)
         self.probes.append(Probe(readers, probe, heads))
+        if x.shape[0] == 1 and len(readers) > 1:
+            return _SharedRead.apply(x, probe)
         return x + probe
 
     def interpolates(self, sources: slice) -> bool:

@@ -7,6 +7,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import hap
 from hap.models.normed import rms_normed_projection, rms_parameters
+from hap.probes import ReaderProbes
 
 WIDTH, HEADS, HEAD_WIDTH = 12, 3, 4
 
@@ -76,3 +77,26 @@ def test_a_llama_model_reads_through_the_fused_path_and_matches_its_own_forward(
     with torch.no_grad():
         expected = tiny_llama.hf_model(ids).logits
     assert torch.allclose(logits, expected, atol=1e-4)
+
+
+def test_probed_copies_of_one_input_give_each_reader_its_own_gradient(monkeypatch):
+    # Attribution's plain run: n readers read one residual, each with a zero probe; the copies are a stride-0
+    # expansion (hap.probes), normed and projected once. Twin: the copies materialised (x + probe).
+    monkeypatch.setattr("hap.models.normed.FUSED_DTYPES", (torch.float64,))
+    generator = torch.Generator().manual_seed(2)
+    norm = _norm("llama")
+    weight = torch.randn(WIDTH, HEADS, HEAD_WIDTH, generator=generator, dtype=torch.float64)
+    x = torch.randn(1, 2, 5, WIDTH, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(2, HEADS, 5, HEAD_WIDTH, generator=generator, dtype=torch.float64)
+    parameters = rms_parameters(norm, WIDTH, x.device, x.dtype)
+    grads = []
+    for shared in (True, False):
+        probes = ReaderProbes(torch.device("cpu"))
+        base = x.clone().requires_grad_(True)
+        read = probes.read(base, torch.arange(HEADS)) if shared else base + probes.read(x * 0, torch.arange(HEADS))
+        assert (read.stride(0) == 0) == shared
+        (rms_normed_projection(read, *parameters, weight, None) * upstream).sum().backward()
+        grads.append((base.grad, probes.probes[-1].tensor.grad))
+    (fast_input, fast_probe), (slow_input, slow_probe) = grads
+    assert float(slow_probe.abs().max()) > 1e-3 and not torch.allclose(slow_probe[0], slow_probe[1])
+    assert torch.allclose(fast_probe, slow_probe, atol=1e-12) and torch.allclose(fast_input, slow_input, atol=1e-12)

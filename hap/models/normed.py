@@ -54,16 +54,19 @@ def rms_parameters(norm: object, width: int, device: torch.device, dtype: torch.
 
 
 class _RMSNormedProjection(torch.autograd.Function):
-    """x [m, B, T, D] (m = 1: one input shared by every head, m = n: one per head) -> [B, n, T, K]."""
+    """x [m, B, T, D] (m = 1: one input shared by every head, m = n: one per head) -> [B, n, T, K]. Copies
+    of one input as a stride-0 expansion (probed readers, ``hap.probes``) are normed and projected once;
+    their gradient is still one per head."""
 
     @staticmethod
     def forward(ctx, x: Tensor, gain: Tensor, eps: float, weight: Tensor) -> Tensor:
         folded = weight * gain[:, None, None]  # [D, n, K]
         width = x.shape[-1]
         accumulate = torch.promote_types(x.dtype, torch.float32)
-        squares = torch.linalg.vector_norm(x, dim=-1, dtype=accumulate).square()
-        scale = torch.rsqrt(squares / width + eps).to(x.dtype)  # [m, B, T]
-        if x.shape[0] == 1:
+        shared = x.shape[0] == 1 or x.stride(0) == 0  # one input, or copies of it (a stride-0 expansion)
+        squares = torch.linalg.vector_norm(x[:1] if shared else x, dim=-1, dtype=accumulate).square()
+        scale = torch.rsqrt(squares / width + eps).to(x.dtype)  # [m, B, T], or [1, B, T] when shared
+        if shared:
             projected = torch.einsum("btd,dhk->bhtk", x[0], folded)
         else:
             projected = torch.einsum("hbtd,dhk->bhtk", x, folded)

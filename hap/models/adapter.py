@@ -212,9 +212,11 @@ class ModelAdapter:
                            head_norm: Callable[[Tensor], Tensor] | None) -> Tensor:
         """The layer's norm of reader inputs x [n|1, B, T, D], projected onto the selected heads of ``weight``
         [D, H, K], then ``head_norm`` (a q/k norm): [B, n', T, K]. An RMS norm runs fused with the
-        projection (``hap.models.normed``); any other norm through its module."""
+        projection (``hap.models.normed``) where the readers have inputs of their own (or probed copies of
+        one); one shared input, and any other norm, through the module, so that the plain run's logits stay
+        Hugging Face's bit for bit."""
         w = self.attention[layer]
-        rms = self._rms_parameters(layer, x)
+        rms = None if x.shape[0] == 1 else self._rms_parameters(layer, x)
         if rms is None or (head_norm is not None and w.qk_norm_spans_heads):
             return _normed_projection(w.norm(x), weight, bias, index, head_norm, w.qk_norm_spans_heads)
         if index is not None:

@@ -6,6 +6,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import hap
+from hap.ablation import run_masked, zero_reference
 from hap.models.normed import rms_normed_projection, rms_parameters
 from hap.probes import ReaderProbes
 
@@ -43,7 +44,7 @@ def test_fused_projection_equals_norm_then_projection_with_its_gradient(kind, sh
     # is float32-rounded too) and the RMS formula written out in float64 with that gain.
     gain, eps = parameters
     assert torch.allclose(gain, (norm.weight + 1) if kind == "gemma" else norm.weight, rtol=1e-6)
-    written_out = lambda v: gain * v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)  # noqa: E731
+    written_out = lambda v: gain * v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
     for twin, tolerance in ((norm, 1e-5), (written_out, 1e-12)):
         fast_x, slow_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         fast = rms_normed_projection(fast_x, *parameters, weight, bias)
@@ -72,7 +73,6 @@ def test_a_llama_model_reads_through_the_fused_path_and_matches_its_own_forward(
     assert rms_parameters(adapter.attention[0].norm, adapter.layout.d_model, tiny_llama.device, tiny_llama.dtype)
     ids = torch.randint(0, adapter.layout.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
     graph = hap.Graph.from_model(tiny_llama)
-    from hap.ablation import zero_reference, run_masked  # noqa: PLC0415
     logits = run_masked(tiny_llama, graph, ids, zero_reference(tiny_llama, graph, 7), torch.ones(graph.real.shape))
     with torch.no_grad():
         expected = tiny_llama.hf_model(ids).logits

@@ -31,8 +31,10 @@ block by block, into a preallocated buffer [C, B, T, D]. At the start of each
 chunk of ``CHUNK_LAYERS`` layers one matrix product forms, for every reader of
 the chunk, the masked sum over the rows written so far; rows written inside
 the chunk are added per block. A custom autograd function reads the buffer
-again in backward and routes gradients to the per-block delta tensors, so no
-copy of the deltas is kept per reader block.
+again in backward and adds the rows' gradients in place into one gradient of
+the buffer, which each per-block delta tensor takes (a view) once every sum
+that read it is done: no copy of the deltas is kept per reader block, and no
+gradient per sum and block is added up.
 
 Three parts of the run plug in from their own modules (``hap.run_parts``):
 ACDC's recorded early blocks (``hap.known_outputs``), PAHQ's reduced-precision
@@ -120,26 +122,57 @@ CHUNK_LAYERS = 4
 GATHER_COST = 32
 
 
+class _DeltaGradients:
+    """The gradient of the run's delta buffer [C, B, T, D]: every masked sum's backward adds its share in
+    place (one fused multiply-add per row and sum, no tensor per piece to add up), and each block's delta
+    tensor takes its rows once every sum that read them is done (``_Written``). Zeros when first needed,
+    and afresh in every backward pass (``retain_graph``, ``torch.autograd.grad`` over part of the graph)."""
+
+    def __init__(self, buffer: Tensor) -> None:
+        self.buffer = buffer
+        self._gradient: Tensor | None = None
+        self._pass: int | None = None
+
+    def rows(self, first: int, n: int) -> Tensor:
+        """The gradient of buffer rows ``first`` .. ``first + n`` in the current backward pass."""
+        current = torch._C._current_graph_task_id()  # as torch.utils.checkpoint tells its passes apart
+        if self._gradient is None or current != self._pass:
+            self._gradient, self._pass = torch.zeros_like(self.buffer), current
+        return self._gradient[first : first + n]
+
+
+class _Written(torch.autograd.Function):
+    """Marks a block's delta tensor (a ``piece``) as written at buffer rows ``first`` on. Its output, an
+    empty token, is an input of every masked sum that reads those rows, so autograd runs this backward
+    after all of theirs; it hands the piece the rows' accumulated gradient (a view, no copy)."""
+
+    @staticmethod
+    def forward(ctx, piece: Tensor, gradients: _DeltaGradients, first: int) -> Tensor:
+        ctx.gradients, ctx.first, ctx.shape = gradients, first, piece.shape
+        return piece.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _token: Tensor):
+        return ctx.gradients.rows(ctx.first, ctx.shape[0]).view(ctx.shape), None, None
+
+
 class _BufferedSum(torch.autograd.Function):
     """Masked sum over rows of the delta buffer: out[n] = sum_u sub[u, n] * region[rows[u]].
 
-    ``region`` [s, B, T*D] is a view of the run's delta buffer, which holds the
-    values of ``pieces`` (the per-block delta tensors, in row order); ``rows``
-    (None: all s) are the rows with a live entry, ``sub`` [u, n] (or per example
-    [B, u, n]) their mask entries; ``wanted`` [u, n] bool (None: all) the
-    entries whose gradient is needed (2-D only). The buffer is written once per
-    row and never rewritten, so backward can read ``region`` again; its gradient
-    is routed back onto ``pieces`` (None for a piece with no row used), which is
-    how gradients reach the sources' computations. No copy of the deltas is
-    kept for backward.
+    ``region`` [s, B, T*D] is rows ``first`` .. of the run's delta buffer, which holds the values of the
+    pieces (the per-block delta tensors); ``rows`` (None: all s) are the rows with a live entry, ``sub``
+    [u, n] (or per example [B, u, n]) their mask entries; ``wanted`` [u, n] bool (None: all) the entries
+    whose gradient is needed (2-D only). ``tokens``: the ``_Written`` tokens of the pieces whose rows
+    the region holds and that need a gradient. The buffer is written once per row and never rewritten,
+    so backward can read ``region`` again; the gradient of the rows is added into ``gradients`` in place,
+    which is how it reaches the sources' computations. No copy of the deltas is kept for backward.
     """
 
     @staticmethod
     def forward(ctx, sub: Tensor, region: Tensor, rows: Tensor | None, wanted: Tensor | None,
-                *pieces: Tensor) -> Tensor:
+                gradients: _DeltaGradients, first: int, *tokens: Tensor) -> Tensor:
         ctx.region, ctx.rows, ctx.wanted = region, rows, wanted  # region not saved: later rows get written
-        ctx.piece_sizes = [piece.shape[0] for piece in pieces]
-        ctx.piece_shapes = [piece.shape for piece in pieces]
+        ctx.gradients, ctx.first = gradients, first
         ctx.save_for_backward(sub)
         data = region if rows is None else region.index_select(0, rows)
         if sub.dim() == 2:
@@ -150,23 +183,27 @@ class _BufferedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (sub,) = ctx.saved_tensors
-        rows = ctx.rows
-        data = ctx.region if rows is None else ctx.region.index_select(0, rows)
+        rows, region = ctx.rows, ctx.region
+        data = region if rows is None else region.index_select(0, rows)
         grad_sub = None
+        to_pieces = any(ctx.needs_input_grad[6:])
+        target = ctx.gradients.rows(ctx.first, region.shape[0]).view(region.shape[0], -1) if to_pieces else None
         if sub.dim() == 2:
             if ctx.needs_input_grad[0]:
                 grad_sub = _mask_gradient(data.flatten(1), grad, ctx.wanted)
-            grad_used = sub @ grad  # [u, B*T*D]
+            if to_pieces and rows is None:
+                target.addmm_(sub, grad)  # [s, B*T*D] += sub [s, n] @ grad [n, B*T*D]
+            elif to_pieces:
+                target.index_add_(0, rows, sub @ grad)
         else:
             batch = sub.shape[0]
             g = grad.view(grad.shape[0], batch, -1).transpose(0, 1)  # [B, n, T*D]
             if ctx.needs_input_grad[0]:
                 grad_sub = data.flatten(2).transpose(0, 1) @ g.transpose(1, 2)
-            grad_used = (sub @ g).transpose(0, 1).contiguous()
-        if rows is None:
-            parts = grad_used.split(ctx.piece_sizes)
-            return (grad_sub, None, None, None, *(part.view(shape) for part, shape in zip(parts, ctx.piece_shapes)))
-        return (grad_sub, None, None, None, *_route_rows(grad_used, rows, ctx.piece_sizes, ctx.piece_shapes))
+            if to_pieces:
+                used = (sub @ g).transpose(0, 1).flatten(1)  # [u, B*T*D]
+                target.add_(used) if rows is None else target.index_add_(0, rows, used)
+        return (grad_sub, None, None, None, None, None, *(None for _ in ctx.needs_input_grad[6:]))
 
 
 def _mask_gradient(data: Tensor, grad: Tensor, wanted: Tensor | None) -> Tensor:
@@ -188,26 +225,6 @@ def _mask_gradient(data: Tensor, grad: Tensor, wanted: Tensor | None) -> Tensor:
     block = part_rows @ part_columns.transpose(0, 1)
     result[rows.to(device)[:, None], columns.to(device)[None, :]] = block
     return result * wanted.to(device=device, dtype=result.dtype)
-
-
-def _route_rows(grad_used: Tensor, rows: Tensor, sizes: list[int], shapes: list) -> list[Tensor | None]:
-    """Gradients of the pieces from those of the used rows [u, ...]: None for a piece with no used row."""
-    out: list[Tensor | None] = []
-    first, taken = 0, 0
-    rows_cpu = rows.cpu()
-    for size, shape in zip(sizes, shapes):
-        n_used = int(((rows_cpu >= first) & (rows_cpu < first + size)).sum())
-        if n_used == 0:
-            out.append(None)
-        elif n_used == size:
-            out.append(grad_used[taken : taken + size].view(shape))
-        else:
-            local = rows[taken : taken + n_used] - first
-            part = grad_used.new_zeros(size, *grad_used.shape[1:]).index_copy_(0, local, grad_used[taken : taken + n_used])
-            out.append(part.view(shape))
-        first += size
-        taken += n_used
-    return out
 
 
 class MaskedRun:
@@ -267,6 +284,8 @@ class MaskedRun:
         self.buffer = torch.empty(len(row_source), self.batch, self.length, model.layout.d_model,
                                   device=self.device, dtype=model.dtype)
         self.pieces: list[Tensor] = []
+        self.tokens: list[Tensor | None] = []  # each piece's ``_Written`` token (None: it needs no gradient)
+        self.gradients = _DeltaGradients(self.buffer)
         self.n_rows = 0
         self.wanted, self.active_heads = self._blocks()
         self.chunk: dict = {"id": None, "rows": 0, "pieces": 0, "sums": {}, "blocks": set()}
@@ -315,6 +334,8 @@ class MaskedRun:
                 values = values.index_put((rows,), ref.subtract(computed, computed_index))
         self.buffer[self.n_rows : self.n_rows + len(index)] = values.detach()
         self.pieces.append(values)
+        grad_wanted = values.requires_grad and torch.is_grad_enabled()
+        self.tokens.append(_Written.apply(values, self.gradients, self.n_rows) if grad_wanted else None)
         self.n_rows += len(index)
 
     def _masked_sum(self, first: int, first_piece: int, readers: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -356,8 +377,9 @@ class MaskedRun:
             sub = sub[0]  # every example alike here (ACDC's copies differ only at the tested reader): one product
         wanted = None if self.grad_rows is None else wanted_entries if rows is None else wanted_entries[used_rows]
         weights = 1 - sub if complement else sub
-        summed = _BufferedSum.apply(weights, self.buffer[first : self.n_rows], rows, wanted,
-                                    *self.pieces[first_piece:]).view(shape)
+        tokens = [token for token in self.tokens[first_piece:] if token is not None]
+        summed = _BufferedSum.apply(weights, self.buffer[first : self.n_rows], rows, wanted, self.gradients, first,
+                                    *tokens).view(shape)
         return readers_used, (total - summed if complement else summed)
 
     def _delta_total(self, first_piece: int) -> Tensor:
@@ -463,19 +485,10 @@ class MaskedRun:
             return
         heads, groups = self.active_heads[block]
         x = self.inputs(block, self.wanted[block])
-        n_heads, n_groups = len(heads), len(groups)
-        if x.shape[0] == 1:  # every wanted reader reads the same base
-            xq = xk = xv = x
-        else:
-            # split, not three slices: its backward is one concatenation, where each slice's gradient would
-            # be a zero-filled tensor of all the readers, added up
-            xq, xk, xv = x.split([n_heads, n_groups, n_groups])
         row_of_group = torch.searchsorted(groups, self.group_of_head[heads])  # each head's group among those computed
         adapter, ctx, dtype = self.precision.computing(block)
-        xq, xk, xv = xq.to(dtype), xk.to(dtype), xv.to(dtype)
-        q = adapter.queries(layer, xq, ctx, heads)
-        k = adapter.keys(layer, xk, ctx, groups).index_select(1, row_of_group)
-        v = adapter.values(layer, xv, ctx, groups).index_select(1, row_of_group)
+        q, k, v = adapter.head_inputs(layer, x.to(dtype), ctx, heads, groups)
+        k, v = k.index_select(1, row_of_group), v.index_select(1, row_of_group)
         computed = adapter.head_outputs(layer, adapter.attend(layer, q, k, v, ctx), heads)
         self.add_deltas(sources, sources.start + heads, computed.to(self.model.dtype))
 

@@ -355,3 +355,52 @@ def test_plain_probe_path_matches_the_masked_one(tiny_model, scaled):
     assert torch.allclose(plain_grads, masked_grads, rtol=1e-4, atol=1e-5)
     assert torch.allclose(plain_out, masked_out, atol=1e-5)
     assert float(plain_grads.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["shared-mask", "per-example"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["every-edge", "sparse-plan"])
+def test_mask_gradients_match_the_slow_twin(tiny_model, chunk_layers, gather_cost, per_example, sparse):
+    # The gradients of the buffer's rows are added up in place across the masked sums and handed to each
+    # block's sources; every mask entry's gradient must equal autograd's through the literal twin.
+    graph = hap.Graph.from_model(tiny_model)
+    clean, corrupted = _batch(tiny_model, 41)
+    reference = interchange_reference(tiny_model, corrupted)
+    generator = torch.Generator().manual_seed(42)
+    live = (torch.rand(graph.real.shape, generator=generator) < 0.3) & graph.real if sparse else graph.real
+    shape = (clean.shape[0], *graph.real.shape) if per_example else graph.real.shape
+    values = torch.rand(shape, generator=generator) * live
+    fast_mask, slow_mask = values.clone().requires_grad_(True), values.clone().requires_grad_(True)
+    plan = ComputePlan.build(graph, live, reference.kind)
+    weights = torch.randn(tiny_model.layout.vocab_size, generator=generator)
+    (run_masked(tiny_model, graph, clean, reference, fast_mask, plan=plan) @ weights).square().mean().backward()
+    (naive_masked_logits(tiny_model, graph, clean, reference.outputs, slow_mask) @ weights).square().mean().backward()
+    on_live = live.expand(shape)
+    assert float(slow_mask.grad[on_live].abs().max()) > 0
+    assert torch.allclose(fast_mask.grad[on_live], slow_mask.grad[on_live], atol=1e-5, rtol=1e-4)
+    assert float(fast_mask.grad[~on_live].abs().sum()) == 0.0
+
+
+def test_each_backward_pass_gets_its_own_gradients(tiny_model):
+    # retain_graph and torch.autograd.grad run several backward passes over one masked run: each starts
+    # from zero (a pass that added onto the last one's buffer gradients would double the earlier edges').
+    graph = hap.Graph.from_model(tiny_model)
+    clean, corrupted = _batch(tiny_model, 43)
+    reference = interchange_reference(tiny_model, corrupted)
+    values = torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(44))
+
+    def first_and_second(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = run_masked(tiny_model, graph, clean, reference, mask)
+        return logits[..., 0].mean(), logits[..., 1].square().mean()
+
+    once = values.clone().requires_grad_(True)
+    first, _ = first_and_second(once)
+    first.backward()
+    twice = values.clone().requires_grad_(True)
+    first, second = first_and_second(twice)
+    first.backward(retain_graph=True)
+    first.backward(retain_graph=True)
+    assert torch.allclose(twice.grad, 2 * once.grad, atol=1e-6)
+    (of_second,) = torch.autograd.grad(second, twice)
+    alone = values.clone().requires_grad_(True)
+    first_and_second(alone)[1].backward()
+    assert torch.allclose(of_second, alone.grad, atol=1e-6)

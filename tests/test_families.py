@@ -159,6 +159,40 @@ def test_masked_run_equals_the_slow_twin_with_compute_skipping(noisy_model, kind
         assert torch.allclose(skipped, slow_skipped, atol=1e-9)
 
 
+def test_head_inputs_project_each_reader_as_if_alone(noisy_model, monkeypatch):
+    # A layer's q, k and v readers, each with its own input, in one call (for an RMS norm: one fused product
+    # for all of them; float64 admitted to the fused path here so that the comparison is exact) against
+    # each reader projected alone through the norm module: values and the inputs' gradients. Hugging Face's
+    # RMS norms compute in float32 even in a float64 model: the two agree to float32 rounding (up to 7e-7).
+    monkeypatch.setattr("hap.models.normed.FUSED_DTYPES", (torch.float32, torch.float64))
+    adapter, layout = noisy_model.adapter, noisy_model.layout
+    monkeypatch.setattr(adapter, "_rms_found", {})
+    clean, _ = verify_prompts(noisy_model)
+    ctx = adapter.prepare(clean)
+    heads = torch.tensor([0, 2, layout.n_heads - 1])
+    groups = torch.unique(torch.tensor([0, layout.n_kv_heads - 1]))
+    n_heads, n_groups = len(heads), len(groups)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(n_heads + 2 * n_groups, *clean.shape, layout.d_model, generator=generator,
+                    dtype=torch.float64).requires_grad_(True)
+    layer = 1
+    fused = adapter.head_inputs(layer, x, ctx, heads, groups)
+    alone = (torch.cat([adapter.queries(layer, x[i : i + 1], ctx, heads[i : i + 1]) for i in range(n_heads)], 1),
+             torch.cat([adapter.keys(layer, x[n_heads + j : n_heads + j + 1], ctx, groups[j : j + 1])
+                        for j in range(n_groups)], 1),
+             torch.cat([adapter.values(layer, x[n_heads + n_groups + j : n_heads + n_groups + j + 1], ctx,
+                                       groups[j : j + 1]) for j in range(n_groups)], 1))
+    upstream = [torch.randn(part.shape, generator=generator, dtype=torch.float64) for part in alone]
+    for got, expected in zip(fused, alone):
+        assert torch.allclose(got, expected, atol=1e-5)
+    (grad_fused,) = torch.autograd.grad(sum((g * u).sum() for g, u in zip(fused, upstream)), x)
+    (grad_alone,) = torch.autograd.grad(sum((g * u).sum() for g, u in zip(alone, upstream)), x)
+    assert torch.allclose(grad_fused, grad_alone, atol=1e-5)
+    rms_norm = noisy_model.hf_model.config.model_type in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2",
+                                                          "gemma3_text", "phi3")
+    assert (adapter._rms_parameters(layer, x) is not None) == rms_norm  # the fused path is really exercised
+
+
 def test_a_layer_type_the_adapter_does_not_model_is_refused(tmp_path):
     tokenizer = tiny_tokenizer()
     config = Qwen2Config(vocab_size=len(tokenizer), **SHAPE)

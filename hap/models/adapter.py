@@ -208,6 +208,34 @@ class ModelAdapter:
         w = self.attention[layer]
         return self._reader_projection(layer, x, w.w_v, w.b_v, groups, None)
 
+    def head_inputs(self, layer: int, x: Tensor, ctx: RunContext, heads: Tensor,
+                    groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries of the selected heads and keys and values of the selected groups, [B, n', T, K] each, from
+        reader inputs x [H' + 2G', B, T, D] (the heads' q readers, then the groups' k, then v) or one shared
+        input [1, B, T, D]: as ``queries``, ``keys`` and ``values`` on the three parts. Where the layer's
+        norm is an RMS norm, the per-reader inputs are normed and projected in one product (and x gets
+        its gradient whole, not as three parts put together again)."""
+        w = self.attention[layer]
+        n_heads, n_groups = len(heads), len(groups)
+        rms = None if x.shape[0] == 1 else self._rms_parameters(layer, x)
+        spanning = w.qk_norm_spans_heads and (w.q_norm is not None or w.k_norm is not None)
+        if rms is None or spanning:
+            xq, xk, xv = (x, x, x) if x.shape[0] == 1 else x.split([n_heads, n_groups, n_groups])
+            return self.queries(layer, xq, ctx, heads), self.keys(layer, xk, ctx, groups), \
+                self.values(layer, xv, ctx, groups)
+        weight = torch.cat([w.w_q.index_select(1, heads), w.w_k.index_select(1, groups),
+                            w.w_v.index_select(1, groups)], dim=1)
+        parts = ((w.b_q, heads), (w.b_k, groups), (w.b_v, groups))
+        bias = None if all(b is None for b, _ in parts) else torch.cat(
+            [weight.new_zeros(len(index), weight.shape[-1]) if b is None else b.index_select(0, index)
+             for b, index in parts])
+        q, k, v = rms_normed_projection(x, *rms, weight, bias).split([n_heads, n_groups, n_groups], dim=1)
+        if w.q_norm is not None:
+            q = w.q_norm(q)
+        if w.k_norm is not None:
+            k = w.k_norm(k)
+        return self._rope(q, ctx, layer), self._rope(k, ctx, layer), v
+
     def _reader_projection(self, layer: int, x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor | None,
                            head_norm: Callable[[Tensor], Tensor] | None) -> Tensor:
         """The layer's norm of reader inputs x [n|1, B, T, D], projected onto the selected heads of ``weight``

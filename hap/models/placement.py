@@ -117,6 +117,13 @@ class PlacedAdapter(ModelAdapter):
         device = self.attention_device(layer)
         return self._back(self.inner.values(layer, self._there(x, device), self._context(ctx, device), _on(groups, device)))
 
+    def head_inputs(self, layer: int, x: Tensor, ctx: RunContext, heads: Tensor,
+                    groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        device = self.attention_device(layer)
+        q, k, v = self.inner.head_inputs(layer, self._there(x, device), self._context(ctx, device),
+                                         _on(heads, device), _on(groups, device))
+        return self._back(q), self._back(k), self._back(v)
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, ctx: RunContext) -> Tensor:
         device = self.attention_device(layer)
         return self._back(self.inner.attend(layer, self._there(q, device), self._there(k, device), self._there(v, device),

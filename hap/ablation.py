@@ -206,6 +206,33 @@ class _BufferedSum(torch.autograd.Function):
         return (grad_sub, None, None, None, None, None, *(None for _ in ctx.needs_input_grad[6:]))
 
 
+class _AnswerSum(torch.autograd.Function):
+    """The ``logits`` reader's masked sum at one position per example: out[b] = sum_u sub[u] *
+    region[rows[u], b, positions[b]], [B, D]; ``sub`` [u] or per example [B, u]. Backward adds the rows'
+    gradient into ``gradients`` at those positions alone (``tokens`` as in ``_BufferedSum``)."""
+
+    @staticmethod
+    def forward(ctx, sub: Tensor, region: Tensor, rows: Tensor, positions: Tensor, gradients: _DeltaGradients,
+                *tokens: Tensor) -> Tensor:
+        examples = torch.arange(region.shape[1], device=region.device)
+        at_answer = region[rows[:, None], examples[None], positions[None]]  # [u, B, D]
+        ctx.save_for_backward(sub, at_answer, rows, examples, positions)
+        ctx.gradients, ctx.n_rows = gradients, region.shape[0]
+        return torch.einsum("ubd,u->bd" if sub.dim() == 1 else "ubd,bu->bd", at_answer, sub)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        sub, at_answer, rows, examples, positions = ctx.saved_tensors
+        grad_sub = None
+        if ctx.needs_input_grad[0]:
+            grad_sub = torch.einsum("ubd,bd->u" if sub.dim() == 1 else "ubd,bd->bu", at_answer, grad)
+        if any(ctx.needs_input_grad[5:]):
+            share = grad[None] * (sub[:, None, None] if sub.dim() == 1 else sub.t()[:, :, None])  # [u, B, D]
+            ctx.gradients.rows(0, ctx.n_rows).index_put_((rows[:, None], examples[None], positions[None]), share,
+                                                         accumulate=True)
+        return (grad_sub, None, None, None, None, *(None for _ in ctx.needs_input_grad[5:]))
+
+
 def _mask_gradient(data: Tensor, grad: Tensor, wanted: Tensor | None) -> Tensor:
     """d(out)/d(sub) = data [u, F] @ grad [n, F]^T, computed only over the rows and columns that hold a
     wanted entry (the rest left 0)."""
@@ -326,7 +353,7 @@ class MaskedRun:
             self.recorded[computed_index] = computed.detach()
         if computed is not None and len(computed_index) == len(index):
             # The usual case (always under interchange): contributing == active.
-            values = ref.subtract(computed, index)
+            values = ref.subtract(computed, sources if len(index) == sources.stop - sources.start else index)
         else:
             values = ref.rows(ref.fixed_outputs[index] - ref.outputs[index]).expand(-1, self.batch, -1, -1)
             if computed is not None:
@@ -503,12 +530,11 @@ class MaskedRun:
         base = self.ref.rows(self.ref.block_inputs[block][None])[0].expand(self.batch, -1, -1)[rows, positions]
         used = self.live_rows[: self.n_rows, -1].nonzero().flatten()
         if len(used):
-            at_answer = torch.cat([piece.expand(-1, self.batch, -1, -1)[:, rows, positions]
-                                   for piece in self.pieces])  # [C, B, D]
             used_device = used.to(self.device)
             sub = self.mask_rows[..., : self.n_rows, -1].index_select(-1, used_device)  # [(B,) u]
-            pattern = "ubd,u->bd" if sub.dim() == 1 else "ubd,bu->bd"
-            base = base + torch.einsum(pattern, at_answer.index_select(0, used_device), sub)
+            tokens = [token for token in self.tokens if token is not None]
+            base = base + _AnswerSum.apply(sub, self.buffer[: self.n_rows], used_device, positions, self.gradients,
+                                           *tokens)
         found = self.early.inputs(logits_reader)
         if found is not None:
             base = base + found[1][0, rows, positions]

@@ -82,10 +82,10 @@ class Reference:
             return values
         return values.repeat(1, self.copies, 1, 1)
 
-    def subtract(self, values: Tensor, sources: Tensor) -> Tensor:
-        """values [n, batch, T, D] minus the reference's outputs of ``sources`` [n], broadcast over copies
-        (nothing repeated)."""
-        reference = self.outputs.index_select(0, sources)
+    def subtract(self, values: Tensor, sources: Tensor | slice) -> Tensor:
+        """values [n, batch, T, D] minus the reference's outputs of ``sources`` ([n] indices, or a slice of
+        n: a view, nothing copied), broadcast over copies (nothing repeated)."""
+        reference = self.outputs[sources] if isinstance(sources, slice) else self.outputs.index_select(0, sources)
         if reference.shape[1] == 1 or self.copies == 1:
             return values - reference
         n, _, length, width = values.shape

@@ -359,7 +359,8 @@ def test_plain_probe_path_matches_the_masked_one(tiny_model, scaled):
 
 @pytest.mark.parametrize("per_example", [False, True], ids=["shared-mask", "per-example"])
 @pytest.mark.parametrize("sparse", [False, True], ids=["every-edge", "sparse-plan"])
-def test_mask_gradients_match_the_slow_twin(tiny_model, chunk_layers, gather_cost, per_example, sparse):
+@pytest.mark.parametrize("at_answer", [False, True], ids=["every-position", "at-answers"])
+def test_mask_gradients_match_the_slow_twin(tiny_model, chunk_layers, gather_cost, per_example, sparse, at_answer):
     # The gradients of the buffer's rows are added up in place across the masked sums and handed to each
     # block's sources; every mask entry's gradient must equal autograd's through the literal twin.
     graph = hap.Graph.from_model(tiny_model)
@@ -372,8 +373,13 @@ def test_mask_gradients_match_the_slow_twin(tiny_model, chunk_layers, gather_cos
     fast_mask, slow_mask = values.clone().requires_grad_(True), values.clone().requires_grad_(True)
     plan = ComputePlan.build(graph, live, reference.kind)
     weights = torch.randn(tiny_model.layout.vocab_size, generator=generator)
-    (run_masked(tiny_model, graph, clean, reference, fast_mask, plan=plan) @ weights).square().mean().backward()
-    (naive_masked_logits(tiny_model, graph, clean, reference.outputs, slow_mask) @ weights).square().mean().backward()
+    positions = torch.tensor([6, 2, 4]) if at_answer else None  # the logits reader's sum at one position each
+    fast = run_masked(tiny_model, graph, clean, reference, fast_mask, plan=plan, positions=positions)
+    slow = naive_masked_logits(tiny_model, graph, clean, reference.outputs, slow_mask)
+    if at_answer:
+        slow = slow[torch.arange(3), positions]
+    (fast @ weights).square().mean().backward()
+    (slow @ weights).square().mean().backward()
     on_live = live.expand(shape)
     assert float(slow_mask.grad[on_live].abs().max()) > 0
     assert torch.allclose(fast_mask.grad[on_live], slow_mask.grad[on_live], atol=1e-5, rtol=1e-4)

@@ -84,7 +84,9 @@ class _RMSNormedProjection(torch.autograd.Function):
             grad_x = torch.einsum("bhtk,dhk->btd", scaled, folded)[None]  # the heads' sum in one product
             through_scale = through_scale.sum(1, keepdim=True)
         else:
-            grad_x = torch.einsum("bhtk,dhk->hbtd", scaled, folded).contiguous()
+            batch, heads, length, width = scaled.shape  # one product per head, written in [n, B, T, D] order
+            grad_x = torch.bmm(scaled.transpose(0, 1).reshape(heads, batch * length, width),
+                               folded.permute(1, 2, 0)).view(heads, batch, length, -1)
         grad_x.addcmul_(x, through_scale.transpose(0, 1)[..., None], value=-1)
         return grad_x, None, None, None
 

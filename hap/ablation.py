@@ -126,34 +126,51 @@ class _DeltaGradients:
     """The gradient of the run's delta buffer [C, B, T, D]: every masked sum's backward adds its share in
     place (one fused multiply-add per row and sum, no tensor per piece to add up), and each block's delta
     tensor takes its rows once every sum that read them is done (``_Written``). Zeros when first needed,
-    and afresh in every backward pass (``retain_graph``, ``torch.autograd.grad`` over part of the graph)."""
+    afresh in every backward pass (``retain_graph``, ``torch.autograd.grad`` over part of the graph), and
+    let go once every piece a sum read has taken its rows (a graph kept alive after its backward, as a
+    training loop's last logits until the next step's replace them, does not keep it)."""
 
     def __init__(self, buffer: Tensor) -> None:
         self.buffer = buffer
         self._gradient: Tensor | None = None
         self._pass: int | None = None
+        self._read: set[int] = set()  # the pieces (by number) whose tokens some sum took
+        self._taken: set[int] = set()  # those that took their rows in this pass
+
+    def read(self, pieces: list[int]) -> None:
+        """Note that a masked sum reads the rows of these pieces."""
+        self._read.update(pieces)
 
     def rows(self, first: int, n: int) -> Tensor:
         """The gradient of buffer rows ``first`` .. ``first + n`` in the current backward pass."""
         current = torch._C._current_graph_task_id()  # as torch.utils.checkpoint tells its passes apart
         if self._gradient is None or current != self._pass:
-            self._gradient, self._pass = torch.zeros_like(self.buffer), current
+            self._gradient, self._pass, self._taken = torch.zeros_like(self.buffer), current, set()
         return self._gradient[first : first + n]
+
+    def take(self, piece: int, first: int, n: int) -> Tensor:
+        """Piece ``piece``'s rows, once every sum that read them is done (the gradient is let go after the
+        last piece: the views handed out keep what they need)."""
+        rows = self.rows(first, n)
+        self._taken.add(piece)
+        if self._taken >= self._read:
+            self._gradient = None
+        return rows
 
 
 class _Written(torch.autograd.Function):
-    """Marks a block's delta tensor (a ``piece``) as written at buffer rows ``first`` on. Its output, an
+    """Marks block delta tensor number ``piece`` as written at buffer rows ``first`` on. Its output, an
     empty token, is an input of every masked sum that reads those rows, so autograd runs this backward
     after all of theirs; it hands the piece the rows' accumulated gradient (a view, no copy)."""
 
     @staticmethod
-    def forward(ctx, piece: Tensor, gradients: _DeltaGradients, first: int) -> Tensor:
-        ctx.gradients, ctx.first, ctx.shape = gradients, first, piece.shape
-        return piece.new_empty(0)
+    def forward(ctx, values: Tensor, gradients: _DeltaGradients, piece: int, first: int) -> Tensor:
+        ctx.gradients, ctx.piece, ctx.first, ctx.shape = gradients, piece, first, values.shape
+        return values.new_empty(0)
 
     @staticmethod
     def backward(ctx, _token: Tensor):
-        return ctx.gradients.rows(ctx.first, ctx.shape[0]).view(ctx.shape), None, None
+        return ctx.gradients.take(ctx.piece, ctx.first, ctx.shape[0]).view(ctx.shape), None, None, None
 
 
 class _BufferedSum(torch.autograd.Function):
@@ -360,9 +377,10 @@ class MaskedRun:
                 rows = torch.searchsorted(index, computed_index)
                 values = values.index_put((rows,), ref.subtract(computed, computed_index))
         self.buffer[self.n_rows : self.n_rows + len(index)] = values.detach()
-        self.pieces.append(values)
         grad_wanted = values.requires_grad and torch.is_grad_enabled()
-        self.tokens.append(_Written.apply(values, self.gradients, self.n_rows) if grad_wanted else None)
+        self.tokens.append(_Written.apply(values, self.gradients, len(self.pieces), self.n_rows) if grad_wanted
+                           else None)
+        self.pieces.append(values)
         self.n_rows += len(index)
 
     def _masked_sum(self, first: int, first_piece: int, readers: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -404,10 +422,17 @@ class MaskedRun:
             sub = sub[0]  # every example alike here (ACDC's copies differ only at the tested reader): one product
         wanted = None if self.grad_rows is None else wanted_entries if rows is None else wanted_entries[used_rows]
         weights = 1 - sub if complement else sub
-        tokens = [token for token in self.tokens[first_piece:] if token is not None]
+        tokens = self._tokens_from(first_piece)
         summed = _BufferedSum.apply(weights, self.buffer[first : self.n_rows], rows, wanted, self.gradients, first,
                                     *tokens).view(shape)
         return readers_used, (total - summed if complement else summed)
+
+    def _tokens_from(self, first_piece: int) -> list[Tensor]:
+        """The ``_Written`` tokens of the pieces from ``first_piece`` on that need a gradient, for a sum that
+        reads their rows."""
+        reading = [piece for piece in range(first_piece, len(self.pieces)) if self.tokens[piece] is not None]
+        self.gradients.read(reading)
+        return [self.tokens[piece] for piece in reading]
 
     def _delta_total(self, first_piece: int) -> Tensor:
         """The sum of every delta written from piece ``first_piece`` on: [B, T, D]."""
@@ -532,7 +557,7 @@ class MaskedRun:
         if len(used):
             used_device = used.to(self.device)
             sub = self.mask_rows[..., : self.n_rows, -1].index_select(-1, used_device)  # [(B,) u]
-            tokens = [token for token in self.tokens if token is not None]
+            tokens = self._tokens_from(0)
             base = base + _AnswerSum.apply(sub, self.buffer[: self.n_rows], used_device, positions, self.gradients,
                                            *tokens)
         found = self.early.inputs(logits_reader)

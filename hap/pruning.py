@@ -500,6 +500,7 @@ def prune(
             if kl_share.requires_grad:  # not when every sampled gate is clamped at 0 or 1
                 kl_share.backward()
             kl = _sum_kl_gradients(ranks, state, kl_share.detach())
+            del logits, kl_share  # their graph holds the run's delta buffer: not kept through the next forward
             penalty.backward()  # the same on every process: added once, after the sum
             loss = kl + penalty.detach()
             state.mask_optimizer.step()

@@ -5,8 +5,8 @@ import torch
 from naive import naive_masked_logits
 
 import hap
-from hap.ablation import (AblationKind, ComputePlan, interchange_reference, mean_reference, run_masked, trace,
-                          zero_reference)
+from hap.ablation import (AblationKind, ComputePlan, MaskedRun, interchange_reference, mean_reference, run_masked,
+                          trace, zero_reference)
 from hap.errors import InvalidMaskError
 from hap.known_outputs import record_outputs
 from hap.models.tiny_vocab import SPECIAL_TOKENS
@@ -410,3 +410,20 @@ def test_each_backward_pass_gets_its_own_gradients(tiny_model):
     alone = values.clone().requires_grad_(True)
     first_and_second(alone)[1].backward()
     assert torch.allclose(of_second, alone.grad, atol=1e-6)
+
+
+def test_the_buffer_gradient_is_let_go_when_backward_is_done(tiny_model):
+    # A graph kept alive after its backward (a training loop's last logits) must not keep a buffer-sized
+    # gradient; one more pass over it (retain_graph) builds it again and gives the same mask gradient.
+    graph = hap.Graph.from_model(tiny_model)
+    clean, corrupted = _batch(tiny_model, 45)
+    reference = interchange_reference(tiny_model, corrupted)
+    mask = torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(46)).requires_grad_(True)
+    run = MaskedRun(tiny_model, graph, clean, reference, mask, ComputePlan.build(graph, None, reference.kind))
+    logits, _ = run.run(None)
+    logits.square().mean().backward(retain_graph=True)
+    assert run.gradients._read and run.gradients._gradient is None
+    first = mask.grad.clone()
+    logits.square().mean().backward()
+    assert run.gradients._gradient is None
+    assert torch.allclose(mask.grad, 2 * first, atol=1e-6)

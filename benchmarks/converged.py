@@ -133,8 +133,13 @@ def retime(args: argparse.Namespace) -> None:
     timing: dict[str, Any] = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     for method in runs:
         snapshots = sorted((out / method / "snapshots").glob("step-*.pt"))
+        borrowed = None
+        if not snapshots and args.snapshots_from:  # the run kept none: another seed's run of the method stands in
+            borrowed = Path(args.snapshots_from) / method / "snapshots"
+            snapshots = sorted(borrowed.glob("step-*.pt"))
         if not snapshots:
-            raise SystemExit(f"{out / method}: no snapshots to re-time (not a pruning run with --snapshot-every?)")
+            raise SystemExit(f"{out / method}: no snapshots to re-time (not a pruning run with --snapshot-every?"
+                             " --snapshots-from OTHER_OUT re-times another seed's run of the method instead)")
         steps, seconds = [], []
         for path in snapshots[:: max(1, len(snapshots) // args.points)]:
             snapshot = torch.load(path, weights_only=True)
@@ -142,6 +147,8 @@ def retime(args: argparse.Namespace) -> None:
             seconds.append(_step_seconds(model, graph, batches, snapshot, args.repeats))
             print(f"{method} step {steps[-1]}: {seconds[-1]:.3f} s/step", flush=True)
         timing[method] = {"steps": steps, "seconds_per_step": seconds}
+        if borrowed is not None:
+            timing[method]["snapshots_from"] = str(borrowed.parent)
     if "hap" in runs:
         circuit = Circuit.load(out / "hap")
         n = circuit.config.get("attribution_examples", 64)
@@ -277,6 +284,10 @@ def report(args: argparse.Namespace) -> None:
     full = rows[0][5]["full_model"]
     lines.append(f"\nFull model on the test split: logit diff {full['logit_diff']:.3f}, accuracy "
                  f"{full['accuracy']:.3f}; EP's final held-out KL (64-example monitor batch) {ep_final:.4f}.")
+    for method in ("hap", "ep", *variants):
+        if "snapshots_from" in timing[method]:
+            lines.append(f"\n{method}: this run kept no snapshots of its masks; its step costs were re-timed from "
+                         f"the snapshots of `{timing[method]['snapshots_from']}` (another seed, same settings).")
     table = "\n".join(lines)
     write_atomically(out / f"table{suffix}.md", table + "\n")
     print(table)
@@ -318,6 +329,9 @@ def main() -> None:
                        help="pruning run folders under --out to re-time (a HAP variant, say hap-margin3, run with "
                             "`hap discover` and the settings of settings.json); merged into --timing. With hap, "
                             "also re-times the attribution of HAP's stage 1 and of EAP-IG")
+    again.add_argument("--snapshots-from", default=None,
+                       help="another seed's --out folder: a run here without snapshots is re-timed from that "
+                            "folder's snapshots of the same method (the report says so)")
     again.add_argument("--timing", default="timing.json",
                        help="file under --out that the re-timing is merged into (another name keeps one run's "
                             "measurements apart from an earlier one's)")

@@ -139,10 +139,14 @@ def test_a_discover_log_is_short_and_keeps_its_numbers(tmp_path):
     lines = _discover(tmp_path)
     stages = [line for line in lines if PROGRESS_LINE.match(line)]
     names = [line.split(":")[0] for line in stages]
-    assert names == ["attribution (eap-ig-inputs)", "pruning", "evaluate (test split)",
-                     "evaluate (train split, in-sample)", "node importance"]  # one line each: fast stages
+    # One line per stage here; on a loaded machine a stage that outlasts the progress interval prints again,
+    # its lines together and the last one its total.
+    in_order = [name for i, name in enumerate(names) if i == 0 or names[i - 1] != name]
+    assert in_order == ["attribution (eap-ig-inputs)", "pruning", "evaluate (test split)",
+                        "evaluate (train split, in-sample)", "node importance"]
+    last_pruning = [line for line in stages if line.startswith("pruning:")][-1]
     assert re.match(r"pruning: 120/120 steps \(100%\), \d\d:\d\d, kl=[\d.]+, sparsity=[\d.]+, test_kl=[\d.]+$",
-                    stages[1])
+                    last_pruning)
     assert len(lines) <= 40  # the bars wrote 150+ before
     assert any(line.startswith("  edges kept") for line in lines)  # the summary
 

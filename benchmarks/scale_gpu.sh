@@ -9,9 +9,10 @@
 #
 # From any directory of a checkout; hap needs no install (the checkout goes on PYTHONPATH). Python: $PYTHON,
 # else the checkout's .venv if its torch sees a GPU, else python3 (a lent GPU machine's, which has torch,
-# transformers and matplotlib). Results: results-cuda.json, results-cuda.md, scale-cuda.png/.svg and
-# scale-cuda.log in $OUT when it is set (a lent machine returns only files written there), else in
-# benchmarks/scale/. The table is printed at the end.
+# transformers and matplotlib). Results: results-cuda.json, results-cuda.md, scale-cuda.png/.svg,
+# scale-cuda.log and device-agreement.log (benchmarks/device_agreement.py, run first) in $OUT when it is
+# set (a lent machine returns only files written there), else in benchmarks/scale/. The table is printed
+# at the end.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${OUT:-$root/benchmarks/scale}
@@ -37,6 +38,10 @@ fi
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+# First, seconds: the masked run on the GPU against the CPU (logits, mask gradients, a second backward pass);
+# a disagreement is reported in device-agreement.log and does not stop the scale curves.
+"$python" "$root/benchmarks/device_agreement.py" --device cuda 2>&1 | tee "$out/device-agreement.log" || true
 
 "$python" "$root/benchmarks/scale.py" --device cuda --dtype bfloat16 --batch-size 8 --steps 3 --out "$out" "$@" \
     2>&1 | tee "$out/scale-cuda.log"

@@ -54,11 +54,12 @@ def main() -> None:
         rows.append({"step": int(snapshot["step"]), "edges": int(kept.sum()), "test_kl": test_numbers["test_kl"],
                      "test_faithfulness": test_numbers["test_faithfulness"], "train_kl": train_numbers["test_kl"]})
         print(json.dumps(rows[-1]), flush=True)
-    lines = [f"{args.run}: the circuit read off each snapshot, on {n} held-out examples (test) and the first {n} "
-             "training examples (train, in-sample)", "",
-             "| step | edges | test KL | train KL (in-sample) | test faithfulness |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['step']} | {r['edges']} | {r['test_kl']:.3f} | {r['train_kl']:.3f} | {r['test_faithfulness']:.3f} |"
-              for r in rows]
+    title = (f"{args.run}: the circuit read off each snapshot, on {n} held-out examples (test) and the first {n} "
+             "training examples (train, in-sample)")
+    lines = [title, "", "| step | edges | test KL | train KL (in-sample) | test faithfulness |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['step']} | {r['edges']} | {r['test_kl']:.3f} | {r['train_kl']:.3f} | "
+              f"{r['test_faithfulness']:.3f} |" for r in rows]
     write_atomically(args.run / "along_the_run.json", json.dumps(rows, indent=1))
     write_atomically(args.run / "along_the_run.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -19,7 +19,13 @@ import sys
 import torch
 
 import hap
-from hap.ablation import AblationKind, ComputePlan, interchange_reference, mean_reference, run_masked
+from hap.ablation import (
+    AblationKind,
+    ComputePlan,
+    interchange_reference,
+    mean_reference,
+    run_masked,
+)
 from hap.models.tiny_vocab import SPECIAL_TOKENS
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 import hap
-from hap.circuit import edges_for_sparsity, prune_dangling, write_atomically
+from hap.circuit import edges_for_sparsity, write_atomically
 from hap.evaluation import HeldOutMonitor
-from hap.pruning import binarize
+from hap.pruning import circuit_of_masks
 from hap.tasks import load_split, task_splits
 
 
@@ -46,9 +46,9 @@ def main() -> None:
     rows = []
     for path in snapshots:
         snapshot = torch.load(path, weights_only=True)
-        chosen = torch.zeros(graph.real.shape, dtype=torch.bool)
-        chosen[snapshot["sources"], snapshot["readers"]] = binarize(snapshot["log_alpha"].float(), n_keep)
-        kept = prune_dangling(graph, chosen)
+        live = torch.zeros(graph.real.shape, dtype=torch.bool)
+        live[snapshot["sources"], snapshot["readers"]] = True
+        kept, _, _ = circuit_of_masks(graph, live, snapshot["log_alpha"], n_keep)  # snapshots keep edge masks only
         with torch.no_grad():
             test_numbers, train_numbers = held_out.measure(model, kept), in_sample.measure(model, kept)
         rows.append({"step": int(snapshot["step"]), "edges": int(kept.sum()), "test_kl": test_numbers["test_kl"],

@@ -578,18 +578,25 @@ def _sum_kl_gradients(ranks: Ranks, state: PruningState, kl_share: Tensor) -> Te
 
 def _circuit_of(graph: Graph, live: Tensor, state: PruningState, config: PruningConfig,
                 n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(kept [S, R] bool without dangling edges, keep probabilities [S, R], binarised [S, R] bool) of the
-    current masks.
+    """``circuit_of_masks`` of the run's current masks."""
+    return circuit_of_masks(graph, live, state.log_alpha, n_keep, config.beta, state.node_log_alpha)
+
+
+def circuit_of_masks(graph: Graph, live: Tensor, log_alpha: Tensor, n_keep: int, beta: float = 2 / 3,
+                     node_log_alpha: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(kept [S, R] bool without dangling edges, keep probabilities [S, R], binarised [S, R] bool) of masks
+    ``log_alpha`` [E] over the ``live`` edges (in their order): what a run, its monitor and a snapshot read
+    off (``benchmarks/along_the_run.py``).
 
     Edges are ranked by log alpha (monotone in the deterministic gate, which is
     clamped at 1 and so ties); with node masks, by the product of edge and node
     keep probabilities. The stored score is that keep probability, in (0, 1).
     """
     with torch.no_grad():
-        keep = gate_keep_probability(state.log_alpha.detach().cpu().float(), config.beta)
-        ranking = state.log_alpha.detach().cpu().float()
-        if state.node_log_alpha is not None:
-            node = gate_keep_probability(state.node_log_alpha.detach().cpu().float(), config.beta)
+        keep = gate_keep_probability(log_alpha.detach().cpu().float(), beta)
+        ranking = log_alpha.detach().cpu().float()
+        if node_log_alpha is not None:
+            node = gate_keep_probability(node_log_alpha.detach().cpu().float(), beta)
             keep = keep * node[live.nonzero(as_tuple=True)[0]]
             ranking = keep.log()
         dense = torch.zeros(graph.real.shape)

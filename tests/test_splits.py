@@ -13,8 +13,8 @@ from hap.circuit import Circuit
 from hap.cli import main
 from hap.errors import DataError
 from hap.models.tiny import tiny_tokenizer
-from hap.tasks import TaskSpec, load_split, task_splits
-from hap.tasks import greater_than, ioi
+from hap.tasks import TaskSpec, load_split, task_splits, validation_split
+from hap.tasks import greater_than, ioi, splits
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,50 @@ def test_greater_than_splits_hold_out_templates_nouns_and_centuries(tok):
             assert _template_of(prompt, greater_than.TEMPLATES) in spec.vocabulary["templates"]
             assert re.search(r"(1\d)$", prompt).group(1) in spec.vocabulary["centuries"]
             assert prompt.split()[1] in spec.vocabulary["nouns"]
+
+
+@pytest.mark.parametrize("task", ["ioi", "greater-than"])
+def test_a_validation_split_is_fresh_training_distribution_and_never_a_training_example(tok, task, monkeypatch):
+    train_spec, test_spec = task_splits(task, tok, 600, 50, seed=2)
+    train, test = load_split(train_spec, tok), load_split(test_spec, tok)
+    validation = validation_split(train_spec, tok, 300)
+    assert len(validation) == 300
+    assert not set(validation.clean_prompts) & set(train.clean_prompts)
+    assert not set(validation.clean_prompts) & set(test.clean_prompts)
+    templates = ioi.TEMPLATES if task == "ioi" else greater_than.TEMPLATES
+    assert {_template_of(p, templates) for p in validation.clean_prompts} <= set(train_spec.vocabulary["templates"])
+    again = validation_split(train_spec, tok, 300)
+    assert again.clean_prompts == validation.clean_prompts
+    assert bool((again.clean_ids == validation.clean_ids).all())
+
+    # A draw that repeats the training examples (offset 0: the training seed itself) leaves nothing fresh.
+    monkeypatch.setattr(splits, "VALIDATION_SEED_OFFSET", 0)
+    with pytest.raises(DataError, match="fresh draws differ from the 600 training examples"):
+        validation_split(train_spec, tok, 300)
+
+
+def test_selected_rows_are_the_rows_slicing_gives(tok):
+    data = load_split(task_splits("ioi", tok, 30, 10, seed=0)[0], tok)
+    picked = data.select([7, 2])
+    for row, i in enumerate([7, 2]):
+        one = data.slice(i, i + 1)
+        assert picked.clean_prompts[row] == one.clean_prompts[0]
+        width = int(one.lengths[0])
+        assert bool((picked.clean_ids[row, :width] == one.clean_ids[0, :width]).all())
+        assert bool((picked.corrupted_ids[row, :width] == one.corrupted_ids[0, :width]).all())
+        assert int(picked.answer_ids[row]) == int(one.answer_ids[0])
+        assert {k: int(v[row]) for k, v in picked.named().items()} == {k: int(v[0]) for k, v in one.named().items()}
+    with pytest.raises(DataError, match="row numbers"):
+        data.select([30])
+
+
+def test_a_file_task_has_no_validation_draw(tok, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"clean": f"a b{i}", "corrupted": f"a c{i}", "answer": " x", "wrong": " y"})
+                            + "\n" for i in range(40)))
+    train_spec, _ = task_splits(str(path), tok, 10, 5)
+    with pytest.raises(DataError, match="--test-task or --test-fraction"):
+        validation_split(train_spec, tok, 5)
 
 
 def test_a_recorded_split_rebuilds_the_same_examples(tok):

@@ -7,7 +7,8 @@ program's own inputs (``"tracr-reverse"`` or a compiled directory), or reads
 the path of a ``.jsonl`` file with one ``{"clean", "corrupted", "answer",
 "wrong"}`` object per line. ``task_splits`` makes the disjoint train and test
 splits every circuit is fitted and judged on, and ``load_split`` rebuilds one
-from its recorded ``TaskSpec``.
+from its recorded ``TaskSpec``; ``validation_split`` draws fresh examples of a
+built-in task's training distribution for choosing settings without the test split.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .greater_than import YearScheme, greater_than_task, year_tokens
 from .ioi import ioi_task
 from .program import is_program_task, program_task
 from .splits import BUILT_IN as BUILT_IN_TASKS
-from .splits import DEFAULT_TEST_FRACTION, TaskSpec, load_split, task_splits
+from .splits import DEFAULT_TEST_FRACTION, TaskSpec, load_split, task_splits, validation_split
 
 
 def load_task(name_or_path: str, tokenizer: PreTrainedTokenizerBase, n_examples: int, seed: int = 0,
@@ -63,6 +64,7 @@ __all__ = [
     "TaskSpec",
     "load_split",
     "task_splits",
+    "validation_split",
     "Metric",
     "TaskData",
     "default_prefix",

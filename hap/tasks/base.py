@@ -118,14 +118,24 @@ class TaskData:
 
     def slice(self, start: int, stop: int) -> TaskData:
         """Examples ``start`` to ``stop`` (exclusive), trimmed to their own longest row."""
-        rows = slice(start, stop)
         if start >= stop or start >= len(self):
             raise DataError(f"task {self.name!r}: no examples in [{start}, {stop})")
+        return self._rows(slice(start, stop))
+
+    def select(self, indices: Sequence[int]) -> TaskData:
+        """The examples at ``indices`` (in that order), trimmed to their own longest row."""
+        if not indices or not all(0 <= i < len(self) for i in indices):
+            raise DataError(f"task {self.name!r}: select needs row numbers in [0, {len(self)}), got {list(indices)[:8]}")
+        return self._rows(torch.tensor(list(indices), dtype=torch.long))
+
+    def _rows(self, rows: slice | Tensor) -> TaskData:
         width = int(self.lengths[rows].max())
+        pick = (lambda items: items[rows]) if isinstance(rows, slice) else \
+            (lambda items: [items[i] for i in rows.tolist()])
         return replace(
             self,
-            clean_prompts=self.clean_prompts[rows],
-            corrupted_prompts=self.corrupted_prompts[rows],
+            clean_prompts=pick(self.clean_prompts),
+            corrupted_prompts=pick(self.corrupted_prompts),
             clean_ids=self.clean_ids[rows, :width],
             corrupted_ids=self.corrupted_ids[rows, :width],
             lengths=self.lengths[rows],

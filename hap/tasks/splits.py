@@ -244,6 +244,31 @@ def load_split(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
     return custom_task(spec.task, tokenizer, spec.n_examples, spec.split, spec.test_fraction, bos=bos)
 
 
+VALIDATION_SEED_OFFSET = 7919  # a validation draw's seed: the training seed plus this (no split's seed is near it)
+
+
+def validation_split(train: TaskSpec, tokenizer: PreTrainedTokenizerBase, n_examples: int) -> TaskData:
+    """``n_examples`` fresh examples of a built-in task's training distribution that the training split does not hold.
+
+    Drawn from the training vocabulary with seed ``train.seed + VALIDATION_SEED_OFFSET``; prompts the
+    training split holds are dropped. For choosing settings (a step budget, a margin) without reading the
+    test split, whose vocabulary is held out of both. A file's or a program's task has no fresh draws:
+    ``DataError``.
+    """
+    check_n_examples(n_examples)
+    if train.task not in BUILT_IN or train.split != "train":
+        raise DataError(f"{train.task} ({train.split} split): a validation split is drawn afresh from a built-in "
+                        f"task's training split ({', '.join(BUILT_IN)}); for a file, hold examples out of it "
+                        "with --test-task or --test-fraction instead")
+    seen = set(load_split(train, tokenizer).clean_prompts)
+    draw = load_split(replace(train, seed=train.seed + VALIDATION_SEED_OFFSET, n_examples=2 * n_examples), tokenizer)
+    fresh = [i for i, prompt in enumerate(draw.clean_prompts) if prompt not in seen][:n_examples]
+    if len(fresh) < n_examples:
+        raise DataError(f"{train.task}: only {len(fresh)} of {2 * n_examples} fresh draws differ from the "
+                        f"{train.n_examples} training examples; ask for fewer validation examples")
+    return draw.select(fresh)
+
+
 def with_examples(spec: TaskSpec, n_examples: int) -> TaskSpec:
     """The same split with another number of examples (the first ``n_examples`` of the same draw)."""
     return replace(spec, n_examples=n_examples)

@@ -20,7 +20,9 @@ The wall-clock seconds logged by a run that shares the machine are inflated by w
 sparsify), and re-times HAP's attribution stage; ``time --runs hap,ep,NAME`` also re-times a HAP
 variant run into ``NAME/`` with ``hap discover`` and these settings (say, another ``--candidates``),
 whose stage 1 counts HAP's seconds. ``report`` draws held-out KL against those seconds and writes the
-table (``table.md``; ``summary.json`` for comparison.py), with a row per re-timed variant.
+table (``table.md``; ``summary.json`` for comparison.py), with a row per re-timed variant; ``report
+--stop-at 450`` adds HAP's run cut at step 450 (row ``hap@450``: the circuit of that step's snapshot on
+the whole test split, from ``along_the_run.py``, and the seconds to there).
 
     python benchmarks/converged.py run    --out benchmarks/converged/ioi --task ioi
     python benchmarks/converged.py time   --out benchmarks/converged/ioi
@@ -264,6 +266,20 @@ def report(args: argparse.Namespace) -> None:
             steps = circuit.config.get("steps_done")
         rows.append((method, steps, reached, stayed, total, test, train,
                      circuit.config.get("final_expected_sparsity")))
+    for stop in args.stop_at:  # HAP's run stopped at a snapshot step: its circuit there, its seconds to there
+        along_path = out / "hap" / "along_the_run.json"
+        along = {row["step"]: row for row in json.loads(along_path.read_text())} if along_path.is_file() else {}
+        if stop not in along:
+            raise SystemExit(f"--stop-at {stop}: {along_path} has no row for that step; run "
+                             f"benchmarks/along_the_run.py {out / 'hap'} (snapshot steps: {sorted(along)})")
+        name = f"hap@{stop}"
+        shown = sum(1 for r in read_train_log(out / "hap" / "train_log.jsonl") if "test_kl" in r and r["step"] <= stop)
+        curves[name] = tuple(values[:shown] for values in curves["hap"])
+        total = timing["hap"].get("attribution_seconds", 0.0) + _seconds_at(timing["hap"], [stop])[0]
+        test = {"kl": along[stop]["test_kl"], "faithfulness": along[stop]["test_faithfulness"], "accuracy": None,
+                "logit_diff": None}
+        rows.append((name, stop, reach(name), stay(name), total, test,
+                     {"faithfulness": along[stop].get("train_faithfulness")}, None))
     ep_reach, ep_stay = rows[0][2], rows[0][3]
     lines = ["| method | steps | seconds to reach ≤ 1.1 × EP's final held-out KL | speed-up vs EP | "
              "seconds from which it stays there | speed-up vs EP | total seconds | "
@@ -274,8 +290,9 @@ def report(args: argparse.Namespace) -> None:
         settled_speed = f"{ep_stay / stayed:.2f}" if stayed and ep_stay else "n/a"
         lines.append(
             f"| {method} | {steps} | {_fmt(reached)} | {speed} | {_fmt(stayed)} | {settled_speed} | {_fmt(total)} | "
-            f"{test['kl']:.3f} | {test['logit_diff']:.3f} | {test['accuracy']:.3f} | {test['faithfulness']:.3f} | "
-            f"{train.get('faithfulness', float('nan')):.3f} | {'n/a' if expected is None else f'{expected:.4f}'} |")
+            f"{test['kl']:.3f} | {_number(test['logit_diff'])} | {_number(test['accuracy'])} | "
+            f"{test['faithfulness']:.3f} | {_number(train.get('faithfulness'))} | "
+            f"{'n/a' if expected is None else f'{expected:.4f}'} |")
     summary = {method: {"steps": steps, "seconds_to_reach": reached, "seconds_to_stay": stayed,
                         "total_seconds": total, "test": test, "train": train, "final_expected_sparsity": expected}
                for method, steps, reached, stayed, total, test, train, expected in rows}
@@ -284,6 +301,11 @@ def report(args: argparse.Namespace) -> None:
     full = rows[0][5]["full_model"]
     lines.append(f"\nFull model on the test split: logit diff {full['logit_diff']:.3f}, accuracy "
                  f"{full['accuracy']:.3f}; EP's final held-out KL (64-example monitor batch) {ep_final:.4f}.")
+    for stop in args.stop_at:
+        lines.append(f"\nhap@{stop}: HAP's run stopped at step {stop} (of {settings['hap_steps']}: the same schedule, "
+                     "cut there); its test numbers are the circuit read off that step's snapshot on all the test "
+                     "examples (`hap/along_the_run.json`), its seconds the attribution and the re-timed steps to "
+                     "there.")
     for method in ("hap", "ep", *variants):
         if "snapshots_from" in timing[method]:
             lines.append(f"\n{method}: this run kept no snapshots of its masks; its step costs were re-timed from "
@@ -291,6 +313,10 @@ def report(args: argparse.Namespace) -> None:
     table = "\n".join(lines)
     write_atomically(out / f"table{suffix}.md", table + "\n")
     print(table)
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def _fmt(seconds: float | None) -> str:
@@ -341,6 +367,9 @@ def main() -> None:
     summary.add_argument("--timing", default="timing.json",
                          help="re-timing to report; any other than timing.json writes table-, summary- and "
                               "test_kl_vs_seconds- files suffixed with its name")
+    summary.add_argument("--stop-at", type=int, action="append", default=[],
+                         help="also report HAP's run stopped at this snapshot step (a budget chosen on the "
+                              "validation split, say): row hap@STEP (needs hap/along_the_run.json); repeatable")
     summary.set_defaults(run=report)
     args = parser.parse_args()
     args.run(args)

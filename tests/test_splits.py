@@ -147,7 +147,7 @@ def _rows(n: int, offset: int = 0) -> list[dict[str, str]]:
     names = ioi.NAMES
     return [{"clean": f"When {names[(i + offset) % 40]} and {names[(i + offset + 1) % 40]} went out , "
                       f"{names[(i + offset + 1) % 40]} gave it to",
-             "corrupted": f"When Anna and Kate went out , Ruth gave it to",
+             "corrupted": "When Anna and Kate went out , Ruth gave it to",
              "answer": f" {names[(i + offset) % 40]}", "wrong": f" {names[(i + offset + 1) % 40]}"}
             for i in range(n)]
 

@@ -194,7 +194,8 @@ class Circuit:
         """The ``hap-circuit/4`` document (EAP-IG / MIB names for edges and nodes)."""
         graph = self.graph()
         sources, readers = graph.real.nonzero(as_tuple=True)
-        scores = graph.scores[sources, readers].tolist()
+        # float32 scores: 9 significant digits give each one back exactly, in about half the characters
+        scores = [float(f"{score:.9g}") for score in graph.scores[sources, readers].tolist()]
         kept = graph.in_graph[sources, readers].tolist()
         edges = {
             f"{graph.source_names[s]}->{graph.reader_names[r]}": {"score": score, "in_graph": keep}
@@ -253,8 +254,8 @@ class Circuit:
         return circuit_html(self)
 
     def save(self, path: str | Path) -> Path:
-        """Write ``circuit.json`` atomically; returns the path."""
-        write_atomically(path, json.dumps(self.to_dict()))
+        """Write ``circuit.json`` atomically (compact JSON); returns the path."""
+        write_atomically(path, json.dumps(self.to_dict(), separators=(",", ":")))
         return Path(path)
 
     def check_fits(self, layout: Layout, source: str = "the circuit") -> None:

@@ -98,6 +98,17 @@ def test_circuit_file_round_trip_and_refusals(tiny_llama, ioi_tiny, tmp_path):
         Circuit.load(tmp_path / "old.json")
 
 
+def test_a_saved_circuit_gives_back_every_float32_score_exactly(tiny_gpt2, tmp_path):
+    graph = hap.Graph.from_model(tiny_gpt2)
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randn(graph.real.shape, generator=generator) * 10.0 ** torch.randint(-30, 30, graph.real.shape,
+                                                                                          generator=generator)
+    values = values.float() * graph.real
+    circuit = Scores("tiny-gpt2", "ioi", "eap", tiny_gpt2.layout, values).top(10)
+    again = Circuit.load(circuit.save(tmp_path / "circuit.json"))
+    assert torch.equal(again.scores, circuit.scores.float())
+
+
 def test_scores_select_by_sparsity(tiny_gpt2):
     graph = hap.Graph.from_model(tiny_gpt2)
     values = torch.rand(graph.real.shape, generator=torch.Generator().manual_seed(0)) * graph.real

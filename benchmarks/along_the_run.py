@@ -7,8 +7,9 @@ sees where the held-out KL stops improving while the training KL still falls. A 
 draws of the training distribution that no run fitted on) is measured too, so a step budget can be chosen
 without reading the test split.
 
-Reads ``settings.json`` of the ``converged.py`` folder the run is in; writes ``along_the_run.json`` and
-``along_the_run.md`` into the run's folder.
+Reads ``settings.json`` of the ``converged.py`` folder the run is in; writes ``along_the_run.json`` (after
+every snapshot: an interrupted run resumes, skipping the snapshots whose asked-for columns are there;
+delete the file to measure again) and ``along_the_run.md`` into the run's folder.
 
     .venv/bin/python benchmarks/along_the_run.py benchmarks/converged/ioi/hap
     .venv/bin/python benchmarks/along_the_run.py benchmarks/converged/ioi/hap --splits validation
@@ -62,18 +63,20 @@ def main() -> None:
     rows = {row["step"]: row for row in (json.loads(out.read_text()) if out.is_file() else [])}
     for path in snapshots:
         snapshot = torch.load(path, weights_only=True)
+        row = rows.setdefault(int(snapshot["step"]), {"step": int(snapshot["step"])})
+        if all(COLUMNS[name][0] in row for name in wanted):  # measured by an earlier (interrupted) run
+            continue
         live = torch.zeros(graph.real.shape, dtype=torch.bool)
         live[snapshot["sources"], snapshot["readers"]] = True
         kept, _, _ = circuit_of_masks(graph, live, snapshot["log_alpha"], n_keep)  # snapshots keep edge masks only
-        row = rows.setdefault(int(snapshot["step"]), {"step": int(snapshot["step"])})
         row["edges"] = int(kept.sum())
         for name, monitor in monitors.items():
             with torch.no_grad():
                 numbers = monitor.measure(model, kept)
             row[COLUMNS[name][0]], row[COLUMNS[name][1]] = numbers["test_kl"], numbers["test_faithfulness"]
         print(json.dumps(row), flush=True)
+        write_atomically(out, json.dumps([rows[step] for step in sorted(rows)], indent=1))
     ordered = [rows[step] for step in sorted(rows)]
-    write_atomically(out, json.dumps(ordered, indent=1))
     write_atomically(args.run / "along_the_run.md", _table(args.run, n, ordered))
     print(_table(args.run, n, ordered))
 

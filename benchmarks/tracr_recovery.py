@@ -68,6 +68,8 @@ def run_one(program: str, ablation: str, method: str, n_edges: int, args: argpar
             pruning["warm_start"] = False
         if method in PRUNING and args.mask_init is not None:
             pruning["init_mean"] = args.mask_init
+        if method in PRUNING and args.readoff_every is not None:
+            pruning["readoff_every"] = args.readoff_every
         config = DiscoverConfig(out=str(out), model=program, method=method.removesuffix("-cold"), edges=n_edges,
                                 ablation=ablation,
                                 n_test=args.n_test, seed=args.seed, force=True, report=False,
@@ -117,6 +119,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mask-init", type=float, default=None,
                         help="log alpha of masks that start open (ep, hap-cold); default: the tool's (tracr: 3)")
+    parser.add_argument("--readoff-every", type=int, default=None,
+                        help="ep, hap, hap-cold: record the read-off every N steps and return the best on the "
+                        "training examples; 0: the final read-off only (before 2026-12-07); default: the tool's "
+                        "(tracr: every 10 of the 1,000 steps)")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -192,7 +192,7 @@ def _discover(args: argparse.Namespace) -> int:
         "attribution": args.attribution, "attribution_examples": args.attribution_examples,
         "warm_start": args.warm_start, "eval_every": args.eval_every, "monitor_examples": args.monitor_examples,
         "checkpoint_every": args.checkpoint_every, "snapshot_every": args.snapshot_every,
-        "cache_dir": args.cache_dir,
+        "readoff_every": args.readoff_every, "cache_dir": args.cache_dir,
         "reference_memory": args.reference_memory,
         "bos": args.bos, "allow_weak_model": args.allow_weak_model,
         "device": args.device, "device_map": args.device_map, "dtype": args.dtype, "force": args.force, "resume": args.resume is not None,
@@ -466,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="save a checkpoint every N steps (default: every 3 minutes of work)")
     pruning.add_argument("--snapshot-every", type=int, default=None,
                          help="also keep the masks every N steps in DIR/snapshots/ (default: never)")
+    pruning.add_argument("--readoff-every", type=int, default=None, metavar="N",
+                         help="every N steps, record the circuit read off the masks, and return whichever recorded "
+                         "circuit fits the training examples best (the final one on ties); 0: never (default: "
+                         "a tracr program every 1%% of the steps, other models never: each distinct circuit "
+                         "costs one pass over the training examples at the end)")
     pruning.add_argument("--reference-memory", type=float, default=None, metavar="GIB",
                          help=f"memory for corrupted activations kept between steps (default "
                          f"{settings.DEFAULT_REFERENCE_MEMORY_GIB:g} GiB; batches beyond it are recomputed)")

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .ablation import AblationKind
 from .attribution import AttributionConfig, attribute
 from .batches import GIB, ReferenceCache, TaskBatches
 from .circuit import Circuit, Scores, edges_for_sparsity, generalisation_gap, write_atomically
@@ -130,6 +131,7 @@ class DiscoverConfig:
     monitor_examples: int = DEFAULT_MONITOR_EXAMPLES
     checkpoint_every: int | None = None
     snapshot_every: int | None = None
+    readoff_every: int | None = None  # 0: never; default: a tracr program every 1% of the steps, else never
     cache_dir: str | None = None
     reference_memory: float = DEFAULT_REFERENCE_MEMORY_GIB
     # Running
@@ -150,6 +152,9 @@ class DiscoverConfig:
                 object.__setattr__(self, name, value)
         if program and self.sparsity_warmup is None and self.method in PRUNING_METHODS:
             object.__setattr__(self, "sparsity_warmup", max(1, round(self.steps * TRACR_SPARSITY_WARMUP)))
+        if self.readoff_every is None:
+            every = max(1, self.steps // 100) if program and self.method in PRUNING_METHODS else 0
+            object.__setattr__(self, "readoff_every", every)
         if self.project_warmup is None:  # hap from its warm start; not ep, cold hap or a tracr program
             object.__setattr__(self, "project_warmup", self.method == "hap" and self.warm_start and not program)
         if self.n_examples is None:
@@ -212,6 +217,8 @@ class DiscoverConfig:
             raise HapError(f"--eval-every must be at least 1, got {self.eval_every}")
         if self.snapshot_every is not None and self.snapshot_every < 1:
             raise HapError(f"--snapshot-every must be at least 1, got {self.snapshot_every}")
+        if self.readoff_every is not None and self.readoff_every < 0:
+            raise HapError(f"--readoff-every must be 0 (never) or more, got {self.readoff_every}")
         if self.max_extra_steps is not None and self.max_extra_steps < 0:
             raise HapError(f"--max-extra-steps must be 0 or more, got {self.max_extra_steps}")
         if self.reference_memory < 0:
@@ -321,7 +328,7 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
         return _acdc(model, task, config, graph, data, runtime)
     if config.method in PRUNING_METHODS:
         from .hybrid import HybridConfig, hybrid
-        from .pruning import PruningConfig, prune, pruned_circuit
+        from .pruning import PruningConfig, best_read_off, prune, pruned_circuit
 
         pruning = PruningConfig(
             target_sparsity=target_sparsity(config, graph), steps=config.steps, lr=config.lr,
@@ -329,7 +336,7 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
             batch_size=config.batch_size, node_masks=config.node_masks, node_target_sparsity=config.node_sparsity,
             ablation=config.ablation, seed=config.seed, max_extra_steps=config.max_extra_steps,
             eval_every=config.eval_every,
-            project_during_warmup=bool(config.project_warmup),
+            project_during_warmup=bool(config.project_warmup), readoff_every=config.readoff_every or None,
         )
         checkpoints = {"checkpoint_every": config.checkpoint_every, "run_dir": config.out, "resume": config.resume,
                        "snapshot_every": config.snapshot_every}
@@ -338,6 +345,10 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
             result = prune(model, task, pruning, data=data, progress=True, monitor=monitor, ranks=ranks,
                            **checkpoints)
             runtime["pruning"] = time.perf_counter() - started
+            started = time.perf_counter()
+            result = best_read_off(model, graph, data, result, AblationKind(pruning.ablation))
+            if result.read_off_check is not None:
+                runtime["read_off_check"] = time.perf_counter() - started
             return pruned_circuit(model, task, "ep", result, {"pruning": pruning.to_dict()})
         hybrid_config = HybridConfig(pruning=pruning, attribution=_attribution_config(config, config.attribution),
                                      candidates=config.candidates, warm_start=config.warm_start,
@@ -633,6 +644,14 @@ def format_summary(circuit: Circuit) -> str:
         if not config.get("converged"):
             lines.append("                the masks had not reached the target, so binarisation removed edges the "
                          "training still relied on; raise --steps or --max-extra-steps")
+    read_off = config.get("read_off_check")
+    if read_off is not None:
+        chosen = read_off["training_loss"][read_off["steps"].index(read_off["returned_step"])]
+        verdict = (f"the circuit read off at step {read_off['returned_step']} returned, training loss {chosen:.4g} "
+                   f"against the final read-off's {read_off['final_loss']:.4g}"
+                   if config.get("read_off_step") is not None else
+                   f"the final read-off kept, training loss {read_off['final_loss']:.4g}")
+        lines.append(f"  read-offs     {len(read_off['steps'])} distinct circuits read off along the run: {verdict}")
     check = config.get("stage_one_check")
     if check is not None:
         verdict = ("stage 1's circuit returned: pruning ended above it" if config.get("returned") == "stage one"

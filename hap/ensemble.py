@@ -94,11 +94,15 @@ def shared_splits(circuits: Sequence[Circuit]) -> dict:
         raise HapError("a run records no train/test split (an old circuit file?); re-run it with hap discover")
     test = splits[0]["test"]
 
+    def same(spec: dict) -> dict:
+        # A split recorded before ``bos`` was (an older run) had no BOS token first: load_split reads it so.
+        return {**spec, "bos": bool(spec.get("bos"))}
+
     def draw(spec: dict) -> dict:
-        return {key: value for key, value in spec.items() if key != "n_examples"}
+        return {key: value for key, value in same(spec).items() if key != "n_examples"}
 
     for split in splits[1:]:
-        if split["test"] != test or draw(split["train"]) != draw(splits[0]["train"]):
+        if same(split["test"]) != same(test) or draw(split["train"]) != draw(splits[0]["train"]):
             raise HapError("the runs were fitted or judged on different splits (seed, task, files or the BOS token "
                            "differ); "
                            "an ensemble is measured on one held-out split: use runs of the same task, --seed "

@@ -33,7 +33,7 @@ from .errors import HapError
 from .evaluation import HeldOutMonitor, evaluate_masks
 from .graph import Graph
 from .models.loading import Model
-from .pruning import PruningConfig, log_alpha_for_probability, prune, pruned_circuit
+from .pruning import PruningConfig, best_read_off, log_alpha_for_probability, prune, pruned_circuit
 from .tasks import TaskData
 
 # Candidates per circuit edge by default, growing with the pruning steps. Measured on SmolLM2 IOI at
@@ -237,6 +237,10 @@ def hybrid(
                    progress=progress, on_step=on_step, data=data, monitor=monitor,
                    snapshot_every=snapshot_every, ranks=ranks)
     runtime["pruning"] = time.perf_counter() - started
+    started = time.perf_counter()
+    result = best_read_off(model, graph, data, result, AblationKind(config.pruning.ablation))
+    if result.read_off_check is not None:
+        runtime["read_off_check"] = time.perf_counter() - started
     circuit = pruned_circuit(model, task, "hap", result, {
         **config.to_dict(), "n_candidates": int(candidates.sum()),
     })

@@ -43,6 +43,15 @@ cannot change. With a ``HeldOutMonitor``, every ``eval_every`` steps the
 circuit read off the current masks is measured on a fixed batch of test
 examples and logged (``test_kl``, ``test_faithfulness``, ...), so over-fitting
 shows while it happens.
+
+With ``readoff_every``, the circuit read off the masks every that many steps is
+recorded whenever it differs from those recorded before, and ``best_read_off``
+returns whichever of them and the final one fits the training examples best.
+Gradient-trained gates can find a chain that only helps complete and then lose
+it: on tracr-reverse under zero ablation HAP's read-off is the true circuit
+(training KL 0) from step 180 to 290, until the Lagrange multiplier's swing
+pushes the expected sparsity 0.05 past its target and shuts two of the chain's
+links for good (final training KL 0.09; benchmarks/tracr/chains-reverse-zero-hap.md).
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -62,7 +71,7 @@ from .batches import Batch, ReferenceCache, TaskBatches, divergence
 from .circuit import Circuit, prune_dangling, write_atomically
 from .distributed import Ranks
 from .errors import HapError
-from .evaluation import HeldOutMonitor
+from .evaluation import HeldOutMonitor, evaluate_masks
 from .graph import Graph
 from .models.loading import Model
 from .progress import progress_bar
@@ -96,6 +105,7 @@ class PruningConfig:
     max_extra_steps: int | None = None  # default: half the steps, spent at the target only if needed
     eval_every: int | None = None  # held-out monitor period; default: steps / 25
     project_during_warmup: bool = False  # also hold the warming target exactly (every step ends projected)
+    readoff_every: int | None = None  # record the read-off circuit every N steps (best_read_off picks among them)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_sparsity < 1.0:
@@ -112,6 +122,9 @@ class PruningConfig:
             raise HapError(f"--max-extra-steps must be 0 or more, got {self.max_extra_steps}")
         if self.eval_every is not None and self.eval_every < 1:
             raise HapError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if self.readoff_every is not None and self.readoff_every < 1:
+            raise HapError(f"--readoff-every must be at least 1 (or 0 on the command line: never), "
+                           f"got {self.readoff_every}")
 
     @property
     def lr_warmup_steps(self) -> int:
@@ -207,6 +220,9 @@ class PruningState:
     lambda_optimizer: torch.optim.Optimizer
     generator: torch.Generator
     seconds: float = 0.0  # training time so far, across resumptions (held-out measurements excluded)
+    # Masks at the steps whose read-off circuit was new (``PruningConfig.readoff_every``): step, log alpha [E],
+    # node log alpha [S] or None, and the circuit read off them ([S, R] bool).
+    read_offs: list[tuple[int, Tensor, Tensor | None, Tensor]] = field(default_factory=list)
 
 
 def _new_state(log_alpha: Tensor, node_log_alpha: Tensor | None, config: PruningConfig,
@@ -232,6 +248,7 @@ def save_checkpoint(path: Path, state: PruningState, fingerprint: dict[str, Any]
         "lambda_optimizer": state.lambda_optimizer.state_dict(),
         "generator": state.generator.get_state(),
         "seconds": state.seconds,
+        "read_offs": list(state.read_offs),
         "fingerprint": json.dumps(fingerprint, sort_keys=True),
     }
     temporary = path.with_name(f".{path.name}.tmp")
@@ -274,6 +291,7 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any], config: PruningConf
     state.generator.set_state(payload["generator"])
     state.step = int(payload["step"])
     state.seconds = float(payload.get("seconds", 0.0))
+    state.read_offs = [(int(step), log_alpha, node, kept) for step, log_alpha, node, kept in payload.get("read_offs", [])]
     return state
 
 
@@ -295,6 +313,11 @@ class PruningResult:
     steps: int
     seconds_per_step: float
     seconds: float  # training time of the whole run, across resumptions
+    # With readoff_every: (step, in_graph, mask_values, n_pruned_dangling) of each distinct circuit read off
+    # along the run, by step, the final one last; best_read_off chooses among them.
+    read_offs: list[tuple[int, Tensor, Tensor, int]] = field(default_factory=list)
+    read_off_step: int | None = None  # the step the circuit was read off at (None: the last)
+    read_off_check: dict[str, Any] | None = None  # best_read_off's record: steps and training losses
 
     @property
     def sparsity_gap(self) -> float:
@@ -532,6 +555,8 @@ def prune(
                     log.write(json.dumps(line) + "\n")
                 if snapshot_every is not None and state.step % snapshot_every == 0:
                     _save_snapshot(run_path / "snapshots" / f"step-{state.step:06d}.pt", state, sources, readers)
+            if config.readoff_every is not None and state.step % config.readoff_every == 0:
+                _record_read_off(graph, live, state, config, n_keep)
                 due = (checkpoint_every is not None and state.step % checkpoint_every == 0) or (
                     checkpoint_every is None and time.perf_counter() - last_save > checkpoint_seconds)
                 if due:
@@ -557,7 +582,52 @@ def prune(
     if checkpoint is not None and ranks.is_main:
         save_checkpoint(checkpoint, state, fingerprint)
     seconds_per_step = state.seconds / state.step if state.step else float("nan")
-    return _read_off(graph, live, state, config, n_keep, seconds_per_step)
+    result = _read_off(graph, live, state, config, n_keep, seconds_per_step)
+    if config.readoff_every is not None:
+        result.read_offs = _read_offs_of(graph, live, state, config, n_keep, result)
+    return result
+
+
+def _record_read_off(graph: Graph, live: Tensor, state: PruningState, config: PruningConfig, n_keep: int) -> None:
+    """Keep the masks of this step if the circuit they read off is one not recorded before."""
+    kept, _, _ = _circuit_of(graph, live, state, config, n_keep)
+    if any(torch.equal(recorded, kept) for _, _, _, recorded in state.read_offs):
+        return
+    node = None if state.node_log_alpha is None else state.node_log_alpha.detach().cpu().clone()
+    state.read_offs.append((state.step, state.log_alpha.detach().cpu().clone(), node, kept))
+
+
+def _read_offs_of(graph: Graph, live: Tensor, state: PruningState, config: PruningConfig, n_keep: int,
+                  final: PruningResult) -> list[tuple[int, Tensor, Tensor, int]]:
+    """The distinct circuits recorded along the run other than the final one, by step, then the final one."""
+    found = []
+    for step, log_alpha, node, recorded in state.read_offs:
+        if torch.equal(recorded, final.in_graph):
+            continue
+        kept, dense, chosen = circuit_of_masks(graph, live, log_alpha, n_keep, config.beta, node)
+        found.append((step, kept, dense, int(chosen.sum() - kept.sum())))
+    return found + [(final.steps, final.in_graph, final.mask_values, final.n_pruned_dangling)]
+
+
+def best_read_off(model: Model, graph: Graph, data: Sequence[Batch], result: PruningResult,
+                  kind: AblationKind) -> PruningResult:
+    """``result`` with the circuit, of those read off along the run (``result.read_offs``), that fits the
+    training examples ``data`` best: the lowest loss the run trains (KL to the full model, or the squared
+    error of a numerical output), ties going to the latest. Unchanged without recorded read-offs. The
+    choice is in-sample; judge the circuit on held-out examples as any other."""
+    if len(result.read_offs) < 2:
+        return result
+    fits, _, _, n = evaluate_masks(model, graph, data, [kept for _, kept, _, _ in result.read_offs], kind,
+                                   progress=False, label="read-off check")
+    losses = [fit["kl"] for fit in fits]
+    best = min(range(len(losses)), key=lambda i: (losses[i], -i))  # the final circuit is the last entry
+    step, kept, dense, dangling = result.read_offs[best]
+    check = {"steps": [entry[0] for entry in result.read_offs], "training_loss": losses, "n_examples": n,
+             "returned_step": step, "final_loss": losses[-1]}
+    if best == len(losses) - 1:
+        return replace(result, read_off_check=check)
+    return replace(result, in_graph=kept, mask_values=dense, n_pruned_dangling=dangling, read_off_step=step,
+                   read_off_check=check)
 
 
 def _sum_kl_gradients(ranks: Ranks, state: PruningState, kl_share: Tensor) -> Tensor:
@@ -640,4 +710,6 @@ def pruned_circuit(model: Model, task: TaskData, method: str, result: PruningRes
                            "final_expected_sparsity": result.expected_sparsity,
                            "target_sparsity": result.target_sparsity, "converged": result.converged,
                            "steps_done": result.steps, "seconds_per_step": result.seconds_per_step,
-                           "training_seconds": result.seconds})
+                           "training_seconds": result.seconds,
+                           **({} if result.read_off_check is None else {"read_off_check": result.read_off_check}),
+                           **({} if result.read_off_step is None else {"read_off_step": result.read_off_step})})

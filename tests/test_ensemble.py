@@ -140,3 +140,22 @@ def test_python_api_combines_loaded_runs(tmp_path):
     mean = (normalised_ranks(graph, a.scores) + normalised_ranks(graph, b.scores)) / 2
     first, second = (mean[graph.real] * graph.real.sum()).argsort()[-2:]  # the two edges of largest mean
     assert scores.values[graph.real][second] == 1.0 > scores.values[graph.real][first]
+
+
+def test_a_split_recorded_before_bos_was_matches_one_without_bos_and_not_one_with_it():
+    """Runs from before splits recorded ``bos`` had none first (load_split reads an absent bos as False):
+    such a run ensembles with a run recorded ``bos: false`` of the same draw, not with one of ``bos: true``."""
+    from hap.ensemble import shared_splits
+
+    def run(bos: object) -> Circuit:
+        spec = {"task": "ioi", "n_examples": 8, "seed": 0, "split": "train"}
+        test = {"task": "ioi", "n_examples": 8, "seed": 1, "split": "test"}
+        if bos != "absent":
+            spec, test = {**spec, "bos": bos}, {**test, "bos": bos}
+        circuit = Circuit("tiny-gpt2", "ioi", "eap", load_model("tiny-gpt2").layout, torch.zeros(1), torch.zeros(1))
+        circuit.splits = {"train": spec, "test": test}
+        return circuit
+
+    assert shared_splits([run("absent"), run(False)])["test"]["seed"] == 1
+    with pytest.raises(HapError, match="different splits"):
+        shared_splits([run("absent"), run(True)])

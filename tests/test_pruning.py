@@ -192,6 +192,54 @@ def test_an_interrupted_run_resumes_to_the_same_circuit(tiny_gpt2, tmp_path):
     assert _log_without_time(tmp_path / "early" / "train_log.jsonl") == straight_log
 
 
+def test_read_offs_resume_with_the_run_and_the_best_one_is_chosen_on_training_loss(tiny_gpt2, tmp_path):
+    """Read-offs recorded along a run survive an interruption (the checkpoint holds them), each is a circuit
+    not recorded before, the final circuit is last, and best_read_off returns the one of lowest training loss
+    recomputed here one circuit at a time (ties: the latest)."""
+    from hap.ablation import AblationKind
+    from hap.batches import TaskBatches
+    from hap.pruning import best_read_off
+
+    task = load_task("ioi", tiny_gpt2.tokenizer, 12, seed=0)
+    config = PruningConfig(target_sparsity=0.8, steps=30, batch_size=4, seed=3, lr=0.3, init_mean=3.0,
+                           readoff_every=3)
+    straight = prune(tiny_gpt2, task, config, run_dir=tmp_path / "straight", checkpoint_every=7)
+
+    def interrupt(step: int) -> None:  # after the first read-off, before the second
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prune(tiny_gpt2, task, config, run_dir=tmp_path / "cut", checkpoint_every=7, on_step=interrupt)
+    resumed = prune(tiny_gpt2, task, config, run_dir=tmp_path / "cut", resume=True, checkpoint_every=7)
+    assert len(straight.read_offs) >= 3  # the masks moved: several distinct circuits
+    assert [entry[0] for entry in resumed.read_offs] == [entry[0] for entry in straight.read_offs]
+    for (_, a, _, _), (_, b, _, _) in zip(resumed.read_offs, straight.read_offs):
+        assert torch.equal(a, b)
+    steps = [entry[0] for entry in straight.read_offs]
+    assert steps == sorted(steps) and steps[-1] == straight.steps and all(s % 3 == 0 for s in steps[:-1])
+    assert torch.equal(straight.read_offs[-1][1], straight.in_graph)
+    circuits = [entry[1] for entry in straight.read_offs]
+    assert all(not torch.equal(a, b) for i, a in enumerate(circuits) for b in circuits[i + 1:])
+
+    graph = hap.Graph.from_model(tiny_gpt2)
+    data = TaskBatches(tiny_gpt2, graph, task, 4, "interchange")
+    chosen = best_read_off(tiny_gpt2, graph, data, straight, AblationKind.INTERCHANGE)
+    losses = []
+    for kept in circuits:  # the slow twin: each circuit evaluated alone on the training examples
+        circuit = hap.Circuit(tiny_gpt2.name, task.name, "ep", tiny_gpt2.layout, kept.float(), kept)
+        losses.append(hap.evaluate(tiny_gpt2, circuit, task, ablation="interchange").kl)
+    assert chosen.read_off_check["training_loss"] == pytest.approx(losses, abs=1e-5)
+    best = min(range(len(losses)), key=lambda i: (round(losses[i], 5), -i))
+    assert torch.equal(chosen.in_graph, circuits[best])
+    assert chosen.read_off_check["returned_step"] == steps[best]
+    assert (chosen.read_off_step is None) == (best == len(circuits) - 1)
+    # Without records (the default) nothing changes.
+    plain = prune(tiny_gpt2, task, PruningConfig(target_sparsity=0.8, steps=30, batch_size=4, seed=3, lr=0.3,
+                                                 init_mean=3.0))
+    assert plain.read_offs == [] and best_read_off(tiny_gpt2, graph, data, plain, AblationKind.INTERCHANGE) is plain
+
+
 def _log_without_time(path):
     """The log's records without their wall-clock seconds (the only field a resumption may change)."""
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]

@@ -20,7 +20,7 @@ from hap.ground_truth import edges_mask, minimal_truth, program_truth
 from hap.models.loading import load_model
 from hap.models.tracr import shipped_programs, true_edges
 from hap.pruning import gate_stretched, step_plan_of
-from hap.tasks import Metric, load_split, program_task, task_splits
+from hap.tasks import Metric, TaskSpec, load_split, program_task, task_splits
 
 PROGRAMS = [f"tracr-{name}" for name in shipped_programs()]
 
@@ -229,16 +229,40 @@ def test_tracr_models_get_the_long_pruning_schedule_unless_told_otherwise():
 def test_a_chain_that_pruning_drops_is_kept_by_hap(tmp_path):
     """tracr-count under zero ablation: the count is a chain, the head's query, key and value, then the MLP
     that turns its attention to BOS into a number, useful only complete. Edge Pruning with masks started
-    open (as published) drops half of it; HAP from the same open start ends there too, sees that its
-    stage-1 circuit (EAP-IG, exact here) fits the training examples better, and returns that one."""
+    open (as published) and only its final read-off drops half of it; HAP from the same open start ends
+    there too, sees that its stage-1 circuit (EAP-IG, exact here) fits the training examples better, and
+    returns that one."""
     settings = dict(model="tracr-count", ablation="zero", edges=6, steps=1000, lr=0.1, lambda_lr=0.1,
-                    sparsity_warmup=833, force=True, report=False, explain_examples=0)
+                    sparsity_warmup=833, force=True, report=False, explain_examples=0, readoff_every=0)
     pruned = discover(DiscoverConfig(out=str(tmp_path / "ep"), method="ep", **settings))
     hybrid = discover(DiscoverConfig(out=str(tmp_path / "hap"), method="hap", warm_start=False, **settings))
     assert pruned.metrics["ground_truth"]["recall"] < 1.0  # the naive run loses the chain
+    assert "read_off_check" not in pruned.config
     check = hybrid.config["stage_one_check"]
     assert check["training_loss_pruned"] > check["training_loss_stage_one"] and hybrid.config["returned"] == "stage one"
     assert hybrid.metrics["ground_truth"]["exact"] and hybrid.metrics["ground_truth"]["n_true"] == 6
+
+
+def test_edge_pruning_returns_the_chain_it_read_off_before_losing_it(tmp_path):
+    """The same Edge Pruning run as above, with the read-offs along the run recorded (a tracr program's
+    default): its masks hold the whole chain early on (the circuit read off them at step 50 is the true one,
+    training loss ~0) and lose it later (final read-off recall 1/3); the run returns the step-50 circuit,
+    and says so. The losses it compared are those of the circuits evaluated one by one."""
+    config = DiscoverConfig(out=str(tmp_path / "ep"), model="tracr-count", ablation="zero", method="ep", edges=6,
+                            force=True, report=False, explain_examples=0)
+    assert config.readoff_every == 10  # 1% of the 1,000 steps
+    pruned = discover(config)
+    check = pruned.config["read_off_check"]
+    assert pruned.metrics["ground_truth"]["exact"]
+    assert pruned.config["read_off_step"] == check["returned_step"] < pruned.config["steps_done"]
+    chosen = check["training_loss"][check["steps"].index(check["returned_step"])]
+    assert chosen < 1e-4 < check["final_loss"] and chosen == min(check["training_loss"])
+    model = load_model("tracr-count")
+    train = load_split(TaskSpec(**pruned.splits["train"]), model.tokenizer)
+    again = evaluate(model, pruned, train, ablation="zero").kl
+    assert again == pytest.approx(chosen, abs=1e-6)
+    assert DiscoverConfig(out="x", model="tracr-count", method="eap", edges=6).readoff_every == 0
+    assert DiscoverConfig(out="x", method="hap", sparsity=0.9).readoff_every == 0  # a real model: off
 
 
 def test_masks_started_at_log_alpha_3_have_gradients_from_the_first_step(tmp_path):

@@ -90,6 +90,9 @@ def main() -> None:
                              for seed, row in measured)
         elif len(measured) == 1:
             note = f"one run ({measured[0][0]})"
+        peaks = [seed for seed, row in measured if row.get("peak_gib") is not None]
+        if len(measured) > 1 and 0 < len(peaks) < len(measured):
+            note = (note + "; " if note else "") + f"peak RSS measured on {', '.join(peaks)} only"
         per_seed = ", ".join(f"{float(row['test_kl']):.3f}" for _, row in measured)
         note = (note + "; " if note else "") + f"test KL per seed: {per_seed}"
         summary["methods"][name] = entry

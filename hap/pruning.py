@@ -550,13 +550,13 @@ def prune(
                                                           or _done(state, config, graph.n_edges)):
                 kept, _, _ = _circuit_of(graph, live, state, config, n_keep)
                 line.update(monitor.measure(model, kept))
+            if config.readoff_every is not None and state.step % config.readoff_every == 0:
+                _record_read_off(graph, live, state, config, n_keep)  # before the checkpoint, which keeps it
             if writing:
                 with open(run_path / "train_log.jsonl", "a") as log:
                     log.write(json.dumps(line) + "\n")
                 if snapshot_every is not None and state.step % snapshot_every == 0:
                     _save_snapshot(run_path / "snapshots" / f"step-{state.step:06d}.pt", state, sources, readers)
-            if config.readoff_every is not None and state.step % config.readoff_every == 0:
-                _record_read_off(graph, live, state, config, n_keep)
                 due = (checkpoint_every is not None and state.step % checkpoint_every == 0) or (
                     checkpoint_every is None and time.perf_counter() - last_save > checkpoint_seconds)
                 if due:
@@ -613,8 +613,9 @@ def best_read_off(model: Model, graph: Graph, data: Sequence[Batch], result: Pru
                   kind: AblationKind) -> PruningResult:
     """``result`` with the circuit, of those read off along the run (``result.read_offs``), that fits the
     training examples ``data`` best: the lowest loss the run trains (KL to the full model, or the squared
-    error of a numerical output), ties going to the latest. Unchanged without recorded read-offs. The
-    choice is in-sample; judge the circuit on held-out examples as any other."""
+    error of a numerical output), ties going to the latest. Unchanged, with no record, when the run read
+    off one circuit only (or none was recorded). The choice is in-sample; judge the circuit on held-out
+    examples as any other."""
     if len(result.read_offs) < 2:
         return result
     fits, _, _, n = evaluate_masks(model, graph, data, [kept for _, kept, _, _ in result.read_offs], kind,

@@ -82,6 +82,7 @@ DISCOVER_MISTAKES = [
      ["--threshold-start", "without --threshold"]),
     (["--method", "hap", "--sparsity", "0.5", "--candidates", "0.01"], ["--candidates"]),
     (["--method", "ep", "--edges", "5", "--steps", "0"], ["--steps"]),
+    (["--method", "ep", "--edges", "5", "--readoff-every", "-1"], ["--readoff-every", "0 (never)"]),
     (["--edges", "5", "--steps", "many"], ["--steps"]),
     (["--edges", "5", "--ground-truth", "missing.json"], ["missing.json"]),
 ]

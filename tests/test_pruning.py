@@ -205,12 +205,14 @@ def test_read_offs_resume_with_the_run_and_the_best_one_is_chosen_on_training_lo
                            readoff_every=3)
     straight = prune(tiny_gpt2, task, config, run_dir=tmp_path / "straight", checkpoint_every=7)
 
-    def interrupt(step: int) -> None:  # after the first read-off, before the second
-        if step == 5:
-            raise KeyboardInterrupt
+    def crash(step: int) -> None:  # a crash, not Ctrl-C: nothing is saved beyond the step-7 checkpoint
+        if step == 8:
+            raise RuntimeError("killed")
 
-    with pytest.raises(KeyboardInterrupt):
-        prune(tiny_gpt2, task, config, run_dir=tmp_path / "cut", checkpoint_every=7, on_step=interrupt)
+    with pytest.raises(RuntimeError):
+        prune(tiny_gpt2, task, config, run_dir=tmp_path / "cut", checkpoint_every=7, on_step=crash)
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 7 and [entry[0] for entry in saved["read_offs"]] == [3, 6]
     resumed = prune(tiny_gpt2, task, config, run_dir=tmp_path / "cut", resume=True, checkpoint_every=7)
     assert len(straight.read_offs) >= 3  # the masks moved: several distinct circuits
     assert [entry[0] for entry in resumed.read_offs] == [entry[0] for entry in straight.read_offs]

@@ -276,6 +276,9 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any], config: PruningConf
         if differences == ["project_during_warmup"] and not saved["project_during_warmup"]:
             hint = " (a hap run from before 2026-12-06, when holding the warming target became hap's default: " \
                    "resume it with --no-project-warmup)"
+        if differences == ["readoff_every"] and saved["readoff_every"] is None:
+            hint = " (a run from before 2026-12-07, when recording read-offs became the default on tracr models: " \
+                   "resume it with --readoff-every 0)"
         raise HapError(
             f"{path.parent} was made with other settings ({', '.join(differences)} differ); resume with the "
             f"same model, task and settings, or start a new run in another --out{hint}"

@@ -283,6 +283,18 @@ def test_resume_accepts_a_checkpoint_older_than_a_setting_left_at_its_default(ti
     resumed = prune(tiny_gpt2, task, config, run_dir=tmp_path, resume=True)
     assert resumed.steps == 6
 
+
+def test_a_run_from_before_read_offs_resumed_with_them_is_told_how_to_go_on(tiny_gpt2, tmp_path):
+    """Recording read-offs became the tracr default on 2026-12-07: a checkpoint from before has no such
+    setting (it ran without), so resuming it with read-offs on is refused with the flag that goes on."""
+    from dataclasses import replace
+
+    task, config = _checkpoint_without(tiny_gpt2, tmp_path, "readoff_every")
+    with pytest.raises(hap.HapError, match="--readoff-every 0"):
+        prune(tiny_gpt2, task, replace(config, readoff_every=10), run_dir=tmp_path, resume=True)
+    assert prune(tiny_gpt2, task, config, run_dir=tmp_path, resume=True).steps == 6
+
+
 def _snapshot(directory):
     return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
 

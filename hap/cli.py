@@ -192,7 +192,7 @@ def _discover(args: argparse.Namespace) -> int:
         "attribution": args.attribution, "attribution_examples": args.attribution_examples,
         "warm_start": args.warm_start, "eval_every": args.eval_every, "monitor_examples": args.monitor_examples,
         "checkpoint_every": args.checkpoint_every, "snapshot_every": args.snapshot_every,
-        "readoff_every": args.readoff_every, "cache_dir": args.cache_dir,
+        "readoff_every": args.readoff_every, "readoff_on": args.readoff_on, "cache_dir": args.cache_dir,
         "reference_memory": args.reference_memory,
         "bos": args.bos, "allow_weak_model": args.allow_weak_model,
         "device": args.device, "device_map": args.device_map, "dtype": args.dtype, "force": args.force, "resume": args.resume is not None,
@@ -213,7 +213,6 @@ def _discover(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .batches import TaskBatches
     from .circuit import Circuit
     from .discovery import format_summary
     from .evaluation import evaluate
@@ -471,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "circuit fits the training examples best (the final one on ties); 0: never (default: "
                          "a tracr program every 1%% of the steps, other models never: each distinct circuit "
                          "costs one pass over the training examples at the end)")
+    pruning.add_argument("--readoff-on", choices=("train", "validation"), default="train",
+                         help="the examples --readoff-every compares the circuits on: the training examples "
+                         "(default), or as many fresh draws of the training distribution as --n-test (built-in "
+                         "tasks only), so the choice does not reward fitting the training examples")
     pruning.add_argument("--reference-memory", type=float, default=None, metavar="GIB",
                          help=f"memory for corrupted activations kept between steps (default "
                          f"{settings.DEFAULT_REFERENCE_MEMORY_GIB:g} GiB; batches beyond it are recomputed)")

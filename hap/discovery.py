@@ -41,7 +41,7 @@ from .explain import explain_circuit, store_explanation
 from .settings import (ATTRIBUTION_METHODS, DEFAULT_ATTRIBUTION_EXAMPLES, DEFAULT_BATCH_SIZE, DEFAULT_METHOD,
                        DEFAULT_EXPLAIN_EXAMPLES, DEFAULT_MONITOR_EXAMPLES, DEFAULT_N_TEST, DEFAULT_REFERENCE_MEMORY_GIB, DEFAULT_STEPS,
                        DEFAULT_TEST_FRACTION, METHODS, PRECISIONS, PRUNING_METHODS)
-from .tasks import TaskData, TaskSpec, is_program_task, load_split, resolve_bos, task_splits
+from .tasks import TaskData, TaskSpec, is_program_task, load_split, resolve_bos, task_splits, validation_split
 
 # ATTRIBUTION_METHODS, PRUNING_METHODS, METHODS: hap.settings (the CLI lists them before importing torch)
 # Settings that may differ between a run and its resumption.
@@ -132,6 +132,7 @@ class DiscoverConfig:
     checkpoint_every: int | None = None
     snapshot_every: int | None = None
     readoff_every: int | None = None  # 0: never; default: a tracr program every 1% of the steps, else never
+    readoff_on: str = "train"  # the examples the read-offs are compared on: train, or validation (fresh draws)
     cache_dir: str | None = None
     reference_memory: float = DEFAULT_REFERENCE_MEMORY_GIB
     # Running
@@ -219,6 +220,11 @@ class DiscoverConfig:
             raise HapError(f"--snapshot-every must be at least 1, got {self.snapshot_every}")
         if self.readoff_every is not None and self.readoff_every < 0:
             raise HapError(f"--readoff-every must be 0 (never) or more, got {self.readoff_every}")
+        if self.readoff_on not in ("train", "validation"):
+            raise HapError(f"--readoff-on is train or validation, got {self.readoff_on!r}")
+        if self.readoff_on == "validation" and (self.method not in PRUNING_METHODS or not self.readoff_every):
+            raise HapError("--readoff-on validation compares the circuits an ep or hap run reads off along the way: "
+                           "give --method ep or hap and --readoff-every N")
         if self.max_extra_steps is not None and self.max_extra_steps < 0:
             raise HapError(f"--max-extra-steps must be 0 or more, got {self.max_extra_steps}")
         if self.reference_memory < 0:
@@ -313,13 +319,14 @@ def _attribution_config(config: DiscoverConfig, method: str) -> AttributionConfi
 
 def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: dict[str, float],
                  data: TaskBatches | None = None, monitor: HeldOutMonitor | None = None,
-                 ranks: Ranks | None = None) -> Circuit:
+                 ranks: Ranks | None = None, read_off_data: TaskBatches | None = None) -> Circuit:
     """Run the method on the training examples and select the circuit (the stage a new method plugs into).
 
     ``data``: the training batches (made on demand, cached within the memory
     budget); ``monitor``: held-out examples that Edge Pruning and HAP measure
     during training; ``ranks``: this process's share of a data-parallel run
-    (attribution, Edge Pruning and HAP).
+    (attribution, Edge Pruning and HAP); ``read_off_data``: the examples the
+    circuits read off along an ep or hap run are compared on (default: ``data``).
     """
     graph = Graph.from_model(model)
     if data is None:
@@ -346,7 +353,8 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
                            **checkpoints)
             runtime["pruning"] = time.perf_counter() - started
             started = time.perf_counter()
-            result = best_read_off(model, graph, data, result, AblationKind(pruning.ablation))
+            on = "validation" if read_off_data is not None else "train"
+            result = best_read_off(model, graph, read_off_data or data, result, AblationKind(pruning.ablation), on)
             if result.read_off_check is not None:
                 runtime["read_off_check"] = time.perf_counter() - started
             return pruned_circuit(model, task, "ep", result, {"pruning": pruning.to_dict()})
@@ -354,7 +362,7 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
                                      candidates=config.candidates, warm_start=config.warm_start,
                                      attribution_examples=config.attribution_examples)
         return hybrid(model, task, hybrid_config, runtime=runtime, progress=True, data=data, monitor=monitor,
-                      ranks=ranks, **checkpoints)
+                      ranks=ranks, read_off_data=read_off_data, **checkpoints)
 
     scores: Scores = attribute(model, task, config=_attribution_config(config, config.method), progress=True,
                                data=data, ranks=ranks)
@@ -508,6 +516,10 @@ def _discover_on(model: Model, config: DiscoverConfig, ranks: Ranks, runtime: di
     test = TaskBatches(model, graph, test_task, config.batch_size, config.ablation, cache=cache, name="test")
     started = time.perf_counter()
     check_model_does_task(config, train, test)  # its batches are the first the run uses, kept in the cache
+    validation = None
+    if config.readoff_on == "validation":  # fresh draws of the training distribution, as many as the test split
+        validation_task = validation_split(train_spec, model.tokenizer, config.n_test)
+        validation = TaskBatches(model, graph, validation_task, config.batch_size, config.ablation, name="validation")
     runtime["full_model_check"] = time.perf_counter() - started
     # The inputs are good: only now is the run directory touched (a mistake above leaves it as it was).
     ranks.barrier()  # every process has checked the directory before the main one writes to it
@@ -524,7 +536,7 @@ def _discover_on(model: Model, config: DiscoverConfig, ranks: Ranks, runtime: di
         started = time.perf_counter()
         monitor = HeldOutMonitor.build(model, test_task, config.monitor_examples, config.ablation)
         runtime["monitor"] = time.perf_counter() - started
-    circuit = find_circuit(model, train_task, config, runtime, train, monitor, ranks)
+    circuit = find_circuit(model, train_task, config, runtime, train, monitor, ranks, read_off_data=validation)
     if not ranks.is_main:  # the main process measures the circuit and writes the run
         return circuit
 
@@ -651,7 +663,8 @@ def format_summary(circuit: Circuit) -> str:
                    f"against the final read-off's {read_off['final_loss']:.4g}"
                    if config.get("read_off_step") is not None else
                    f"the final read-off kept, training loss {read_off['final_loss']:.4g}")
-        lines.append(f"  read-offs     {len(read_off['steps'])} distinct circuits read off along the run: {verdict}")
+        on = f" (compared on {read_off['n_examples']} validation examples)" if read_off.get("on") == "validation" else ""
+        lines.append(f"  read-offs     {len(read_off['steps'])} distinct circuits read off along the run{on}: {verdict}")
     check = config.get("stage_one_check")
     if check is not None:
         verdict = ("stage 1's circuit returned: pruning ended above it" if config.get("returned") == "stage one"

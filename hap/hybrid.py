@@ -202,13 +202,15 @@ def hybrid(
     monitor: HeldOutMonitor | None = None,
     snapshot_every: int | None = None,
     ranks: Ranks | None = None,
+    read_off_data: TaskBatches | None = None,
 ) -> Circuit:
     """Run HAP; returns the circuit (scores: the learned gate values on the candidates).
 
     ``data``: the training batches, shared by both stages (default: made on demand
     within the default memory budget); ``monitor``: held-out examples measured
     during pruning (see ``prune``); ``ranks``: data parallel under torchrun (both
-    stages: each process attributes its batches, then prunes on its share of each).
+    stages: each process attributes its batches, then prunes on its share of each);
+    ``read_off_data``: the examples the circuits read off along the run are compared on (default: ``data``).
     """
     ranks = ranks if ranks is not None else Ranks()
     runtime = {} if runtime is None else runtime
@@ -238,7 +240,8 @@ def hybrid(
                    snapshot_every=snapshot_every, ranks=ranks)
     runtime["pruning"] = time.perf_counter() - started
     started = time.perf_counter()
-    result = best_read_off(model, graph, data, result, AblationKind(config.pruning.ablation))
+    on = "validation" if read_off_data is not None else "train"
+    result = best_read_off(model, graph, read_off_data or data, result, AblationKind(config.pruning.ablation), on)
     if result.read_off_check is not None:
         runtime["read_off_check"] = time.perf_counter() - started
     circuit = pruned_circuit(model, task, "hap", result, {

@@ -613,12 +613,13 @@ def _read_offs_of(graph: Graph, live: Tensor, state: PruningState, config: Pruni
 
 
 def best_read_off(model: Model, graph: Graph, data: Sequence[Batch], result: PruningResult,
-                  kind: AblationKind) -> PruningResult:
+                  kind: AblationKind, on: str = "train") -> PruningResult:
     """``result`` with the circuit, of those read off along the run (``result.read_offs``), that fits the
-    training examples ``data`` best: the lowest loss the run trains (KL to the full model, or the squared
-    error of a numerical output), ties going to the latest. Unchanged, with no record, when the run read
-    off one circuit only (or none was recorded). The choice is in-sample; judge the circuit on held-out
-    examples as any other."""
+    examples ``data`` best: the lowest loss the run trains (KL to the full model, or the squared error of a
+    numerical output), ties going to the latest. ``on`` names those examples in the record: ``train`` (the
+    training examples: an in-sample choice) or ``validation`` (fresh draws of the training distribution).
+    Unchanged, with no record, when the run read off one circuit only (or none was recorded). Judge the
+    circuit on held-out examples as any other."""
     if len(result.read_offs) < 2:
         return result
     fits, _, _, n = evaluate_masks(model, graph, data, [kept for _, kept, _, _ in result.read_offs], kind,
@@ -626,7 +627,7 @@ def best_read_off(model: Model, graph: Graph, data: Sequence[Batch], result: Pru
     losses = [fit["kl"] for fit in fits]
     best = min(range(len(losses)), key=lambda i: (losses[i], -i))  # the final circuit is the last entry
     step, kept, dense, dangling = result.read_offs[best]
-    check = {"steps": [entry[0] for entry in result.read_offs], "training_loss": losses, "n_examples": n,
+    check = {"on": on, "steps": [entry[0] for entry in result.read_offs], "training_loss": losses, "n_examples": n,
              "returned_step": step, "final_loss": losses[-1]}
     if best == len(losses) - 1:
         return replace(result, read_off_check=check)

@@ -504,3 +504,34 @@ def test_a_hap_checkpoint_from_before_the_held_warm_up_names_the_flag_that_resum
     with pytest.raises(hap.HapError, match="--no-project-warmup"):
         prune(tiny_gpt2, task, replace(config, project_during_warmup=True), run_dir=tmp_path, resume=True)
     assert prune(tiny_gpt2, task, config, run_dir=tmp_path, resume=True).steps == 6
+
+
+def test_read_offs_compared_on_validation_examples(tmp_path):
+    """--readoff-on validation compares the circuits read off along a run on fresh draws of the training
+    distribution (as many as the test split), not on the training examples: the record says so, the circuit
+    returned is the one of lowest loss there, and that loss is the returned circuit's, evaluated afresh on the
+    same validation draw. Refused without --readoff-every, for attribution methods and for a tracr program
+    (which has no fresh draws)."""
+    from hap.discovery import DiscoverConfig, discover, format_summary
+    from hap.errors import DataError
+    from hap.tasks import TaskSpec, validation_split
+
+    config = DiscoverConfig(out=str(tmp_path / "ep"), model="tiny-gpt2", method="ep", sparsity=0.8, steps=30, lr=0.8,
+                            init_mean=3.0, n_examples=12, n_test=12, batch_size=4, readoff_every=3, seed=3,
+                            readoff_on="validation", allow_weak_model=True, report=False, explain_examples=0)
+    circuit = discover(config)
+    check = circuit.config["read_off_check"]
+    assert check["on"] == "validation" and check["n_examples"] == 12 and len(check["steps"]) >= 2
+    chosen = check["training_loss"][check["steps"].index(check["returned_step"])]
+    assert chosen == min(check["training_loss"])
+    model = hap.load_model("tiny-gpt2")
+    validation = validation_split(TaskSpec(**circuit.splits["train"]), model.tokenizer, 12)
+    assert hap.evaluate(model, circuit, validation, ablation="interchange").kl == pytest.approx(chosen, abs=1e-5)
+    assert "compared on 12 validation examples" in format_summary(circuit)
+    for bad in (dict(readoff_every=0), dict(method="eap")):
+        with pytest.raises(hap.HapError, match="--readoff-every N"):
+            DiscoverConfig(**{**config.to_dict(), **bad, "command": ""}).check()
+    with pytest.raises(DataError, match="built-in"):
+        discover(DiscoverConfig(out=str(tmp_path / "tracr"), model="tracr-count", method="ep", edges=6,
+                                readoff_on="validation", report=False, explain_examples=0))
+    assert not (tmp_path / "tracr").exists()  # refused before the run directory was touched

@@ -136,8 +136,9 @@ def main() -> int:
               f"held-out KL {circuit.metrics['test']['kl']:.4f}."]
     read_off = circuit.config.get("read_off_check")
     if read_off:
-        chosen = read_off["training_loss"][read_off["steps"].index(read_off["returned_step"])]
-        lines.append(f"Read-offs (every {circuit.config['readoff_every']} steps): {len(read_off['steps'])} distinct "
+        chosen = read_off["loss"][read_off["steps"].index(read_off["returned_step"])]
+        lines.append(f"Read-offs (every {circuit.config['readoff_every']} steps, compared on the training examples): "
+                     f"{len(read_off['steps'])} distinct "
                      f"circuits; returned the one read off at step {read_off['returned_step']}, training loss "
                      f"{chosen:.4f} against the final read-off's {read_off['final_loss']:.4f} (the read-off "
                      "above is the returned circuit).")

@@ -467,9 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also keep the masks every N steps in DIR/snapshots/ (default: never)")
     pruning.add_argument("--readoff-every", type=int, default=None, metavar="N",
                          help="every N steps, record the circuit read off the masks, and return whichever recorded "
-                         "circuit fits the training examples best (the final one on ties); 0: never (default: "
-                         "a tracr program every 1%% of the steps, other models never: each distinct circuit "
-                         "costs one pass over the training examples at the end)")
+                         "circuit fits best the examples --readoff-on names (the final one on ties); 0: never "
+                         "(default: a tracr program every 1%% of the steps, other models never: each distinct "
+                         "circuit costs one pass over those examples at the end)")
     pruning.add_argument("--readoff-on", choices=("train", "validation"), default="train",
                          help="the examples --readoff-every compares the circuits on: the training examples "
                          "(default), or as many fresh draws of the training distribution as --n-test (built-in "

@@ -516,11 +516,11 @@ def _discover_on(model: Model, config: DiscoverConfig, ranks: Ranks, runtime: di
     test = TaskBatches(model, graph, test_task, config.batch_size, config.ablation, cache=cache, name="test")
     started = time.perf_counter()
     check_model_does_task(config, train, test)  # its batches are the first the run uses, kept in the cache
+    runtime["full_model_check"] = time.perf_counter() - started
     validation = None
     if config.readoff_on == "validation":  # fresh draws of the training distribution, as many as the test split
         validation_task = validation_split(train_spec, model.tokenizer, config.n_test)
         validation = TaskBatches(model, graph, validation_task, config.batch_size, config.ablation, name="validation")
-    runtime["full_model_check"] = time.perf_counter() - started
     # The inputs are good: only now is the run directory touched (a mistake above leaves it as it was).
     ranks.barrier()  # every process has checked the directory before the main one writes to it
     if not config.resume and ranks.is_main:
@@ -658,13 +658,14 @@ def format_summary(circuit: Circuit) -> str:
                          "training still relied on; raise --steps or --max-extra-steps")
     read_off = config.get("read_off_check")
     if read_off is not None:
-        chosen = read_off["training_loss"][read_off["steps"].index(read_off["returned_step"])]
-        verdict = (f"the circuit read off at step {read_off['returned_step']} returned, training loss {chosen:.4g} "
+        chosen = read_off["loss"][read_off["steps"].index(read_off["returned_step"])]
+        kind = "validation" if read_off.get("on") == "validation" else "training"
+        verdict = (f"the circuit read off at step {read_off['returned_step']} returned, {kind} loss {chosen:.4g} "
                    f"against the final read-off's {read_off['final_loss']:.4g}"
                    if config.get("read_off_step") is not None else
-                   f"the final read-off kept, training loss {read_off['final_loss']:.4g}")
-        on = f" (compared on {read_off['n_examples']} validation examples)" if read_off.get("on") == "validation" else ""
-        lines.append(f"  read-offs     {len(read_off['steps'])} distinct circuits read off along the run{on}: {verdict}")
+                   f"the final read-off kept, {kind} loss {read_off['final_loss']:.4g}")
+        lines.append(f"  read-offs     {len(read_off['steps'])} distinct circuits read off along the run, compared on "
+                     f"{read_off['n_examples']} {kind} examples: {verdict}")
     check = config.get("stage_one_check")
     if check is not None:
         verdict = ("stage 1's circuit returned: pruning ended above it" if config.get("returned") == "stage one"

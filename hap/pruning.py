@@ -627,7 +627,7 @@ def best_read_off(model: Model, graph: Graph, data: Sequence[Batch], result: Pru
     losses = [fit["kl"] for fit in fits]
     best = min(range(len(losses)), key=lambda i: (losses[i], -i))  # the final circuit is the last entry
     step, kept, dense, dangling = result.read_offs[best]
-    check = {"on": on, "steps": [entry[0] for entry in result.read_offs], "training_loss": losses, "n_examples": n,
+    check = {"on": on, "steps": [entry[0] for entry in result.read_offs], "loss": losses, "n_examples": n,
              "returned_step": step, "final_loss": losses[-1]}
     if best == len(losses) - 1:
         return replace(result, read_off_check=check)

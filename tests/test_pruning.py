@@ -231,7 +231,7 @@ def test_read_offs_resume_with_the_run_and_the_best_one_is_chosen_on_training_lo
     for kept in circuits:  # the slow twin: each circuit evaluated alone on the training examples
         circuit = hap.Circuit(tiny_gpt2.name, task.name, "ep", tiny_gpt2.layout, kept.float(), kept)
         losses.append(hap.evaluate(tiny_gpt2, circuit, task, ablation="interchange").kl)
-    assert chosen.read_off_check["training_loss"] == pytest.approx(losses, abs=1e-5)
+    assert chosen.read_off_check["loss"] == pytest.approx(losses, abs=1e-5)
     best = min(range(len(losses)), key=lambda i: (round(losses[i], 5), -i))
     assert torch.equal(chosen.in_graph, circuits[best])
     assert chosen.read_off_check["returned_step"] == steps[best]
@@ -522,8 +522,8 @@ def test_read_offs_compared_on_validation_examples(tmp_path):
     circuit = discover(config)
     check = circuit.config["read_off_check"]
     assert check["on"] == "validation" and check["n_examples"] == 12 and len(check["steps"]) >= 2
-    chosen = check["training_loss"][check["steps"].index(check["returned_step"])]
-    assert chosen == min(check["training_loss"])
+    chosen = check["loss"][check["steps"].index(check["returned_step"])]
+    assert chosen == min(check["loss"])
     model = hap.load_model("tiny-gpt2")
     validation = validation_split(TaskSpec(**circuit.splits["train"]), model.tokenizer, 12)
     assert hap.evaluate(model, circuit, validation, ablation="interchange").kl == pytest.approx(chosen, abs=1e-5)

@@ -255,8 +255,8 @@ def test_edge_pruning_returns_the_chain_it_read_off_before_losing_it(tmp_path):
     check = pruned.config["read_off_check"]
     assert pruned.metrics["ground_truth"]["exact"]
     assert pruned.config["read_off_step"] == check["returned_step"] < pruned.config["steps_done"]
-    chosen = check["training_loss"][check["steps"].index(check["returned_step"])]
-    assert chosen < 1e-4 < check["final_loss"] and chosen == min(check["training_loss"])
+    chosen = check["loss"][check["steps"].index(check["returned_step"])]
+    assert chosen < 1e-4 < check["final_loss"] and chosen == min(check["loss"])
     model = load_model("tracr-count")
     train = load_split(TaskSpec(**pruned.splits["train"]), model.tokenizer)
     again = evaluate(model, pruned, train, ablation="zero").kl

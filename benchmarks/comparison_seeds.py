@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,7 @@ ENSEMBLE = "ensemble (chosen by training KL)"
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (None for a single value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def method_of(row: dict[str, Any]) -> str:

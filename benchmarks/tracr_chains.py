@@ -29,7 +29,7 @@ from hap.circuit import write_atomically
 from hap.circuit import edges_for_sparsity
 from hap.discovery import DiscoverConfig, discover
 from hap.graph import Graph
-from hap.hybrid import select_candidates, warm_start_log_alpha
+from hap.hybrid import select_candidates, warm_start
 from hap.models.loading import load_model
 
 HERE = Path(__file__).resolve().parent / "tracr"
@@ -60,9 +60,8 @@ def stage_one(run: Path, graph: Graph, config: dict, true_edges: list[str]) -> d
     candidates = select_candidates(graph, scores, config["candidates"],
                                    at_least=edges_for_sparsity(graph, pruning["target_sparsity"]))
     if config["warm_start"]:
-        # As hap.hybrid.hybrid: twice the target's edges kept at the start, spread over the candidates.
-        keep = min(0.95, 2.0 * (1.0 - pruning["target_sparsity"]) * graph.n_edges / max(1, int(candidates.sum())))
-        start = warm_start_log_alpha(graph, scores, candidates, keep, pruning["beta"])
+        start = warm_start(graph, scores, candidates, pruning["target_sparsity"], pruning["beta"],
+                           config.get("warm_start_sparsity"))
     else:
         start = torch.full(graph.real.shape, float(pruning["init_mean"]))
     magnitude = scores.abs().float()
@@ -84,7 +83,8 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--mask-init", type=float, default=None, help="log alpha the masks start at (default: the tool's)")
     parser.add_argument("--method", default="ep", choices=("ep", "hap", "hap-cold"))
-    parser.add_argument("--seed", type=int, default=0, help="the task draw's and the masks' seed (as tracr_recovery.py)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the task draw's and the masks' seed (as tracr_recovery.py)")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     torch.set_num_threads(1)

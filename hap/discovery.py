@@ -352,11 +352,7 @@ def find_circuit(model: Model, task: TaskData, config: DiscoverConfig, runtime: 
             result = prune(model, task, pruning, data=data, progress=True, monitor=monitor, ranks=ranks,
                            **checkpoints)
             runtime["pruning"] = time.perf_counter() - started
-            started = time.perf_counter()
-            on = "validation" if read_off_data is not None else "train"
-            result = best_read_off(model, graph, read_off_data or data, result, AblationKind(pruning.ablation), on)
-            if result.read_off_check is not None:
-                runtime["read_off_check"] = time.perf_counter() - started
+            result = best_read_off(model, graph, data, result, AblationKind(pruning.ablation), read_off_data, runtime)
             return pruned_circuit(model, task, "ep", result, {"pruning": pruning.to_dict()})
         hybrid_config = HybridConfig(pruning=pruning, attribution=_attribution_config(config, config.attribution),
                                      candidates=config.candidates, warm_start=config.warm_start,

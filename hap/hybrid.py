@@ -159,6 +159,15 @@ def warm_start_log_alpha(graph: Graph, scores: Tensor, candidates: Tensor, keep:
     return log_alpha
 
 
+def warm_start(graph: Graph, scores: Tensor, candidates: Tensor, target_sparsity: float, beta: float,
+               start_sparsity: float | None = None) -> Tensor:
+    """HAP's initial log alpha [S, R]: ``warm_start_log_alpha`` keeping, in expectation, the edges of
+    ``start_sparsity`` (default: twice the target's edges) spread over the candidates (at most 0.95 each)."""
+    start_keep = 2.0 * (1.0 - target_sparsity) if start_sparsity is None else 1.0 - start_sparsity
+    keep = min(0.95, start_keep * graph.n_edges / max(1, int(candidates.sum())))
+    return warm_start_log_alpha(graph, scores, candidates, keep, beta)
+
+
 def _attribution_stage(model: Model, data: TaskBatches, config: HybridConfig, run_dir: Path | None,
                        resume: bool, runtime: dict[str, float], ranks: Ranks) -> Scores:
     """Stage 1 on the first ``attribution_examples`` of ``data``, saved in the run directory so a resumed
@@ -226,11 +235,8 @@ def hybrid(
                                    at_least=edges_for_sparsity(graph, config.pruning.target_sparsity))
     init = None
     if config.warm_start:
-        target_keep = 1.0 - config.pruning.target_sparsity
-        start_sparsity = config.warm_start_sparsity
-        start_keep = 2.0 * target_keep if start_sparsity is None else 1.0 - start_sparsity
-        keep = min(0.95, start_keep * graph.n_edges / max(1, int(candidates.sum())))
-        init = warm_start_log_alpha(graph, scores.values, candidates, keep, config.pruning.beta)
+        init = warm_start(graph, scores.values, candidates, config.pruning.target_sparsity, config.pruning.beta,
+                          config.warm_start_sparsity)
     runtime["candidates"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -239,11 +245,7 @@ def hybrid(
                    progress=progress, on_step=on_step, data=data, monitor=monitor,
                    snapshot_every=snapshot_every, ranks=ranks)
     runtime["pruning"] = time.perf_counter() - started
-    started = time.perf_counter()
-    on = "validation" if read_off_data is not None else "train"
-    result = best_read_off(model, graph, read_off_data or data, result, AblationKind(config.pruning.ablation), on)
-    if result.read_off_check is not None:
-        runtime["read_off_check"] = time.perf_counter() - started
+    result = best_read_off(model, graph, data, result, AblationKind(config.pruning.ablation), read_off_data, runtime)
     circuit = pruned_circuit(model, task, "hap", result, {
         **config.to_dict(), "n_candidates": int(candidates.sum()),
     })

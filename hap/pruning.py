@@ -294,7 +294,8 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any], config: PruningConf
     state.generator.set_state(payload["generator"])
     state.step = int(payload["step"])
     state.seconds = float(payload.get("seconds", 0.0))
-    state.read_offs = [(int(step), log_alpha, node, kept) for step, log_alpha, node, kept in payload.get("read_offs", [])]
+    state.read_offs = [(int(step), log_alpha, node, kept)
+                       for step, log_alpha, node, kept in payload.get("read_offs", [])]
     return state
 
 
@@ -613,22 +614,27 @@ def _read_offs_of(graph: Graph, live: Tensor, state: PruningState, config: Pruni
 
 
 def best_read_off(model: Model, graph: Graph, data: Sequence[Batch], result: PruningResult,
-                  kind: AblationKind, on: str = "train") -> PruningResult:
-    """``result`` with the circuit, of those read off along the run (``result.read_offs``), that fits the
-    examples ``data`` best: the lowest loss the run trains (KL to the full model, or the squared error of a
-    numerical output), ties going to the latest. ``on`` names those examples in the record: ``train`` (the
-    training examples: an in-sample choice) or ``validation`` (fresh draws of the training distribution).
-    Unchanged, with no record, when the run read off one circuit only (or none was recorded). Judge the
-    circuit on held-out examples as any other."""
+                  kind: AblationKind, validation: Sequence[Batch] | None = None,
+                  runtime: dict[str, float] | None = None) -> PruningResult:
+    """``result`` with the circuit, of those read off along the run (``result.read_offs``), that fits best
+    the training examples ``data`` (an in-sample choice) or, when given, the ``validation`` examples (fresh
+    draws of the training distribution): the lowest loss the run trains (KL to the full model, or the
+    squared error of a numerical output), ties going to the latest. Unchanged, with no record, when the run
+    read off one circuit only (or none was recorded). Its seconds go to ``runtime["read_off_check"]``.
+    Judge the circuit on held-out examples as any other."""
     if len(result.read_offs) < 2:
         return result
-    fits, _, _, n = evaluate_masks(model, graph, data, [kept for _, kept, _, _ in result.read_offs], kind,
+    started = time.perf_counter()
+    on, examples = ("validation", validation) if validation is not None else ("train", data)
+    fits, _, _, n = evaluate_masks(model, graph, examples, [kept for _, kept, _, _ in result.read_offs], kind,
                                    progress=False, label="read-off check")
     losses = [fit["kl"] for fit in fits]
     best = min(range(len(losses)), key=lambda i: (losses[i], -i))  # the final circuit is the last entry
     step, kept, dense, dangling = result.read_offs[best]
     check = {"on": on, "steps": [entry[0] for entry in result.read_offs], "loss": losses, "n_examples": n,
              "returned_step": step, "final_loss": losses[-1]}
+    if runtime is not None:
+        runtime["read_off_check"] = time.perf_counter() - started
     if best == len(losses) - 1:
         return replace(result, read_off_check=check)
     return replace(result, in_graph=kept, mask_values=dense, n_pruned_dangling=dangling, read_off_step=step,
